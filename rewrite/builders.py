@@ -1,0 +1,329 @@
+"""Replacement builders: functions that turn one matched site into a new ``nn.Module``, registered by name.
+
+A rule's ``replace.builder`` names a builder and its other ``replace`` keys are the builder's options: the
+keyword parameters after the :class:`Site`, checked against the signature (names and annotated types) when the
+rule file loads. Register your own builder before loading a rule file that names it:
+
+>>> from torch import nn
+>>> @register_builder("Pointwise")
+... def pointwise(site: Site, *, bias: bool = False) -> nn.Module:
+...     return nn.Conv2d(site.in_channels, site.out_channels, 1, site.stride, bias=bias)
+>>> "Pointwise" in list_builders(), list(builder_options("Pointwise"))
+(True, ['bias'])
+
+Built in: ``GSConv``, ``GSBottleneck`` and ``VoVGSCSP`` (the blocks of :mod:`rewrite.blocks`). The matcher
+builds the :class:`Site`; the caller turns the rule's derived options into values for it
+(``Derivation.derive``) and calls :func:`build`, which places the new module on the site's device and dtype.
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
+
+import torch
+from torch import nn
+
+from rewrite.blocks import GSBottleneck, GSConv, ShuffleVariant, VoVGSCSP
+from rewrite.errors import BuildError
+
+if TYPE_CHECKING:
+    from rewrite.rules import Replace
+
+__all__ = ["Site", "build", "builder_options", "get_builder", "list_builders", "register_builder"]
+
+Builder = TypeVar("Builder", bound=Callable[..., nn.Module])
+
+# What ``activation`` options accept: the site's own activation, or one of these by name.
+ActivationName = Literal["inherit", "silu", "relu", "hardswish", "leaky_relu", "gelu", "identity"]
+_NAMED_ACTIVATIONS: Mapping[str, Callable[[], nn.Module]] = {
+    "silu": nn.SiLU,
+    "relu": nn.ReLU,
+    "hardswish": nn.Hardswish,
+    "leaky_relu": nn.LeakyReLU,  # PyTorch's slope, 0.01
+    "gelu": nn.GELU,
+    "identity": nn.Identity,
+}
+
+_SPATIAL_FACTS = ("kernel_size", "stride", "dilation", "padding")
+
+
+@dataclass(frozen=True)
+class Site:
+    """What the matcher found at one match: the facts ``where`` predicates test and builders consume.
+
+    Spatial facts (``kernel_size``, ``stride``, ``dilation``, ``padding``) are stored as one int when equal
+    along every dimension, as rule files write them, else as a tuple. A fact the site does not have (a
+    kernel size where the match holds no conv) is ``None``. ``activation`` and ``norm`` are the matched
+    modules, so new blocks can copy the activation and inherit the norm's eps/momentum; ``counts`` maps class
+    names to how many modules of that class the match contains.
+
+    >>> site = Site("model.10", "conv-to-gsconv", "Conv2d", in_channels=64, out_channels=32,
+    ...             kernel_size=(3, 3), stride=(2, 2), groups=1, activation=nn.SiLU())
+    >>> site.kernel_size, site.facts()["activation"], site.facts()["depthwise"]
+    (3, 'SiLU', False)
+    """
+
+    # The facts `where` may test, with the types of their values (a tuple for non-square spatial facts).
+    FACT_TYPES: ClassVar[Mapping[str, tuple[type, ...]]] = MappingProxyType(
+        {
+            "in_channels": (int,),
+            "out_channels": (int,),
+            "kernel_size": (int, tuple),
+            "stride": (int, tuple),
+            "groups": (int,),
+            "dilation": (int, tuple),
+            "padding": (int, tuple, str),
+            "bias": (bool,),
+            "depthwise": (bool,),
+            "activation": (str,),
+            "module_type": (str,),
+        }
+    )
+
+    path: str
+    rule: str
+    module_type: str
+    in_channels: int | None = None
+    out_channels: int | None = None
+    in_shape: tuple[int, ...] | None = None
+    out_shape: tuple[int, ...] | None = None
+    stride: int | tuple[int, ...] | None = None
+    kernel_size: int | tuple[int, ...] | None = None
+    groups: int | None = None
+    dilation: int | tuple[int, ...] | None = None
+    padding: int | tuple[int, ...] | str | None = None
+    bias: bool | None = None
+    activation: nn.Module | None = None
+    norm: nn.Module | None = None
+    counts: Mapping[str, int] = field(default_factory=dict, hash=False)
+    device: torch.device | None = None
+    dtype: torch.dtype | None = None
+
+    def __post_init__(self) -> None:
+        for name in _SPATIAL_FACTS:
+            value = getattr(self, name)
+            if isinstance(value, tuple) and len(set(value)) == 1:
+                object.__setattr__(self, name, value[0])
+
+    def facts(self) -> dict[str, Any]:
+        """The facts by name (the keys of ``FACT_TYPES``), for ``where`` predicates and ``{ fact = ... }``."""
+        depthwise = None
+        if self.groups is not None and self.in_channels is not None:
+            depthwise = self.groups > 1 and self.groups == self.in_channels
+        return {
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "kernel_size": self.kernel_size,
+            "stride": self.stride,
+            "groups": self.groups,
+            "dilation": self.dilation,
+            "padding": self.padding,
+            "bias": self.bias,
+            "depthwise": depthwise,
+            "activation": type(self.activation).__name__ if self.activation is not None else None,
+            "module_type": self.module_type,
+        }
+
+
+@dataclass(frozen=True)
+class _Registered:
+    builder: Callable[..., nn.Module]
+    options: Mapping[str, inspect.Parameter]
+
+
+_REGISTRY: dict[str, _Registered] = {}
+
+
+def register_builder(name: str, *, override: bool = False) -> Callable[[Builder], Builder]:
+    """Register a builder under ``name`` (case-sensitive); a decorator that returns the function unchanged.
+
+    The builder takes the :class:`Site` first, then its options as named parameters (no ``*args`` or
+    ``**kwargs``, so rule files can be checked against them). Annotate the options: rule values are checked
+    against ``int``, ``float``, ``str``, ``bool``, ``Literal[...]`` and unions of those; an option without
+    annotation is checked against its default's type. Registering a taken name raises ``ValueError`` unless
+    ``override=True``.
+    """
+    if not isinstance(name, str) or not name:
+        raise TypeError('register_builder takes the builder\'s name: write @register_builder("Name")')
+
+    def register(builder: Builder) -> Builder:
+        if name in _REGISTRY and not override:
+            raise ValueError(
+                f"a builder named {name!r} is already registered; pass override=True to replace it"
+            )
+        _REGISTRY[name] = _Registered(builder, MappingProxyType(_options_of(name, builder)))
+        return builder
+
+    return register
+
+
+def get_builder(name: str) -> Callable[..., nn.Module]:
+    """The builder registered as ``name``; ``KeyError`` when there is none (rule files check at load)."""
+    if name not in _REGISTRY:
+        raise KeyError(f"no builder named {name!r}; registered: {', '.join(list_builders())}")
+    return _REGISTRY[name].builder
+
+
+def list_builders() -> list[str]:
+    """The registered builder names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def builder_options(name: str) -> Mapping[str, inspect.Parameter]:
+    """A builder's options by name, their ``annotation`` resolved to the type the rule loader checks values
+    against (``typing.Any`` when neither annotation nor default says)."""
+    get_builder(name)  # the same KeyError for an unknown name
+    return _REGISTRY[name].options
+
+
+def build(replace: Replace, site: Site, options: Mapping[str, Any]) -> nn.Module:
+    """Build ``replace.builder`` for ``site`` with ``options`` (derivations already resolved), on the site's
+    device and dtype.
+
+    Anything the builder raises (an odd channel count for GSConv, say) becomes a one-line
+    :class:`~rewrite.errors.BuildError` naming the site and the rule.
+    """
+    try:
+        module = get_builder(replace.builder)(site, **options)
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"the builder returned {type(module).__name__}, not an nn.Module")
+        placement = {"device": site.device, "dtype": site.dtype}
+        return module.to(**{key: value for key, value in placement.items() if value is not None})
+    except Exception as exc:
+        detail = " ".join(str(exc).split()) or type(exc).__name__
+        raise BuildError(
+            f"site {site.path!r}: rule {site.rule!r}: cannot build {replace.builder}: {detail}"
+        ) from exc
+
+
+def _options_of(name: str, builder: Callable[..., nn.Module]) -> dict[str, inspect.Parameter]:
+    parameters = list(inspect.signature(builder).parameters.values())
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if not parameters or parameters[0].kind not in positional:
+        raise TypeError(f"builder {name!r} must take the Site as its first positional parameter")
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    for parameter in parameters[1:]:
+        if parameter.kind not in named:
+            raise TypeError(
+                f"builder {name!r}: option {parameter.name!r} must be a named parameter, passable by keyword"
+            )
+    try:
+        hints = typing.get_type_hints(builder)
+    except (NameError, TypeError):  # a forward reference we cannot resolve: fall back to the defaults' types
+        hints = {}
+    return {p.name: p.replace(annotation=_option_type(p, hints)) for p in parameters[1:]}
+
+
+def _option_type(parameter: inspect.Parameter, hints: Mapping[str, Any]) -> Any:
+    if parameter.name in hints:
+        return hints[parameter.name]
+    if parameter.default is not inspect.Parameter.empty and parameter.default is not None:
+        return type(parameter.default)
+    return Any
+
+
+def _known(site: Site, fact: str) -> Any:
+    value = getattr(site, fact)
+    if value is None:
+        raise ValueError(f"{fact} unknown for {site.module_type}")
+    return value
+
+
+def _activation(name: ActivationName, site: Site) -> nn.Module | bool:
+    """The ``act`` argument of the GS blocks: they copy a module per layer, and ``False`` means Identity."""
+    if name == "inherit":
+        return site.activation if site.activation is not None else False
+    return _NAMED_ACTIVATIONS[name]()
+
+
+def _norm_settings(site: Site) -> dict[str, Any]:
+    """eps/momentum of the matched norm, so the new BatchNorms behave like the ones they replace."""
+    return {
+        f"bn_{name}": getattr(site.norm, name) for name in ("eps", "momentum") if hasattr(site.norm, name)
+    }
+
+
+def _same_size(site: Site, block: str) -> None:
+    # These blocks have no stride: a strided site would change the output size.
+    if site.stride not in (None, 1):
+        raise ValueError(f"{block} keeps the spatial size, but the site has stride {site.stride}")
+
+
+@register_builder("GSConv")
+def _gsconv(
+    site: Site,
+    *,
+    shuffle: ShuffleVariant = "split",
+    dw_kernel: int = 5,
+    activation: ActivationName = "inherit",
+) -> nn.Module:
+    """GSConv(in_channels, out_channels, kernel_size, stride) for a conv site.
+
+    ``groups`` is not carried over: GSConv's dense half is what mixes channels (its cheapness comes from the
+    depthwise half), and a depthwise site could not be split that way; rules select ``groups = 1``.
+    """
+    if site.dilation not in (None, 1):
+        raise ValueError(f"GSConv has no dilation, but the site's is {site.dilation}; add where.dilation = 1")
+    return GSConv(
+        _known(site, "in_channels"),
+        _known(site, "out_channels"),
+        _known(site, "kernel_size"),
+        _known(site, "stride"),
+        act=_activation(activation, site),
+        dw_kernel=dw_kernel,
+        shuffle=shuffle,
+        **_norm_settings(site),
+    )
+
+
+@register_builder("GSBottleneck")
+def _gs_bottleneck(
+    site: Site,
+    *,
+    kernel_size: int = 3,
+    expansion: float = 0.5,
+    shuffle: ShuffleVariant = "split",
+    dw_kernel: int = 5,
+    activation: ActivationName = "inherit",
+) -> nn.Module:
+    """GSBottleneck(in_channels, out_channels, kernel_size, expansion) for a bottleneck-like site."""
+    _same_size(site, "GSBottleneck")
+    return GSBottleneck(
+        _known(site, "in_channels"),
+        _known(site, "out_channels"),
+        kernel_size,
+        expansion=expansion,
+        act=_activation(activation, site),
+        dw_kernel=dw_kernel,
+        shuffle=shuffle,
+        **_norm_settings(site),
+    )
+
+
+@register_builder("VoVGSCSP")
+def _vovgscsp(
+    site: Site,
+    *,
+    n: int = 1,
+    expansion: float = 0.5,
+    shuffle: ShuffleVariant = "split",
+    dw_kernel: int = 5,
+    activation: ActivationName = "inherit",
+) -> nn.Module:
+    """VoVGSCSP(in_channels, out_channels, n, expansion) for a CSP-like site of stride 1."""
+    _same_size(site, "VoVGSCSP")
+    return VoVGSCSP(
+        _known(site, "in_channels"),
+        _known(site, "out_channels"),
+        n,
+        expansion=expansion,
+        act=_activation(activation, site),
+        dw_kernel=dw_kernel,
+        shuffle=shuffle,
+        **_norm_settings(site),
+    )

@@ -1,0 +1,656 @@
+"""The TOML rule format: load a rule file, check every key and value, and hand out frozen dataclasses.
+
+A rule file is data: nothing in it is evaluated or imported, and builders are looked up by name in the
+registry of :mod:`rewrite.builders`. The full reference is ``docs/rules.md``.
+
+>>> rules = parse_rules('''
+... [ruleset]
+... name = "demo"
+... scope = "neck"
+...
+... [[rule]]
+... name = "conv-to-gsconv"
+... match.chain = ["Conv2d", "BatchNorm2d?", "activation?"]
+... where.out_channels = { multiple_of = 2 }
+... replace.builder = "GSConv"
+... ''')
+>>> rule = rules.rules[0]
+>>> [(step.name, step.optional) for step in rule.match.chain]
+[('Conv2d', False), ('BatchNorm2d', True), ('activation', True)]
+>>> rule.where[0].check(255)
+'out_channels 255 is not a multiple of 2'
+>>> load_rules("slim-neck").scope, builtin_rule_sets()
+('neck', ['gsconv-only', 'slim-neck', 'torchvision-fpn-gsconv'])
+
+Every problem raises :class:`~rewrite.errors.RuleError` with a one-line message naming the file, the rule, the
+key and what to do:
+
+>>> parse_rules('[ruleset]\\nname = "x"\\n[[rule]]\\nname = "r"\\nmach.module = "C3"', "x.toml")
+Traceback (most recent call last):
+...
+rewrite.errors.RuleError: x.toml: rule 'r': unknown key 'mach' in rule; did you mean 'match'?
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.resources
+import inspect
+import os
+import re
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import UnionType
+from typing import Any, Literal, NoReturn, Union, get_args, get_origin
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rewrite.builders import Site, builder_options, list_builders
+from rewrite.errors import RuleError
+
+__all__ = [
+    "ChainStep",
+    "Derivation",
+    "Pattern",
+    "Predicate",
+    "Replace",
+    "Rule",
+    "RuleSet",
+    "builtin_rule_sets",
+    "is_activation",
+    "load_rules",
+    "parse_rules",
+]
+
+# Chain categories. Modules are recognised by class name (any package: the matcher sees names), functions and
+# tensor methods by identity, as torch.fx records them as node targets.
+_CATEGORY_CLASSES: Mapping[str, frozenset[str]] = {
+    "conv": frozenset("Conv1d Conv2d Conv3d".split()),
+    "norm": frozenset(
+        "BatchNorm1d BatchNorm2d BatchNorm3d SyncBatchNorm FrozenBatchNorm2d GroupNorm LayerNorm "
+        "InstanceNorm1d InstanceNorm2d InstanceNorm3d".split()
+    ),
+    "activation": frozenset(
+        "ReLU ReLU6 SiLU GELU Hardswish Hardsigmoid LeakyReLU Mish Sigmoid Tanh ELU PReLU Identity".split()
+    ),
+}
+_CATEGORY_FUNCTIONS: Mapping[str, frozenset[object]] = {
+    "conv": frozenset({F.conv1d, F.conv2d, F.conv3d}),
+    "norm": frozenset({F.batch_norm, F.group_norm, F.layer_norm, F.instance_norm}),
+    "activation": frozenset(
+        {torch.relu, F.relu, F.relu_, F.relu6, F.silu, F.gelu, F.hardswish, F.hardsigmoid, F.leaky_relu}
+        | {F.mish, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.elu, F.prelu}
+    ),
+}
+_CATEGORY_METHODS: Mapping[str, frozenset[str]] = {
+    "conv": frozenset(),
+    "norm": frozenset(),
+    "activation": frozenset({"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_"}),
+}
+_CATEGORIES = tuple(sorted(_CATEGORY_CLASSES))
+
+_TOP_KEYS = ("ruleset", "rule")
+_RULESET_KEYS = ("name", "description", "scope")
+_RULE_KEYS = ("name", "match", "where", "replace")
+_MATCH_KEYS = ("module", "chain", "not_inside")
+_PREDICATE_KINDS = ("eq", "one_of", "range", "multiple_of")
+_DERIVATION_KINDS = ("count", "fact")
+
+# The package the built-in rule sets ship in (the repository's rules/ folder, mapped in pyproject.toml).
+# Not "rewrite.rules": that is this module, and a package of that name would shadow it once installed.
+_BUILTINS_PACKAGE = "rewrite.rulesets"
+
+_CLASS_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_CHAIN_STEP = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(\?)?")
+
+
+def is_activation(module: nn.Module) -> bool:
+    """Whether ``module`` belongs to the ``activation`` chain category (``nn.Identity`` included)."""
+    return type(module).__name__ in _CATEGORY_CLASSES["activation"]
+
+
+@dataclass(frozen=True)
+class ChainStep:
+    """One step of ``match.chain``: a module class name (``"BatchNorm2d"``) or a category (``"activation"``).
+
+    >>> step = ChainStep("activation", optional=True)
+    >>> step.accepts("call_module", "model.0.act", "SiLU"), step.accepts("call_function", torch.relu, None)
+    (True, True)
+    >>> ChainStep("Conv2d").accepts("call_module", "model.0.conv", "Conv2d")
+    True
+    """
+
+    name: str  # a category when lower-case (conv, norm, activation), else a class name
+    optional: bool = False
+
+    def accepts(self, op: str, target: object, module_class_name: str | None) -> bool:
+        """Whether an fx node (its ``op``, its ``target``, the class name of the module it calls) fits."""
+        if self.name not in _CATEGORY_CLASSES:
+            return op == "call_module" and module_class_name == self.name
+        if op == "call_module":
+            return module_class_name in _CATEGORY_CLASSES[self.name]
+        if op == "call_function":
+            return target in _CATEGORY_FUNCTIONS[self.name]
+        if op == "call_method":
+            return target in _CATEGORY_METHODS[self.name]
+        return False
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """A rule's ``match``: module classes by name, or an op chain; never both (the other one is empty)."""
+
+    module: tuple[str, ...] = ()
+    chain: tuple[ChainStep, ...] = ()
+    not_inside: tuple[str, ...] = ()  # skip candidates inside a module of one of these classes
+
+
+@dataclass(frozen=True)
+class Predicate:
+    """One ``where`` test of a site fact: ``kind`` is ``eq``, ``one_of``, ``range`` or ``multiple_of``.
+
+    Arrays are tuples; ``range`` is ``(lo, hi)``, inclusive. On a non-square spatial fact such as a
+    ``(3, 1)`` kernel, ``range`` and ``multiple_of`` must hold for every dimension.
+
+    >>> Predicate("kernel_size", "one_of", (1, 3)).check(5)
+    'kernel_size 5 is not one of [1, 3]'
+    >>> Predicate("stride", "range", (1, 2)).check(2) is None
+    True
+    >>> Predicate("kernel_size", "eq", 3).check(None, "C3")
+    'kernel_size unknown for C3'
+    """
+
+    key: str
+    kind: Literal["eq", "one_of", "range", "multiple_of"]
+    value: Any
+
+    def check(self, actual: Any, module_type: str | None = None) -> str | None:
+        """``None`` when ``actual`` satisfies the test, else a short reason; ``module_type`` names the site
+        in the reason when the fact is unknown (``None``)."""
+        if actual is None:
+            return f"{self.key} unknown for {module_type}" if module_type else f"{self.key} unknown"
+        if self.kind == "eq":
+            satisfied, wanted = _same(actual, self.value), f"is not {_show(self.value)}"
+        elif self.kind == "one_of":
+            satisfied = any(_same(actual, option) for option in self.value)
+            wanted = f"is not one of {_show(self.value)}"
+        elif self.kind == "range":
+            low, high = self.value
+            numbers = _numbers(actual)
+            satisfied = numbers is not None and all(low <= number <= high for number in numbers)
+            wanted = f"is not in range {_show(self.value)}"
+        else:
+            numbers = _numbers(actual)
+            satisfied = numbers is not None and all(
+                isinstance(number, int) and number % self.value == 0 for number in numbers
+            )
+            wanted = f"is not a multiple of {self.value}"
+        return None if satisfied else f"{self.key} {_show(actual)} {wanted}"
+
+
+@dataclass(frozen=True)
+class Derivation:
+    """An option value computed per site: ``{ count = "Bottleneck" }`` or ``{ fact = "kernel_size" }``.
+
+    >>> Derivation("count", "Bottleneck").derive(Site("model.13", "csp", "C3", counts={"Bottleneck": 3}))
+    3
+    """
+
+    kind: Literal["count", "fact"]
+    name: str  # a class name (count) or a fact name (fact)
+
+    def derive(self, site: Site) -> Any:
+        """The number of modules of class ``name`` inside the match, or the site's fact ``name``.
+
+        Raises ``ValueError`` when the fact is unknown for this site, and when the count is zero: a class name
+        cannot be checked when the file loads, and zero most often means a misspelt one.
+        """
+        if self.kind == "count":
+            value = site.counts.get(self.name, 0)
+            if value == 0:
+                raise ValueError(
+                    f"{self} found no {self.name} inside {site.module_type}; check the class name"
+                )
+            return value
+        value = site.facts()[self.name]
+        if value is None:
+            raise ValueError(f"{self}: {self.name} is unknown for {site.module_type}")
+        return value
+
+    def __str__(self) -> str:
+        return f'{{ {self.kind} = "{self.name}" }}'
+
+
+@dataclass(frozen=True)
+class Replace:
+    """A rule's ``replace``: a registered builder and its options, each a plain value or a :class:`Derivation`
+    that the caller derives per site before calling :func:`rewrite.builders.build`."""
+
+    builder: str
+    options: Mapping[str, Any] = field(default_factory=dict, hash=False)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One ``[[rule]]``: what to ``match``, the ``where`` tests a site must pass, and the ``replace``."""
+
+    name: str
+    match: Pattern
+    replace: Replace
+    where: tuple[Predicate, ...] = ()
+    source: str = "<string>"  # the file it came from, for messages
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    """A rule file: its rules in file order (the matcher tries them in that order) and the default scope.
+
+    ``scope`` is what the ``[ruleset]`` says, for :func:`rewrite.graph.resolve_scope`: a stage name, a module
+    path, a glob, a tuple of those, or ``None`` (the whole model).
+    """
+
+    name: str
+    rules: tuple[Rule, ...]
+    description: str = ""
+    scope: str | tuple[str, ...] | None = None
+    source: str = "<string>"
+
+
+def builtin_rule_sets() -> list[str]:
+    """Names of the rule sets that ship with the package (the ``rules/*.toml`` files), sorted."""
+    package = importlib.resources.files(_BUILTINS_PACKAGE)
+    return sorted(
+        entry.name.removesuffix(".toml") for entry in package.iterdir() if entry.name.endswith(".toml")
+    )
+
+
+def load_rules(spec: str | os.PathLike[str] | RuleSet) -> RuleSet:
+    """A rule set from a built-in name (``"slim-neck"``), a TOML file path, or a :class:`RuleSet` (as is).
+
+    A bare name that is a built-in wins over a file of that name in the working directory.
+    """
+    if isinstance(spec, RuleSet):
+        return spec
+    if isinstance(spec, str) and spec in builtin_rule_sets():
+        resource = importlib.resources.files(_BUILTINS_PACKAGE).joinpath(f"{spec}.toml")
+        return parse_rules(resource.read_text(encoding="utf-8"), str(resource))
+    path = Path(spec)
+    if not path.is_file():
+        builtins = builtin_rule_sets()
+        close = _closest(os.fspath(spec), builtins)
+        hint = f"; did you mean {close!r}?" if close else ""
+        raise RuleError(
+            f"{os.fspath(spec)!r} is neither a file nor a built-in rule set ({', '.join(builtins)}){hint}"
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RuleError(f"{path}: cannot read the rule file: {' '.join(str(exc).split())}") from exc
+    return parse_rules(text, os.fspath(spec))
+
+
+def parse_rules(text: str, source: str = "<string>") -> RuleSet:
+    """A rule set from TOML text; ``source`` names it in error messages."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise RuleError(f"{source}: invalid TOML: {exc}") from None
+    _check_keys(data, _TOP_KEYS, source, "the file (top level)")
+
+    if "ruleset" not in data:
+        _fail(source, 'missing [ruleset] table; start the file with [ruleset] and name = "..."')
+    meta = data["ruleset"]
+    if not isinstance(meta, dict):
+        _fail(source, f"ruleset must be a table: write a [ruleset] header, got {_got(meta)}")
+    at = f"{source}: [ruleset]"
+    _check_keys(meta, _RULESET_KEYS, at, "[ruleset]")
+    name = _required_string(meta, "name", at)
+    description = meta.get("description", "")
+    if not isinstance(description, str):
+        _fail(at, f"description must be a string, got {_got(description)}")
+    scope = _scope(meta["scope"], at) if "scope" in meta else None
+
+    tables = data.get("rule", [])
+    if not isinstance(tables, list) or not all(isinstance(table, dict) for table in tables):
+        _fail(source, "rule must be an array of tables: write each rule under its own [[rule]] header")
+    if not tables:
+        _fail(source, f"rule set {name!r} has no rules; add at least one [[rule]] table")
+    rules: list[Rule] = []
+    first_index: dict[str, int] = {}
+    for index, table in enumerate(tables, start=1):
+        rule = _parse_rule(table, index, source)
+        if rule.name in first_index:
+            _fail(
+                f"{source}: rule #{index} {rule.name!r}",
+                f"duplicate rule name {rule.name!r} (rule #{first_index[rule.name]} has it too); rename one",
+            )
+        first_index[rule.name] = index
+        rules.append(rule)
+    return RuleSet(name, tuple(rules), description, scope, source)
+
+
+# --- parsing: each function takes `at`, the "file: rule 'x'" prefix that its error messages start with ---
+
+
+def _parse_rule(table: dict[str, Any], index: int, source: str) -> Rule:
+    name = table.get("name")
+    at = f"{source}: rule {name!r}" if isinstance(name, str) and name else f"{source}: rule #{index}"
+    _check_keys(table, _RULE_KEYS, at, "rule")
+    name = _required_string(table, "name", at)
+    match = _parse_match(
+        _required_table(table, "match", "match.module = [...] or match.chain = [...]", at), at
+    )
+    where = tuple(_parse_predicate(key, value, at) for key, value in _table(table, "where", at).items())
+    replace = _parse_replace(_required_table(table, "replace", 'replace.builder = "..."', at), at)
+    return Rule(name, match, replace, where, source)
+
+
+def _parse_match(table: dict[str, Any], at: str) -> Pattern:
+    _check_keys(table, _MATCH_KEYS, at, "match")
+    if ("module" in table) == ("chain" in table):
+        both_or_neither = "has both module and chain" if "module" in table else "needs module or chain"
+        _fail(at, f"match {both_or_neither}; give exactly one: module (class names) or chain (op steps)")
+    not_inside = _class_names(table["not_inside"], "match.not_inside", at) if "not_inside" in table else ()
+    if "module" in table:
+        return Pattern(module=_class_names(table["module"], "match.module", at), not_inside=not_inside)
+    steps = table["chain"]
+    if not isinstance(steps, list) or not steps:
+        _fail(at, f"match.chain must be a non-empty array of steps, got {_got(steps)}")
+    chain = tuple(_parse_step(step, position, at) for position, step in enumerate(steps, start=1))
+    return Pattern(chain=chain, not_inside=not_inside)
+
+
+def _parse_step(text: Any, position: int, at: str) -> ChainStep:
+    key = f"match.chain step {position}"
+    if not isinstance(text, str):
+        _fail(at, f"{key} must be a string, got {_got(text)}")
+    syntax = _CHAIN_STEP.fullmatch(text)
+    if syntax is None:
+        _fail(
+            at,
+            f"{key} {text!r} is not a step; write a class name such as 'Conv2d' or a category "
+            f"({', '.join(_CATEGORIES)}), with a trailing '?' when optional",
+        )
+    name, optional = syntax[1], syntax[2] is not None
+    if name[0].islower() and name not in _CATEGORY_CLASSES:
+        _fail(
+            at,
+            f"{key}: unknown chain category {name!r}{_did_you_mean(name, _CATEGORIES)} "
+            "(class names start with a capital letter)",
+        )
+    if position == 1 and optional:
+        _fail(at, f"{key} {text!r} is optional; a chain must start with a required step")
+    return ChainStep(name, optional)
+
+
+def _parse_predicate(key: str, value: Any, at: str) -> Predicate:
+    label = f"where.{key}"
+    if key not in Site.FACT_TYPES:
+        _fail(at, f"{label}: unknown fact {key!r}{_did_you_mean(key, list(Site.FACT_TYPES))}")
+    types = Site.FACT_TYPES[key]
+    if isinstance(value, list):
+        _fail(at, f"{label}: a bare array is ambiguous; write {{ one_of = [...] }} for alternatives")
+    if not isinstance(value, dict):
+        return Predicate(key, "eq", _fact_value(value, types, label, at))
+    if len(value) != 1:
+        kinds = ", ".join(_PREDICATE_KINDS)
+        _fail(at, f"{label}: a predicate table holds exactly one of {kinds}, got {_keys(value)}")
+    [(kind, argument)] = value.items()
+    if kind not in _PREDICATE_KINDS:
+        _fail(at, f"{label}: unknown predicate {kind!r}{_did_you_mean(kind, _PREDICATE_KINDS)}")
+    if kind in ("range", "multiple_of") and int not in types:
+        _fail(
+            at,
+            f"{label}: {kind} needs a numeric fact, and {key} is {_fact_type_names(types)}; use eq or one_of",
+        )
+    if kind == "eq":
+        return Predicate(key, kind, _fact_value(argument, types, f"{label}.eq", at))
+    if kind == "one_of":
+        if not isinstance(argument, list) or not argument:
+            _fail(at, f"{label}.one_of takes a non-empty array, got {_got(argument)}")
+        return Predicate(key, kind, tuple(_fact_value(v, types, f"{label}.one_of", at) for v in argument))
+    if kind == "range":
+        if not (isinstance(argument, list) and len(argument) == 2 and all(map(_is_number, argument))):
+            _fail(at, f"{label}.range takes two numbers [lo, hi], got {_got(argument)}")
+        low, high = argument
+        if low > high:
+            _fail(at, f"{label}.range [{low}, {high}] is empty; write [lo, hi] with lo <= hi")
+        return Predicate(key, kind, (low, high))
+    if type(argument) is not int or argument <= 0:
+        _fail(at, f"{label}.multiple_of takes a positive integer, got {_got(argument)}")
+    return Predicate(key, kind, argument)
+
+
+def _fact_value(value: Any, types: tuple[type, ...], label: str, at: str) -> Any:
+    """A value to compare a fact with, typed like the fact; a square array is one int, as in facts."""
+    if tuple in types and isinstance(value, list) and value and all(type(item) is int for item in value):
+        return value[0] if len(set(value)) == 1 else tuple(value)
+    # bool is an int subclass in Python: compare exact types so `groups = true` is not `groups = 1`.
+    if type(value) not in types:
+        _fail(at, f"{label}: expected {_fact_type_names(types)}, got {_got(value)}")
+    return value
+
+
+def _parse_replace(table: dict[str, Any], at: str) -> Replace:
+    builder = _required_string(table, "builder", at, key_label="replace.builder")
+    registered = list_builders()
+    if builder not in registered:
+        _fail(
+            at,
+            f"replace.builder: unknown builder {builder!r}{_did_you_mean(builder, registered)} "
+            "(register others in Python with @register_builder before loading)",
+        )
+    options = builder_options(builder)
+    _check_keys(table, ("builder", *options), at, f"replace (options of {builder}: {', '.join(options)})")
+    values = {
+        name: _option_value(builder, options[name], value, at)
+        for name, value in table.items()
+        if name != "builder"
+    }
+    for name, parameter in options.items():
+        if parameter.default is inspect.Parameter.empty and name not in values:
+            _fail(at, f"replace.{name}: builder {builder} needs this option; add replace.{name} = ...")
+    return Replace(builder, values)
+
+
+def _option_value(builder: str, parameter: inspect.Parameter, value: Any, at: str) -> Any:
+    label = f"replace.{parameter.name}"
+    if isinstance(value, dict):
+        value = _parse_derivation(value, label, at)
+    elif not isinstance(value, (str, int, float, bool)):
+        _fail(
+            at,
+            f'{label}: expected a string, number, boolean, {{ count = "Class" }} or {{ fact = "name" }}, '
+            f"got {_got(value)}",
+        )
+    if not _admits(parameter.annotation, value):
+        literals = [arg for arg in get_args(parameter.annotation) if isinstance(arg, str)]
+        hint = _did_you_mean(value, literals) if isinstance(value, str) and literals else ""
+        shown = value if isinstance(value, Derivation) else _got(value)
+        _fail(at, f"{label}: {builder} expects {_describe(parameter.annotation)}, got {shown}{hint}")
+    return value
+
+
+def _parse_derivation(table: dict[str, Any], label: str, at: str) -> Derivation:
+    usage = 'a derived value is { count = "ClassName" } or { fact = "name" }'
+    if len(table) != 1:
+        _fail(at, f"{label}: {usage}, got {_keys(table)}")
+    [(kind, name)] = table.items()
+    if kind not in _DERIVATION_KINDS:
+        _fail(at, f"{label}: unknown derivation {kind!r}{_did_you_mean(kind, _DERIVATION_KINDS)}")
+    if kind == "count":
+        return Derivation(kind, _class_names(name, f"{label}.count", at, single=True)[0])
+    if not isinstance(name, str) or name not in Site.FACT_TYPES:
+        hint = _did_you_mean(name, list(Site.FACT_TYPES)) if isinstance(name, str) else ""
+        _fail(at, f"{label}.fact: unknown fact {_got(name)}{hint}")
+    return Derivation(kind, name)
+
+
+def _class_names(value: Any, key: str, at: str, *, single: bool = False) -> tuple[str, ...]:
+    names = [value] if isinstance(value, str) or single else value
+    if not isinstance(names, list) or not names:
+        _fail(at, f"{key} must be a class name or a non-empty array of them, got {_got(value)}")
+    for name in names:
+        if not isinstance(name, str):
+            _fail(at, f"{key} must hold class names (strings), got {_got(name)}")
+        if _CLASS_NAME.fullmatch(name) is None:
+            last = name.rpartition(".")[2]
+            hint = f"; write the class name alone, e.g. {last!r}" if _CLASS_NAME.fullmatch(last) else ""
+            _fail(at, f"{key}: {name!r} is not a class name{hint}")
+    return tuple(names)
+
+
+def _scope(value: Any, at: str) -> str | tuple[str, ...]:
+    if isinstance(value, str) and value:
+        return value
+    if isinstance(value, list) and value and all(isinstance(item, str) and item for item in value):
+        return tuple(value)
+    _fail(
+        at,
+        f"scope must be a stage name, module path or glob, or a non-empty array of them, got {_got(value)}",
+    )
+
+
+# --- type checks of option values against builder signatures ---
+
+
+def _admits(annotation: Any, value: Any) -> bool:
+    """Whether ``value`` (for a :class:`Derivation`: any value it can resolve to) fits ``annotation``."""
+    if annotation is Any:
+        return True
+    origin = get_origin(annotation)
+    if origin is Union or origin is UnionType:
+        return any(_admits(arg, value) for arg in get_args(annotation))
+    if origin is Literal:
+        if isinstance(value, Derivation):
+            return any(isinstance(arg, _derived_types(value)) for arg in get_args(annotation))
+        return any(type(arg) is type(value) and arg == value for arg in get_args(annotation))
+    expected = origin if isinstance(origin, type) else annotation
+    if not isinstance(expected, type):
+        return True  # a typing construct we do not model: the builder checks its own argument
+    candidates = _derived_types(value) if isinstance(value, Derivation) else (type(value),)
+    return any(_type_fits(candidate, expected) for candidate in candidates)
+
+
+def _type_fits(candidate: type, expected: type) -> bool:
+    if expected is float:
+        return candidate in (int, float)  # the numeric tower: an int is a fine float
+    if expected is int:
+        return candidate is int  # but a bool is not an int here
+    return issubclass(candidate, expected)
+
+
+def _derived_types(derivation: Derivation) -> tuple[type, ...]:
+    return (int,) if derivation.kind == "count" else Site.FACT_TYPES[derivation.name]
+
+
+def _describe(annotation: Any) -> str:
+    origin = get_origin(annotation)
+    if origin is Union or origin is UnionType:
+        return " or ".join(_describe(arg) for arg in get_args(annotation) if arg is not type(None))
+    if origin is Literal:
+        return "one of " + ", ".join(_show(arg) for arg in get_args(annotation))
+    return _TYPE_NAMES.get(annotation, getattr(annotation, "__name__", str(annotation)))
+
+
+# --- messages ---
+
+_TYPE_NAMES: Mapping[type, str] = {
+    bool: "a boolean",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    tuple: "an array of integers",
+    list: "an array",
+    dict: "a table",
+}
+
+
+def _fail(at: str, message: str) -> NoReturn:
+    raise RuleError(f"{at}: {message}")
+
+
+def _closest(word: str, candidates: Sequence[str]) -> str | None:
+    close = difflib.get_close_matches(word, candidates, n=1)
+    return close[0] if close else None
+
+
+def _did_you_mean(word: str, candidates: Sequence[str]) -> str:
+    """The closest candidate as a suggestion, or (when none is close) the whole list."""
+    close = _closest(word, candidates)
+    if close:
+        return f"; did you mean {close!r}?"
+    return f"; expected one of: {', '.join(candidates)}" if candidates else ""
+
+
+def _check_keys(table: Mapping[str, Any], valid: Sequence[str], at: str, where: str) -> None:
+    for key in table:
+        if key not in valid:
+            _fail(at, f"unknown key {key!r} in {where}{_did_you_mean(key, valid)}")
+
+
+def _required_string(table: Mapping[str, Any], key: str, at: str, *, key_label: str | None = None) -> str:
+    label = key_label or key
+    if key not in table:
+        _fail(at, f'missing key {label!r}; add {label} = "..."')
+    value = table[key]
+    if not isinstance(value, str) or not value:
+        _fail(at, f"{label} must be a non-empty string, got {_got(value)}")
+    return value
+
+
+def _table(table: Mapping[str, Any], key: str, at: str) -> dict[str, Any]:
+    value = table.get(key, {})
+    if not isinstance(value, dict):
+        _fail(at, f"{key} must be a table ({key}.name = ...), got {_got(value)}")
+    return value
+
+
+def _required_table(table: Mapping[str, Any], key: str, example: str, at: str) -> dict[str, Any]:
+    if key not in table:
+        _fail(at, f"missing key {key!r}; add {example}")
+    return _table(table, key, at)
+
+
+def _keys(table: Mapping[str, Any]) -> str:
+    return ", ".join(map(repr, table)) if table else "an empty table"
+
+
+def _fact_type_names(types: tuple[type, ...]) -> str:
+    return " or ".join(_TYPE_NAMES[t] for t in types)
+
+
+def _got(value: Any) -> str:
+    """A value as "got ..." shows it: containers by their type (they can be long), scalars as written."""
+    if isinstance(value, (list, dict)):
+        return _TYPE_NAMES[type(value)]
+    if isinstance(value, (str, int, float, bool)):
+        return _show(value)
+    return type(value).__name__
+
+
+def _show(value: Any) -> str:
+    """A value spelt as in TOML: true/false, arrays in brackets, strings quoted."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_show(item) for item in value) + "]"
+    return repr(value)
+
+
+def _same(actual: Any, expected: Any) -> bool:
+    return type(actual) is type(expected) and actual == expected
+
+
+def _numbers(actual: Any) -> tuple[Any, ...] | None:
+    """The fact's numbers (one per dimension), or ``None`` for a fact that is not numeric (padding 'same')."""
+    values = actual if isinstance(actual, tuple) else (actual,)
+    return values if all(_is_number(value) for value in values) else None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
