@@ -1,3 +1,46 @@
-"""rewrite: torch.fx model surgery with declarative rules, and a params/FLOPs diff report."""
+"""rewrite: torch.fx model surgery with declarative rules, and a params/FLOPs diff report.
+
+The pipeline reads in the order of its modules — :mod:`~rewrite.tracer` → :mod:`~rewrite.graph` →
+:mod:`~rewrite.match` → :mod:`~rewrite.rewriter` → :mod:`~rewrite.report` — and :mod:`~rewrite.planner` chains
+them behind two calls:
+
+>>> import torch, rewrite
+>>> from rewrite.zoo import create_model
+>>> model = create_model("yolov5n").eval()
+>>> plan = rewrite.plan(model, "slim-neck", torch.zeros(1, 3, 640, 640))   # a dry run: model untouched
+>>> plan.params.before, plan.params.after
+(1872157, 1669693)
+>>> slim = plan.apply()                                                    # the rewritten copy
+>>> print(rewrite.render(plan, "markdown").splitlines()[0])
+## rewrite plan: DetectionModel with slim-neck
+"""
+
+from rewrite.blocks import GSBottleneck, GSConv, VoVGSCSP
+from rewrite.builders import Site, register_builder
+from rewrite.errors import (
+    BuildError,
+    InputSpecError,
+    ModelSpecError,
+    NoMatchError,
+    NoMatchWarning,
+    RewriteError,
+    RuleError,
+    ScopeError,
+    ShapeCheckError,
+    TraceError,
+)
+from rewrite.graph import resolve_scope, resolve_stages, to_networkx
+from rewrite.planner import Plan, apply, plan
+from rewrite.profiler import Cost, Profile, profile
+from rewrite.report import render
+from rewrite.rules import RuleSet, builtin_rule_sets, load_rules, parse_rules
+from rewrite.tracer import Leaf, Traced, trace
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "BuildError", "Cost", "GSBottleneck", "GSConv", "InputSpecError", "Leaf", "ModelSpecError", "NoMatchError",
+    "NoMatchWarning", "Plan", "Profile", "RewriteError", "RuleError", "RuleSet", "ScopeError", "ShapeCheckError",
+    "Site", "TraceError", "Traced", "VoVGSCSP", "apply", "builtin_rule_sets", "load_rules", "parse_rules", "plan",
+    "profile", "register_builder", "render", "resolve_scope", "resolve_stages", "to_networkx", "trace",
+]

@@ -80,6 +80,7 @@ class Site:
             "padding": (int, tuple, str),
             "bias": (bool,),
             "depthwise": (bool,),
+            "same_size": (bool,),
             "activation": (str,),
             "module_type": (str,),
         }
@@ -115,6 +116,10 @@ class Site:
         depthwise = None
         if self.groups is not None and self.in_channels is not None:
             depthwise = self.groups > 1 and self.groups == self.in_channels
+        same_size = None
+        if self.in_shape is not None and self.out_shape is not None and len(self.in_shape) > 2:
+            strides = self.stride if isinstance(self.stride, tuple) else (self.stride or 1,) * (len(self.in_shape) - 2)
+            same_size = self.out_shape[2:] == tuple(-(-n // s) for n, s in zip(self.in_shape[2:], strides))
         return {
             "in_channels": self.in_channels,
             "out_channels": self.out_channels,
@@ -125,6 +130,7 @@ class Site:
             "padding": self.padding,
             "bias": self.bias,
             "depthwise": depthwise,
+            "same_size": same_size,
             "activation": type(self.activation).__name__ if self.activation is not None else None,
             "module_type": self.module_type,
         }

@@ -1,0 +1,460 @@
+"""The ``rewrite`` command: ``plan`` (a dry run), ``apply``, ``profile`` and ``rules list`` / ``rules check``.
+
+Examples::
+
+    rewrite plan yolov5l --rules slim-neck --device meta --format markdown --min-flops-reduction 10
+    rewrite plan models.py:build --model-arg nc=3 --rules my-rules.toml --format json --output plan.json
+    rewrite apply yolov5n --rules slim-neck --output out/      # out/state_dict.pt and out/plan.json
+    rewrite profile yolov5s --input 1,3,320,320
+    rewrite rules check my-rules.toml
+
+Exit codes: 0 ok; 1 a gate failed; 2 bad input (model spec, rules, scope, input shape, option), printed
+as one line ``rewrite: error: ...`` on stderr. Anything else is a bug and keeps its traceback. stdout carries
+only the report; progress goes to stderr (``--quiet`` silences it). With ``GITHUB_STEP_SUMMARY`` set, ``plan``
+and ``profile`` also append their markdown report to that file. See ``docs/cli.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib
+import importlib.util
+import inspect
+import math
+import os
+import re
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from rewrite.errors import InputSpecError, ModelSpecError, NoMatchWarning, RewriteError
+from rewrite.report import FORMATS, check_gates, render, render_profile
+
+if TYPE_CHECKING:  # torch is imported by the commands that need it: --help and usage errors answer at once
+    import torch
+    from torch import nn
+
+    from rewrite.planner import Plan
+
+__all__ = ["main", "load_model"]
+
+DEFAULT_INPUT = "1,3,640,640"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` (default: ``sys.argv[1:]``) and return the exit code."""
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command == "apply" and args.device == "meta":
+            raise _UsageError(
+                "apply needs real weights; use --device cpu (meta builds the model without them)"
+            )
+        return args.run(args)
+    except (_UsageError, RewriteError) as error:
+        print(f"rewrite: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
+
+
+# Parsing
+
+
+class _UsageError(Exception):
+    """A command line that argparse (or an option check) turned down."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, except that a usage error is one line and exit code 2, like every other bad input."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def _build_parser() -> _Parser:
+    parser = _Parser(prog="rewrite", description="torch.fx model surgery: slim-neck rewrites and their cost.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    model = _Parser(add_help=False)
+    model.add_argument(
+        "model",
+        metavar="MODEL",
+        help="zoo name (yolov5n … yolov5x), package.module:callable or file.py:callable",
+    )
+    model.add_argument(
+        "--model-arg",
+        action="append",
+        default=[],
+        type=_parse_model_arg,
+        metavar="KEY=VALUE",
+        help="keyword argument for the model's callable (repeatable); 3, 0.5, true, none are parsed",
+    )
+    model.add_argument(
+        "--input",
+        type=_parse_input_shape,  # raises InputSpecError: exit code 2 before anything is loaded
+        default=DEFAULT_INPUT,
+        metavar="SHAPE",
+        help=f"shape of the one input tensor, comma-separated (default {DEFAULT_INPUT})",
+    )
+    model.add_argument(
+        "--device",
+        choices=("cpu", "meta"),
+        default="cpu",
+        help="where to build the model; meta allocates no weights (default cpu)",
+    )
+    model.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+
+    rules = _Parser(add_help=False)
+    rules.add_argument("--rules", required=True, metavar="RULES", help="built-in rule set name or TOML file")
+    rules.add_argument(
+        "--scope", metavar="S", help="stage name, module path or glob; several comma-separated"
+    )
+
+    report = _Parser(add_help=False)
+    report.add_argument("--format", choices=FORMATS, default="text", help="report format (default text)")
+    report.add_argument("--output", metavar="FILE", help="write the report to FILE instead of stdout")
+
+    plan = commands.add_parser(
+        "plan", parents=[model, rules, report], help="dry run: what the rules would change"
+    )
+    gates = plan.add_argument_group(
+        "gates (exit code 1 when one fails; they apply to the figures after the rewrite)"
+    )
+    gates.add_argument("--fail-on-no-match", action="store_true", help="fail when no site is rewritten")
+    gates.add_argument("--max-params", type=_parse_count, metavar="N", help="at most N params, e.g. 40M")
+    gates.add_argument("--max-flops", type=_parse_count, metavar="N", help="at most N FLOPs, e.g. 100G")
+    for what in ("params", "flops"):
+        gates.add_argument(
+            f"--min-{what}-reduction",
+            type=_parse_percent,
+            metavar="PCT",
+            help=f"at least PCT %% fewer {'FLOPs' if what == 'flops' else what}, e.g. 10",
+        )
+    plan.set_defaults(run=_run_plan)
+
+    apply = commands.add_parser(
+        "apply", parents=[model, rules], help="write the rewritten model's state_dict"
+    )
+    apply.add_argument(
+        "--output", required=True, metavar="DIR", help="folder for state_dict.pt and plan.json"
+    )
+    apply.set_defaults(run=_run_apply)
+
+    profile = commands.add_parser("profile", parents=[model, report], help="params / FLOPs / MACs per stage")
+    profile.set_defaults(run=_run_profile)
+
+    rule_commands = commands.add_parser("rules", help="list built-in rule sets, or check a rule file")
+    rule_actions = rule_commands.add_subparsers(dest="action", required=True, metavar="ACTION")
+    rule_actions.add_parser("list", help="the built-in rule sets").set_defaults(run=_run_rules_list)
+    check = rule_actions.add_parser("check", help="validate a rule file")
+    check.add_argument("file", metavar="FILE")
+    check.set_defaults(run=_run_rules_check)
+    return parser
+
+
+def _parse_input_shape(text: str) -> tuple[int, ...]:
+    """The ``--input`` shape: comma-separated positive integers.
+
+    >>> _parse_input_shape("1,3,640,640")
+    (1, 3, 640, 640)
+    >>> _parse_input_shape("1,3,x")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    rewrite.errors.InputSpecError: --input '1,3,x': expected comma-separated positive integers such as ...
+    """
+    parts = [part.strip() for part in text.split(",")]
+    if not all(part.isdigit() and int(part) > 0 for part in parts):
+        raise InputSpecError(
+            f"--input {text!r}: expected comma-separated positive integers such as {DEFAULT_INPUT}"
+        )
+    return tuple(int(part) for part in parts)
+
+
+def _parse_model_arg(text: str) -> tuple[str, object]:
+    """A ``--model-arg KEY=VALUE``; the value becomes an int, float, bool or None when it looks like one.
+
+    >>> [_parse_model_arg(t) for t in ("nc=3", "width=0.5", "pretrained=false", "cfg=None", "name=v5")]
+    [('nc', 3), ('width', 0.5), ('pretrained', False), ('cfg', None), ('name', 'v5')]
+    """
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip().isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE with KEY a Python identifier, got {text!r}")
+    return key.strip(), _literal(value)
+
+
+def _literal(text: str) -> object:
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    for kind in (int, float):
+        try:
+            value = kind(text)
+        except ValueError:
+            continue
+        # "nan" and "inf" stay text: nobody means them as numbers here.
+        if kind is int or math.isfinite(value):
+            return value
+    return text
+
+
+_SUFFIXES = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def _parse_count(text: str) -> int:
+    """A params or FLOPs threshold, with an optional K / M / G / T suffix (powers of 1000).
+
+    >>> _parse_count("100G"), _parse_count("46.5M"), _parse_count("1_000")
+    (100000000000, 46500000, 1000)
+    """
+    match = re.fullmatch(
+        r"\s*(\d+(?:\.\d*)?)\s*([KMGT]?)\s*", text.replace("_", "").replace(",", ""), re.IGNORECASE
+    )
+    if not match:
+        raise argparse.ArgumentTypeError(f"expected a count such as 40M or 100G, got {text!r}")
+    return round(float(match.group(1)) * _SUFFIXES[match.group(2).upper()])
+
+
+def _parse_percent(text: str) -> float:
+    """A reduction threshold in percent; a trailing ``%`` is allowed.
+
+    >>> _parse_percent("10"), _parse_percent("12.5%")
+    (10.0, 12.5)
+    """
+    try:
+        value = float(text.strip().removesuffix("%"))
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a percentage such as 10 or 12.5, got {text!r}")
+    return value
+
+
+# Models
+
+
+def load_model(spec: str, kwargs: dict[str, object] | None = None, *, device: str = "cpu") -> nn.Module:
+    """Build the model that ``spec`` names, in eval mode, with its parameters created on ``device``.
+
+    ``spec`` is a zoo name (``"yolov5n"``), ``"package.module:callable"`` or ``"path/to/file.py:callable"``;
+    ``kwargs`` go to the callable. On ``device="meta"`` no weight is allocated: the callable runs under
+    ``with torch.device("meta")``. Anything that stops the model from being found or built from the spec
+    raises :class:`~rewrite.errors.ModelSpecError`; an error raised by the user's own code while building is
+    theirs and keeps its traceback.
+    """
+    import torch
+    from torch import nn
+
+    kwargs = kwargs or {}
+    factory = _factory(spec)
+    try:
+        inspect.signature(factory).bind(**kwargs)
+    except TypeError as error:
+        raise ModelSpecError(f"{spec}: {error}; check --model-arg") from None
+    except ValueError:  # no signature to check (some builtins): the call itself will tell
+        pass
+    with torch.device(device):
+        model = factory(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise ModelSpecError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
+    return model.eval()
+
+
+def _factory(spec: str) -> Callable[..., Any]:
+    # rpartition: a Windows path "C:\m.py:build" keeps its drive letter.
+    target, sep, attribute = spec.rpartition(":")
+    if not sep:
+        if spec.endswith(".py"):
+            raise ModelSpecError(f"model spec {spec!r} names a file but no callable; write {spec}:CALLABLE")
+        from rewrite.zoo import create_model
+
+        # An unknown name raises ModelSpecError, with suggestions.
+        return functools.partial(create_model, spec)
+    if not target or not attribute:
+        raise ModelSpecError(
+            f"model spec {spec!r}: expected a zoo name, package.module:callable or file.py:callable"
+        )
+    if target.endswith(".py") or "/" in target or os.sep in target:
+        module = _import_file(target)
+    else:
+        # The console script leaves the working directory off sys.path and `python -m` puts it on: agree.
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        try:
+            module = importlib.import_module(target)
+        except ImportError as error:
+            raise ModelSpecError(f"model spec {spec!r}: cannot import {target}: {error}") from None
+    factory = getattr(module, attribute, None)
+    if not callable(factory):
+        raise ModelSpecError(f"model spec {spec!r}: {target} has no callable named {attribute!r}")
+    return factory
+
+
+def _import_file(path_text: str) -> Any:
+    path = Path(path_text)
+    if not path.is_file():
+        raise ModelSpecError(f"model file {path_text} does not exist")
+    # A private module name: a user file called e.g. "rewrite.py" or "torch.py" must not shadow the real ones.
+    name = f"_rewrite_model_{path.stem}"
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    if module_spec is None or module_spec.loader is None:
+        raise ModelSpecError(f"model file {path_text} cannot be imported as Python")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module
+    # So that the file imports its neighbours, as `python file.py` would.
+    sys.path.insert(0, str(path.resolve().parent))
+    try:
+        module_spec.loader.exec_module(module)
+    except (ImportError, SyntaxError) as error:
+        raise ModelSpecError(
+            f"model file {path_text} cannot be imported: {type(error).__name__}: {error}"
+        ) from None
+    return module
+
+
+def _model_and_input(
+    args: argparse.Namespace, say: Callable[[str], None]
+) -> tuple[nn.Module, torch.Tensor, str]:
+    """The model, its example input and the name that reports give it, from the options shared by commands."""
+    import torch
+
+    kwargs = dict(args.model_arg)
+    name = args.model + (f"({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})" if kwargs else "")
+    say(f"building {name} on {args.device}")
+    model = load_model(args.model, kwargs, device=args.device)
+    if args.device == "meta":
+        example = torch.empty(args.input, device="meta")
+    else:
+        # Seeded images in [0, 1]: runs are repeatable and look like what a detector is fed.
+        example = torch.rand(args.input, generator=torch.Generator().manual_seed(0))
+    return model, example, name
+
+
+# Commands
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    say = _progress(args)
+    result = _make_plan(args, say)
+    gates = check_gates(
+        result,
+        fail_on_no_match=args.fail_on_no_match,
+        max_params=args.max_params,
+        max_flops=args.max_flops,
+        min_params_reduction=args.min_params_reduction,
+        min_flops_reduction=args.min_flops_reduction,
+    )
+    _write_report(render(result, args.format, gates=gates), args.output, say)
+    _append_step_summary(lambda: render(result, "markdown", gates=gates))
+    failed = [gate for gate in gates if not gate.passed]
+    # Also on stderr: the CI log says why the step failed even when the report went to a file.
+    for gate in failed:
+        print(f"rewrite: gate failed: --{gate.gate}: {gate.detail}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _run_apply(args: argparse.Namespace) -> int:
+    import torch
+
+    say = _progress(args)
+    result = _make_plan(args, say)
+    say("applying")
+    rewritten = result.apply()
+    folder = Path(args.output)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(rewritten.state_dict(), folder / "state_dict.pt")
+    (folder / "plan.json").write_text(render(result, "json"), encoding="utf-8")
+    say(f"wrote {folder / 'state_dict.pt'} and {folder / 'plan.json'}")
+    sys.stdout.write(render(result, "text"))
+    return 0
+
+
+def _run_profile(args: argparse.Namespace) -> int:
+    from rewrite.profiler import profile
+
+    say = _progress(args)
+    model, example, name = _model_and_input(args, say)
+    say("measuring")
+    result = profile(model, (example,))
+
+    def rendered(fmt: str) -> str:
+        return render_profile(result, fmt, model_name=name, input_shapes=[tuple(example.shape)])
+
+    _write_report(rendered(args.format), args.output, say)
+    _append_step_summary(lambda: rendered("markdown"))
+    return 0
+
+
+def _run_rules_list(args: argparse.Namespace) -> int:
+    from rewrite.rules import builtin_rule_sets, load_rules
+
+    for name in builtin_rule_sets():
+        rule_set = load_rules(name)
+        print(f"{name}: {rule_set.description} ({_rule_count(rule_set)})")
+    return 0
+
+
+def _run_rules_check(args: argparse.Namespace) -> int:
+    from rewrite.rules import load_rules
+
+    rule_set = load_rules(args.file)
+    names = ", ".join(rule.name for rule in rule_set.rules)
+    print(f"OK: {args.file}: rule set '{rule_set.name}', {_rule_count(rule_set)}: {names}")
+    return 0
+
+
+def _rule_count(rule_set: Any) -> str:
+    count = len(rule_set.rules)
+    return f"{count} rule" + ("" if count == 1 else "s")
+
+
+def _make_plan(args: argparse.Namespace, say: Callable[[str], None]) -> Plan:
+    """The plan that the options shared by ``plan`` and ``apply`` ask for."""
+    from rewrite.planner import plan
+    from rewrite.rules import load_rules
+
+    rule_set = load_rules(args.rules)  # a bad rule file fails before any model is built
+    model, example, name = _model_and_input(args, say)
+    with warnings.catch_warnings():
+        # A rule that matched nothing is in the report's warnings; Python's own warning line would repeat it.
+        warnings.simplefilter("ignore", NoMatchWarning)
+        result = plan(model, rule_set, (example,), scope=args.scope, model_name=name, progress=say)
+    for message in result.warnings:
+        say(f"warning: {message}")
+    return result
+
+
+# Output
+
+
+def _progress(args: argparse.Namespace) -> Callable[[str], None]:
+    """A progress printer for stderr (stdout carries only the report), or a silent one under ``--quiet``."""
+    if args.quiet:
+        return lambda message: None
+    start = time.perf_counter()
+
+    def say(message: str) -> None:
+        print(f"[{time.perf_counter() - start:5.1f}s] {message}", file=sys.stderr, flush=True)
+
+    return say
+
+
+def _write_report(report: str, output: str | None, say: Callable[[str], None]) -> None:
+    if output is None:
+        sys.stdout.write(report)
+        return
+    path = Path(output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(report, encoding="utf-8")
+    say(f"wrote {path}")
+
+
+def _append_step_summary(markdown: Callable[[], str]) -> None:
+    """GitHub Actions shows the file named by ``GITHUB_STEP_SUMMARY`` on the run's page; steps append."""
+    summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    if summary:
+        with open(summary, "a", encoding="utf-8") as file:
+            file.write(markdown() + "\n")

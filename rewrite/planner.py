@@ -1,0 +1,269 @@
+"""The public entry points: ``plan()`` (a dry run) and ``apply()`` (the rewritten copy).
+
+``plan`` chains the pipeline — trace, graph, match, rewrite (on a weight-free copy), profile — and returns a
+:class:`Plan`: plain data that :mod:`rewrite.report` renders and ``Plan.apply()`` turns into the model.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from rewrite.errors import NoMatchError, NoMatchWarning, RewriteError, ShapeCheckError
+from rewrite.graph import StageMap, resolve_scope, to_networkx
+from rewrite.match import Match, Rejection, find_matches
+from rewrite.profiler import Cost, profile
+from rewrite.rewriter import BuiltSite, ShapeCheck, build_sites, check_outputs, rewrite_model, site_module
+from rewrite.rules import RuleSet, load_rules
+from rewrite.tracer import Traced, trace
+
+__all__ = ["plan", "apply", "Plan", "Delta", "SiteChange", "StageChange", "Rejection", "ShapeCheck"]
+
+
+@dataclass(frozen=True)
+class Delta:
+    """A figure before and after the rewrite.
+
+    >>> Delta(200, 150).change, Delta(200, 150).percent
+    (-50, -25.0)
+    """
+
+    before: int
+    after: int
+
+    @property
+    def change(self) -> int:
+        return self.after - self.before
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.change / self.before if self.before else 0.0
+
+
+@dataclass(frozen=True)
+class SiteChange:
+    """One rewritten site: what was there, what replaces it, and what that costs."""
+
+    path: str  # module path of the replaced module call (graph rewrites: where the new module is installed)
+    rule: str
+    stage: str | None
+    kind: str  # "module": a module object swapped in its parent; "graph": fx nodes replaced in a GraphModule
+    before: str  # e.g. "Conv(1024→512, k1, s1)"
+    after: str  # e.g. "GSConv(1024→512, k1, s1)"
+    params: Delta
+    flops: Delta
+
+
+@dataclass(frozen=True)
+class StageChange:
+    params: Delta
+    flops: Delta
+
+
+@dataclass
+class Plan:
+    """What a rewrite would do to a model, measured on a copy; the user's model is never touched.
+
+    ``apply()`` returns the rewritten copy.
+    """
+
+    model_name: str
+    rule_set: str
+    scope: str
+    input_shapes: list[tuple[int, ...]]
+    device: str
+    sites: list[SiteChange]
+    rejected: list[Rejection]
+    leaves: list  # rewrite.tracer.Leaf
+    warnings: list[str]
+    params: Delta
+    flops: Delta
+    stages: dict[str, StageChange]
+    shape_check: ShapeCheck
+    needed_real_data: list = field(default_factory=list)  # rewrite.tracer.Leaf
+    _prepared: _Prepared | None = field(default=None, repr=False, compare=False)
+
+    def apply(self) -> nn.Module:
+        """The rewritten model: a copy with real weights (new blocks freshly initialised), shapes checked.
+
+        Raises :class:`~rewrite.errors.ShapeCheckError` naming the site when the outputs do not line up.
+        """
+        if self._prepared is None:
+            raise RewriteError("this plan was not made by rewrite.plan(); it holds nothing to apply")
+        prepared = self._prepared
+        built = build_sites(prepared.model, prepared.matches)
+        rewritten = rewrite_model(prepared.model, prepared.traced, built)
+        check = check_outputs(prepared.model, rewritten, prepared.example_inputs)
+        if not check.passed:
+            raise ShapeCheckError(f"{self.model_name}: {check.detail}")
+        return rewritten
+
+
+@dataclass
+class _Prepared:
+    """What ``Plan.apply()`` needs to redo the rewrite on real weights (kept out of reports)."""
+
+    model: nn.Module
+    traced: Traced
+    matches: list[Match]
+    example_inputs: tuple
+
+
+def plan(
+    model: nn.Module,
+    rules: str | Path | RuleSet,
+    example_inputs: Any,
+    *,
+    scope: str | Sequence[str] | None = None,
+    model_name: str | None = None,
+    strict: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> Plan:
+    """Work out what ``rules`` would do to ``model`` and measure it, without touching ``model``.
+
+    ``rules`` is a built-in rule-set name (``"slim-neck"``), a path to a TOML file, or a :class:`RuleSet`;
+    ``example_inputs`` is what the model's forward takes (a tensor, or a tuple of positional arguments);
+    ``scope`` overrides the rule set's default scope (a stage name, module path, glob, or a list of them).
+    A rule that matches nothing is a warning, or a :class:`~rewrite.errors.NoMatchError` when ``strict``.
+
+    The measuring runs on a weight-free copy on the meta device whenever the model allows it, so planning a
+    large model costs little more than tracing it.
+
+    >>> import torch
+    >>> from rewrite.zoo import create_model
+    >>> model = create_model("yolov5n").eval()
+    >>> p = plan(model, "slim-neck", torch.zeros(1, 3, 640, 640))
+    >>> p.params.before, p.params.after, p.flops.after
+    (1872157, 1669693, 4144947200)
+    >>> [site.path for site in p.sites][:3]
+    ['model.10', 'model.13', 'model.14']
+    >>> new_model = p.apply()  # the rewritten copy; ``model`` is unchanged
+    """
+    say = progress or (lambda message: None)
+    rule_set = load_rules(rules)
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+
+    say(f"tracing {type(model).__name__}")
+    traced = trace(model, inputs)
+    graph = to_networkx(traced)
+    stages: StageMap = graph.graph["stages"]
+    scope_spec = scope if scope is not None else rule_set.scope
+    resolved_scope = resolve_scope(scope_spec, traced, stages)
+
+    say(f"matching {len(rule_set.rules)} rule(s) of '{rule_set.name}' in {resolved_scope.description}")
+    found = find_matches(graph, rule_set, resolved_scope)
+    messages = []
+    for rule_name in found.unmatched_rules:
+        message = f"{rule_set.source}: rule '{rule_name}' matched nothing in {resolved_scope.description}"
+        if strict:
+            raise NoMatchError(message)
+        warnings.warn(message, NoMatchWarning, stacklevel=2)
+        messages.append(message)
+
+    say("measuring the original")
+    before = profile(model, inputs, stages=stages)
+    on_meta = not before.needed_real_data
+    device = torch.device("meta") if on_meta else None
+
+    say(f"building {len(found.matches)} site(s)")
+    built = build_sites(model, found.matches, device=device)
+    changes = [_measure_site(traced, site, stages) for site in built]
+
+    say("measuring the rewritten copy")
+    rewritten = rewrite_model(model, traced, built, on_meta=on_meta)
+    run_inputs = _to_meta(inputs) if on_meta else inputs
+    after = profile(rewritten, run_inputs, stages=stages)
+    check = check_outputs(model, rewritten, inputs)
+
+    return Plan(
+        model_name=model_name or type(model).__name__,
+        rule_set=rule_set.name,
+        scope=resolved_scope.description,
+        input_shapes=[tuple(t.shape) for t in _tensors(inputs)],
+        device="meta" if on_meta else before.device,
+        sites=changes,
+        rejected=found.rejected,
+        leaves=list(traced.leaves),
+        warnings=messages,
+        params=Delta(before.total.params, after.total.params),
+        flops=Delta(before.total.flops, after.total.flops),
+        stages={
+            name: StageChange(
+                Delta(before.stages[name].params, after.stages.get(name, _ZERO).params),
+                Delta(before.stages[name].flops, after.stages.get(name, _ZERO).flops),
+            )
+            for name in before.stages
+        },
+        shape_check=check,
+        needed_real_data=list(before.needed_real_data),
+        _prepared=_Prepared(model, traced, found.matches, inputs),
+    )
+
+
+def apply(
+    model: nn.Module,
+    rules: str | Path | RuleSet,
+    example_inputs: Any,
+    *,
+    scope: str | Sequence[str] | None = None,
+    strict: bool = False,
+) -> nn.Module:
+    """Plan and apply in one step: the rewritten copy of ``model`` (``model`` itself is untouched)."""
+    return plan(model, rules, example_inputs, scope=scope, strict=strict).apply()
+
+
+_ZERO = Cost(params=0, flops=0)
+
+
+def _measure_site(traced: Traced, built: BuiltSite, stages: StageMap) -> SiteChange:
+    """Measure a site alone, old and new, on its traced input shape; a new block of the wrong shape is an error."""
+    match, site = built.match, built.match.site
+    block_device = next((p.device for p in built.block.parameters()), site.device)
+    x = torch.zeros(site.in_shape, dtype=site.dtype, device=block_device)
+    out = built.block(x)
+    if tuple(out.shape) != site.out_shape:
+        raise ShapeCheckError(
+            f"{match.path}: rule '{match.rule.name}' built {type(built.block).__name__} giving "
+            f"{tuple(out.shape)} for input {site.in_shape}, but the site gives {site.out_shape}"
+        )
+    old = profile(site_module(traced, match), (x.to("meta"),), stages=StageMap()).total
+    new = profile(built.block, (x,), stages=StageMap()).total
+    return SiteChange(
+        path=match.path,
+        rule=match.rule.name,
+        stage=stages.stage_of(match.path),
+        kind=match.kind,
+        before=_describe(site.module_type, site, {}, show_kernel=bool(match.rule.match.chain)),
+        after=_describe(type(built.block).__name__, site, built.options, show_kernel=bool(match.rule.match.chain)),
+        params=Delta(old.params, new.params),
+        flops=Delta(old.flops, new.flops),
+    )
+
+
+def _describe(type_name: str, site, options: dict, *, show_kernel: bool) -> str:
+    """``Conv(1024→512, k1, s1)``: the block and the figures a reader checks first.
+
+    The kernel is shown for conv sites only: a block's first inner conv says nothing about the block.
+    """
+    parts = [f"{site.in_channels}→{site.out_channels}"]
+    if show_kernel and site.kernel_size is not None:
+        parts.append(f"k{site.kernel_size}")
+    parts.append(f"s{site.stride}")
+    parts += [f"{name}={value}" for name, value in options.items() if name == "n"]
+    return f"{type_name}({', '.join(parts)})"
+
+
+def _tensors(inputs: tuple) -> list[torch.Tensor]:
+    return [t for t in torch.utils._pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor)]
+
+
+def _to_meta(inputs: tuple) -> tuple:
+    return torch.utils._pytree.tree_map(
+        lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, inputs
+    )

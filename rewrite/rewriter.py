@@ -1,0 +1,270 @@
+"""Carry out matches on a copy of the model, all or nothing.
+
+Two ways to rewrite a site, chosen per traced region:
+
+* **module swap** — the site is exactly one call of one module, so the new block replaces that module object
+  in its parent. The user's model class, its methods and the old module's own plain attributes (routing
+  indices and the like) carry over, so a forward that routes by them keeps working.
+* **graph rewrite** — the site's nodes are part of a larger forward (three attributes called in a user's
+  ``forward``, a functional conv). The site's nodes are replaced by one ``call_module`` node in the region's
+  ``fx.GraphModule``, and that GraphModule takes the region module's place (for the root region the result
+  *is* the GraphModule). A region with any graph rewrite takes all of its sites as graph rewrites, so one
+  region never mixes a swapped module tree with a graph that still calls the old modules.
+
+The user's model is only ever read: everything happens on a deep copy (a weight-free copy on the meta device
+when planning), so an error at any step leaves the input untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import torch
+from torch import fx, nn
+
+from rewrite.builders import Site, build
+from rewrite.errors import BuildError
+from rewrite.match import Match
+from rewrite.tracer import Traced
+
+__all__ = ["BuiltSite", "ShapeCheck", "build_sites", "check_outputs", "rewrite_model", "meta_copy", "site_module"]
+
+
+@dataclass(frozen=True)
+class BuiltSite:
+    """A match, the plain option values its builder got, and the block built (on the device it will live on)."""
+
+    match: Match
+    options: dict
+    block: nn.Module
+
+
+@dataclass(frozen=True)
+class ShapeCheck:
+    """Whether the rewritten model's outputs have the original's structure and shapes."""
+
+    passed: bool
+    detail: str
+
+
+
+
+def build_sites(
+    model: nn.Module, matches: Sequence[Match], *, device: torch.device | None = None
+) -> list[BuiltSite]:
+    """Build every match's replacement block in the train/eval mode of what it replaces.
+
+    ``device`` overrides where the blocks are made (meta, when planning without weights).
+    """
+    built = []
+    for match in matches:
+        site = match.site if device is None else replace(match.site, device=device)
+        options = {name: _resolve(value, site, match) for name, value in match.rule.replace.options.items()}
+        block = build(match.rule.replace, site, options)
+        block.train(_replaced_module(model, match.path).training)
+        built.append(BuiltSite(match, options, block))
+    return built
+
+
+def rewrite_model(model: nn.Module, traced: Traced, sites: Sequence[BuiltSite], *, on_meta: bool = False) -> nn.Module:
+    """A copy of ``model`` with every built site in place (weights on meta when ``on_meta``)."""
+    memo = _meta_memo(model) if on_meta else {}
+    graph_modules = [region.graph_module for region in traced.regions]
+    new_model, new_graph_modules = copy.deepcopy((model, graph_modules), memo)
+
+    graph_regions = {s.match.region for s in sites if s.match.kind == "graph"}
+    by_region: dict[int, list[BuiltSite]] = {}
+    for built in sites:
+        by_region.setdefault(built.match.region, []).append(built)
+
+    for region_index, region_sites in by_region.items():
+        region_path = traced.regions[region_index].path
+        if region_index in graph_regions:
+            gm = new_graph_modules[region_index]
+            replaced: dict[str, fx.Node] = {}  # a site's output node, erased, and the node standing in for it
+            for number, built in enumerate(region_sites):
+                _replace_nodes(gm, built, number, region_path, replaced)
+            gm.graph.eliminate_dead_code()
+            gm.delete_all_unused_submodules()
+            gm.recompile()
+            new_model = _install(new_model, region_path, gm, carry_attributes=False)
+        else:
+            for built in region_sites:
+                new_model = _install(new_model, built.match.path, built.block, carry_attributes=True)
+    return new_model
+
+
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose tensors live on the meta device: the structure without the weights' memory."""
+    return copy.deepcopy(model, _meta_memo(model))
+
+
+def site_module(traced: Traced, match: Match) -> nn.Module:
+    """What a site computes today, as a module of its own (for measuring it alone)."""
+    region = traced.regions[match.region]
+    if match.kind == "module":
+        return traced.model.get_submodule(match.path)
+    gm = region.graph_module
+    names = {key.split(":", 1)[1] for key in match.nodes}
+    nodes = {node.name: node for node in gm.graph.nodes}
+    graph = fx.Graph()
+    env = {nodes[match.input_node.split(":", 1)[1]]: graph.placeholder("x")}
+    for node in gm.graph.nodes:
+        if node.name not in names:
+            continue
+        for source in node.all_input_nodes:
+            if source not in env and source.op == "get_attr":
+                env[source] = graph.node_copy(source)
+        env[node] = graph.node_copy(node, lambda n: env[n])
+    graph.output(env[nodes[match.output_node.split(":", 1)[1]]])
+    return fx.GraphModule(gm, graph)
+
+
+def _replace_nodes(
+    gm: fx.GraphModule, built: BuiltSite, number: int, region_path: str, replaced: dict[str, fx.Node]
+) -> None:
+    match = built.match
+    nodes = {node.name: node for node in gm.graph.nodes}
+    site_nodes = [nodes[key.split(":", 1)[1]] for key in match.nodes]
+    source_name, result = match.input_node.split(":", 1)[1], nodes[match.output_node.split(":", 1)[1]]
+    source = replaced.get(source_name) or nodes[source_name]
+    target = _new_module_name(gm, _relative(site_nodes[0].meta.get("module_path", ""), region_path), match, number)
+    gm.add_submodule(target, built.block)
+    with gm.graph.inserting_after(result):
+        new_node = gm.graph.call_module(target, (source,))
+    new_node.meta = {k: v for k, v in result.meta.items() if k in ("shapes", "dtypes")}
+    result.replace_all_uses_with(new_node, delete_user_cb=lambda user: user is not new_node)
+    replaced[result.name] = new_node
+    for node in reversed(site_nodes):
+        gm.graph.erase_node(node)
+
+
+def _new_module_name(gm: fx.GraphModule, first_path: str, match: Match, number: int) -> str:
+    parent = first_path.rpartition(".")[0]
+    stem = re.sub(r"\W", "_", match.rule.name)
+    name = f"{stem}_{number}"
+    while _has_attribute(gm, f"{parent}.{name}" if parent else name):
+        number += 1
+        name = f"{stem}_{number}"
+    return f"{parent}.{name}" if parent else name
+
+
+def _has_attribute(module: nn.Module, dotted: str) -> bool:
+    for part in dotted.split("."):
+        if not hasattr(module, part):
+            return False
+        module = getattr(module, part)
+    return True
+
+
+def _relative(path: str, region_path: str) -> str:
+    if not region_path:
+        return path
+    return path[len(region_path) + 1:] if path.startswith(region_path + ".") else ""
+
+
+def _install(model: nn.Module, path: str, new: nn.Module, *, carry_attributes: bool) -> nn.Module:
+    """Put ``new`` at ``path`` in ``model``; the root path replaces the whole model."""
+    if not path:
+        return new
+    parent_path, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_path)
+    old = parent.get_submodule(name)
+    if carry_attributes:
+        _carry_plain_attributes(old, new)
+    setattr(parent, name, new)
+    return model
+
+
+def _carry_plain_attributes(old: nn.Module, new: nn.Module) -> None:
+    """Copy the old module's own plain attributes (not weights, submodules or nn.Module internals) to ``new``."""
+    for name, value in vars(old).items():
+        if name.startswith("_") or name == "training" or name in vars(new):
+            continue
+        if isinstance(value, (nn.Module, torch.Tensor)):
+            continue
+        setattr(new, name, value)
+
+
+def _resolve(value, site: Site, match: Match):
+    """Turn a rule option's derivation (``{count = ...}`` / ``{fact = ...}``) into its value for this site."""
+    derive = getattr(value, "derive", None)
+    if derive is None:
+        return value
+    try:
+        return derive(site)
+    except (KeyError, ValueError) as error:
+        raise BuildError(f"{match.path}: rule '{match.rule.name}': {error}") from None
+
+
+def _replaced_module(model: nn.Module, path: str) -> nn.Module:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:  # a graph site named after an op in a forward, not after a module
+        return model
+
+
+def _meta_memo(model: nn.Module) -> dict[int, object]:
+    """A deepcopy memo that turns every tensor the model holds into an empty meta tensor of the same kind."""
+    memo: dict[int, object] = {}
+    for module in model.modules():
+        for value in vars(module).values():
+            tensors = value.values() if isinstance(value, dict) else [value]
+            for tensor in tensors:
+                if isinstance(tensor, torch.Tensor) and id(tensor) not in memo:
+                    memo[id(tensor)] = _meta_like(tensor)
+    return memo
+
+
+def _meta_like(tensor: torch.Tensor) -> torch.Tensor:
+    empty = torch.empty_like(tensor, device="meta")
+    if isinstance(tensor, nn.Parameter):
+        return nn.Parameter(empty, requires_grad=tensor.requires_grad)
+    return empty
+
+
+def check_outputs(original: nn.Module, rewritten: nn.Module, example_inputs: tuple) -> ShapeCheck:
+    """Run both models on the example inputs and compare output structure and shapes.
+
+    Sizes that depend on the data (detections left after NMS) cannot be compared between two models with
+    different weights; when the original needs real data to run, a tensor's leading size is left out.
+    """
+    before, data_dependent = _outputs(original, example_inputs)
+    after, _ = _outputs(rewritten, example_inputs)
+    before_leaves, before_spec = torch.utils._pytree.tree_flatten(before)
+    after_leaves, after_spec = torch.utils._pytree.tree_flatten(after)
+    if before_spec != after_spec:
+        return ShapeCheck(False, f"output structure changed: {before_spec} became {after_spec}")
+    for index, (old, new) in enumerate(zip(before_leaves, after_leaves)):
+        if not isinstance(old, torch.Tensor):
+            continue
+        old_shape, new_shape = tuple(old.shape), tuple(new.shape)
+        if data_dependent:
+            old_shape, new_shape = (len(old_shape), *old_shape[1:]), (len(new_shape), *new_shape[1:])
+        if old_shape != new_shape:
+            return ShapeCheck(False, f"output {index} has shape {tuple(new.shape)}, was {tuple(old.shape)}")
+    compared = "structure, ranks and trailing sizes" if data_dependent else "structure and shapes"
+    return ShapeCheck(True, f"{len(before_leaves)} output(s): {compared} unchanged")
+
+
+def _outputs(model: nn.Module, example_inputs: tuple) -> tuple[object, bool]:
+    """The model's outputs — on meta stand-ins when it runs there — and whether it needed real data."""
+    from rewrite.profiler import _attributes_restored
+
+    modules = dict(model.named_modules())
+    state = {name: torch.empty_like(t, device="meta") for name, t in model.state_dict(keep_vars=True).items()}
+    meta_inputs = torch.utils._pytree.tree_map_only(
+        torch.Tensor, lambda t: torch.empty_like(t, device="meta"), example_inputs
+    )
+    with torch.no_grad(), _attributes_restored(modules):
+        try:
+            return torch.func.functional_call(model, state, meta_inputs, strict=False), False
+        except Exception:
+            if any(t.is_meta for t in state.values()):
+                raise
+    buffers = {name: t.clone() for name, t in model.named_buffers()}  # train-mode statistics stay untouched
+    with torch.no_grad(), _attributes_restored(modules):
+        return torch.func.functional_call(model, buffers, example_inputs, strict=False), True

@@ -1,0 +1,630 @@
+"""Tracing that never gives up on a whole model.
+
+``torch.fx.symbolic_trace`` stops at the first line it cannot record: a data-dependent ``if``, a loop over a
+tensor, ``len()`` of a shape, a type check on an input. Real detectors are full of such lines (YOLO's
+``Detect``, torchvision's image lists, anchor generators and post-processing). :func:`trace` keeps the failing
+code as opaque calls, as small as possible, and still exposes every module around and below them.
+
+How a model is cut into graphs
+------------------------------
+1. The root's ``forward`` is traced with a ``torch.fx.Tracer`` whose ``concrete_args`` follow the example
+   inputs: tensors become placeholders, lists / tuples / dicts of tensors become that structure of
+   placeholders, and every other value (``None``, flags, sizes) is fixed to the value given. Arguments left
+   out keep their defaults, fixed too (so ``targets=None`` takes the inference branch).
+2. When tracing raises inside a submodule, the innermost module whose *own* ``forward`` raised becomes a leaf
+   (one ``call_module`` node) and the trace starts again. ``Leaf.reason`` keeps the error on one line.
+   Modules named in ``leaf_modules`` (by path or class) are leaves from the start, with reason ``"user"``;
+   ``torch.nn`` built-ins other than containers are leaves as in ``torch.fx`` (they are not listed in
+   ``Traced.leaves``).
+3. A module whose own ``forward`` cannot be traced is *opaque*: the root when its forward fails, or any
+   automatic leaf. Its inside stays visible: the opaque module runs once, eagerly, on its inputs (the example
+   inputs for the root; for a leaf, what it received when its region ran), while forward pre-hooks record
+   the inputs of the first call of every module below it. Each module it calls directly (a child, or one
+   held in its ``ModuleList``) is traced as its own :class:`Region` on those inputs, by these same rules, so
+   an opaque module found there is opened in turn. A ``torch.nn`` built-in or user leaf called directly by an
+   opaque module (e.g. the ``Conv2d`` layers of a YOLO ``Detect``) gets a one-node region,
+   ``output(module(*inputs))``, so its ``call_module`` node is still there to match. User leaves are never
+   opened, and a module that is never called gets no region.
+
+Every node carries ``module_path``, ``module_type``, ``module_stack``, ``module_call``, ``call_stack``,
+``shapes`` and ``dtypes`` in ``node.meta`` (see ``docs/design.md``). A call id is ``"{path}@{n}"``: the
+``n``-th call of the module at ``path`` (the root's call is ``"@0"``), so two calls of a shared module differ.
+
+Shapes are found by running each region on its inputs on the meta device: meta stand-ins for the parameters
+and buffers go in through ``torch.func.functional_call``, so no weight is copied. When some part of the model
+cannot run on meta (``nonzero``, NMS, ``.item()``), everything runs again on the real weights, with scratch
+copies of the buffers so that BatchNorm statistics stay untouched. The model is never modified: its
+attributes are restored after every trace and run, and no hook is left behind.
+
+>>> import torch
+>>> from torch import nn
+>>> class Gate(nn.Module):
+...     def forward(self, x):
+...         return x if x.sum() > 0 else -x  # data-dependent: fx cannot record this branch
+>>> model = nn.Sequential(nn.Conv2d(3, 8, 3), Gate(), nn.ReLU())
+>>> traced = trace(model, torch.randn(1, 3, 16, 16))
+>>> traced.leaves  # doctest: +ELLIPSIS
+[Leaf(path='1', type_name='Gate', reason='TraceError: symbolically traced variables cannot be used as ...')]
+>>> for node in traced.regions[0].graph_module.graph.nodes:
+...     print(node.op, repr(node.meta["module_path"]), node.meta["shapes"])
+placeholder '' ((1, 3, 16, 16),)
+call_module '0' ((1, 8, 14, 14),)
+call_module '1' ((1, 8, 14, 14),)
+call_module '2' ((1, 8, 14, 14),)
+output '' ((1, 8, 14, 14),)
+
+When the root's own forward is opaque, the modules it calls become the regions:
+
+>>> class Net(nn.Module):
+...     def __init__(self):
+...         super().__init__()
+...         self.body = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())
+...         self.head = nn.Conv2d(8, 2, 1)
+...     def forward(self, x):
+...         x = self.body(x)
+...         return self.head(x if x.mean() > 0 else -x)
+>>> traced = trace(Net(), torch.randn(1, 3, 16, 16))
+>>> [leaf.path for leaf in traced.leaves], [region.path for region in traced.regions]
+([''], ['body', 'head'])
+>>> [(node.op, node.meta["module_path"]) for node in traced.regions[1].graph_module.graph.nodes]
+[('placeholder', 'head'), ('call_module', 'head'), ('output', 'head')]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import itertools
+import os
+import warnings
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, NamedTuple
+
+import torch
+from torch import fx, nn
+from torch.utils import _pytree as pytree
+
+from rewrite.errors import TraceError
+
+__all__ = ["Leaf", "Region", "Traced", "trace"]
+
+_USER_REASON = "user"
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+_VARIADIC = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+# fx's own notion of a leaf (torch.nn built-ins except containers); the method only looks at the module.
+_FX_DEFAULTS = fx.Tracer()
+
+
+@dataclass(frozen=True)
+class Leaf:
+    """A module kept as one opaque ``call_module`` node."""
+
+    path: str  # module path from the model root ("" is the root itself)
+    type_name: str  # class name of that module, e.g. "Detect"
+    reason: str  # the fx error that made it a leaf, one line ("user" when the caller asked for it)
+
+
+@dataclass
+class Region:
+    """One traced graph: ``graph_module`` computes what the module at ``path`` computes.
+
+    It does so for inputs of the structure it was traced with (the same containers, and the same values for
+    the non-tensor inputs, which the trace fixed). The graph module shares its submodules with the model by
+    reference, and ``call_module`` targets are relative to it; ``node.meta["module_path"]`` holds the absolute
+    path. In a one-node region (a leaf called
+    by an opaque module) the target is the leaf's own attribute name.
+    """
+
+    path: str  # module path of the module this graph was traced from ("" = root)
+    graph_module: fx.GraphModule
+
+
+@dataclass
+class Traced:
+    """A model cut into traced regions and opaque leaves; see the module docstring for the rules."""
+
+    model: nn.Module
+    # The root's graph when the root traced, else one region per traced descendant; and in both cases, one
+    # region per module that an opaque module calls directly (breadth-first, each level in execution order).
+    regions: list[Region]
+    leaves: list[Leaf]  # modules kept as opaque calls, deepest possible, with the reason
+    example_inputs: tuple  # exactly as given (positional args)
+
+
+def trace(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    leaf_modules: Iterable[str | type[nn.Module]] = (),
+    propagate_shapes: bool = True,
+) -> Traced:
+    """Trace ``model`` on ``example_inputs`` (a tuple of positional args, or one tensor) into regions.
+
+    ``leaf_modules`` names modules to keep opaque, by path (``"model.24"``) or class. With
+    ``propagate_shapes=False`` nodes carry no ``shapes`` / ``dtypes``, and the model runs only as far as
+    opening opaque modules needs (so bad example inputs may then go unnoticed).
+
+    Raises ``TraceError`` when the example inputs do not run through the model.
+    """
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    if isinstance(leaf_modules, (str, type)):
+        leaf_modules = (leaf_modules,)
+    leaf_paths, leaf_types = _split_leaf_modules(model, leaf_modules)
+    failures: dict[str, str] = {}  # shared by both attempts, so the real-device one needs no retries
+    try:
+        return _Session(model, args, leaf_paths, leaf_types, failures, on_meta=True).build(propagate_shapes)
+    except _NotOnMeta as not_on_meta:
+        if _holds_meta_tensors(model, args):  # nothing real to fall back to
+            raise TraceError(
+                f"{type(model).__name__} does not run on the example inputs on the meta device:"
+                f" {_one_line(not_on_meta.cause)} (if an op has no meta kernel, trace on a real device)"
+            ) from not_on_meta.cause
+    return _Session(model, args, leaf_paths, leaf_types, failures, on_meta=False).build(propagate_shapes)
+
+
+class _Frame(NamedTuple):
+    """One module call on a call stack."""
+
+    path: str
+    type_name: str
+    call: str
+
+
+@dataclass
+class _Call:
+    """A module call to trace as a region, with the inputs it was (or will be) called with."""
+
+    path: str
+    module: nn.Module
+    args: tuple
+    kwargs: dict[str, Any]
+    stack: tuple[_Frame, ...]  # outermost call first, this call last
+
+
+class _NotOnMeta(Exception):
+    """A run on the meta device failed, because of ``cause``."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(cause)
+        self.cause = cause
+
+
+class _Session:
+    """One attempt at tracing a model, with every run on meta or every run on the real weights."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        args: tuple,
+        leaf_paths: frozenset[str],
+        leaf_types: tuple[type, ...],
+        failures: dict[str, str],
+        *,
+        on_meta: bool,
+    ) -> None:
+        self.model = model
+        self.args = args
+        self.leaf_paths = leaf_paths
+        self.leaf_types = leaf_types
+        self.failures = failures  # path -> reason, for modules whose own forward fx cannot trace
+        self.runner = _Runner(model, on_meta=on_meta)
+        self.calls: Counter[str] = Counter({"": 1})  # the root's call is "@0"
+        self.regions: list[Region] = []
+        self.leaves: dict[str, Leaf] = {}
+
+    def build(self, propagate_shapes: bool) -> Traced:
+        queue = deque([_Call("", self.model, self.args, {}, (_Frame("", type(self.model).__name__, "@0"),))])
+        visited: set[str] = set()
+        captured: dict[str, _Call] = {}  # first call of every module below an opened one, in execution order
+        while queue:
+            call = queue.popleft()
+            if call.path in visited:
+                continue
+            visited.add(call.path)
+            for opaque in self.visit(call, propagate_shapes):
+                if opaque.path not in captured:  # else an opened ancestor's run already recorded its subtree
+                    captured |= self.runner.capture_calls(opaque)
+                queue += [child for child in captured.values() if child.stack[-2].path == opaque.path]
+        return Traced(self.model, self.regions, list(self.leaves.values()), self.args)
+
+    def is_leaf(self, module: nn.Module, path: str) -> bool:
+        return (
+            path in self.failures
+            or self.is_user_leaf(module, path)
+            or _FX_DEFAULTS.is_leaf_module(module, path)
+        )
+
+    def is_user_leaf(self, module: nn.Module, path: str) -> bool:
+        return path in self.leaf_paths or isinstance(module, self.leaf_types)
+
+    def visit(self, call: _Call, propagate_shapes: bool) -> list[_Call]:
+        """Trace one call into a region, or find it opaque; return the calls of opaque modules to open.
+
+        The region runs on its inputs when shapes are wanted, or when opaque leaves in it are to be opened
+        (the run records their inputs).
+        """
+        bound = _bind(call.module, call.args, call.kwargs, model=self.model)
+        if call.path not in self.failures and self.is_leaf(call.module, call.path):
+            region = _one_node_region(call, bound)
+        else:
+            region = self.trace_region(call, bound)
+        if region is None:
+            self.leaves[call.path] = Leaf(call.path, type(call.module).__name__, self.failures[call.path])
+            return [call] if _has_children(call.module) else []
+        self.regions.append(region)
+        to_open = set()
+        for node in region.graph_module.graph.nodes:
+            path = node.meta["module_path"]
+            if node.op != "call_module" or path in self.leaves:
+                continue
+            module = region.graph_module.get_submodule(node.target)
+            if path in self.failures:
+                self.leaves[path] = Leaf(path, type(module).__name__, self.failures[path])
+                if _has_children(module):
+                    to_open.add(path)
+            elif self.is_user_leaf(module, path):
+                self.leaves[path] = Leaf(path, type(module).__name__, _USER_REASON)
+        if not (propagate_shapes or to_open):
+            return []
+        recorder = _RegionRun(region.graph_module, record_shapes=propagate_shapes, keep_calls_of=to_open)
+        self.runner.run(recorder, _positional(bound))
+        return list(recorder.kept_calls.values())
+
+    def trace_region(self, call: _Call, bound: inspect.BoundArguments) -> Region | None:
+        """Trace ``call.module``, making failing submodules leaves; None when its own forward fails."""
+        concrete_args = _concrete_args(bound)
+        while call.path not in self.failures:
+            tracer = _Tracer(self, call)
+            try:
+                with _unchanged(self.model), warnings.catch_warnings():
+                    # fx warns for each fixed input it cannot guard with an assert; fixing them is the point.
+                    warnings.filterwarnings("ignore", message="Was not able to add assertion")
+                    graph = tracer.trace(call.module, concrete_args)
+                    # Inside _unchanged: constants fx parks on the traced module must reach the graph module.
+                    graph_module = fx.GraphModule(tracer.root, graph, class_name=type(call.module).__name__)
+            except Exception as error:
+                culprit = tracer.raised_in(error)
+                # A leaf cannot raise again; should it seem to, blame the region so that the loop ends.
+                self.failures[call.path if culprit in self.failures else culprit] = _one_line(error)
+                continue
+            self.calls = tracer.calls
+            return Region(call.path, graph_module)
+        return None
+
+
+class _Tracer(fx.Tracer):
+    """An fx tracer for one region that tracks module calls: for node metadata and to blame failures."""
+
+    def __init__(self, session: _Session, call: _Call) -> None:
+        super().__init__()
+        self.session = session
+        self.region_path = call.path
+        self.stack = list(call.stack)
+        self.calls = Counter(session.calls)  # handed back to the session only when this trace succeeds
+        self._raised_in: dict[int, tuple[BaseException, str]] = {}
+
+    def raised_in(self, error: BaseException) -> str:
+        """Path of the innermost traced-through module whose own code raised ``error`` (else the region)."""
+        raised, path = self._raised_in.get(id(error), (None, self.region_path))
+        return path if raised is error else self.region_path
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return self.session.is_leaf(m, _join(self.region_path, module_qualified_name))
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
+        relative_path = self.path_of_module(m)
+        path = _join(self.region_path, relative_path)
+        self.stack.append(_Frame(path, type(m).__name__, f"{path}@{self.calls[path]}"))
+        self.calls[path] += 1
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception as error:
+            # The innermost frame sees the error first; a leaf's code never ran, so blame its caller.
+            if not self.is_leaf_module(m, relative_path):
+                self._raised_in.setdefault(id(error), (error, path))
+            raise
+        finally:
+            self.stack.pop()
+
+    def create_node(self, *args: Any, **kwargs: Any) -> fx.Node:
+        node = super().create_node(*args, **kwargs)
+        _annotate(node, self.stack)
+        return node
+
+
+def _annotate(node: fx.Node, stack: list[_Frame] | tuple[_Frame, ...]) -> None:
+    innermost = stack[-1]
+    node.meta["module_path"] = innermost.path
+    node.meta["module_type"] = innermost.type_name
+    node.meta["module_stack"] = tuple((frame.path, frame.type_name) for frame in stack)
+    node.meta["module_call"] = innermost.call
+    node.meta["call_stack"] = tuple(frame.call for frame in stack)
+
+
+def _one_node_region(call: _Call, bound: inspect.BoundArguments) -> Region:
+    """A region whose graph calls a leaf module once: ``output(module(*inputs))``, keeping its defaults."""
+    name = call.path.rpartition(".")[2] or "module"
+    graph = fx.Graph()
+    parameters = bound.signature.parameters
+    named = [p for p in parameters.values() if p.kind not in _VARIADIC]
+    variadic_values = any(bound.arguments[p.name] for p in parameters.values() if p.kind in _VARIADIC)
+    # Generated code cannot give a default to an argument followed by one without; keep the trailing run.
+    without_default = [i for i, p in enumerate(named) if p.default is inspect.Parameter.empty]
+    first_default = len(named) if variadic_values else without_default[-1] + 1 if without_default else 0
+    args, kwargs = [], {}
+    for i, parameter in enumerate(named):
+        default = parameter.default if i >= first_default else inspect.Parameter.empty
+        placeholder = graph.placeholder(parameter.name, default_value=default)
+        if parameter.kind == inspect.Parameter.KEYWORD_ONLY:
+            kwargs[parameter.name] = placeholder
+        else:
+            args.append(placeholder)
+    # Variadic inputs get one placeholder per value of the recorded call, in the order _positional lists them.
+    for parameter in parameters.values():
+        value = bound.arguments[parameter.name]
+        if parameter.kind == inspect.Parameter.VAR_POSITIONAL:
+            args += [graph.placeholder(f"{parameter.name}_{i}") for i in range(len(value))]
+        elif parameter.kind == inspect.Parameter.VAR_KEYWORD:
+            kwargs.update({key: graph.placeholder(key) for key in value})
+    graph.output(graph.call_module(name, tuple(args), kwargs))
+    for node in graph.nodes:
+        _annotate(node, call.stack)
+    return Region(
+        call.path, fx.GraphModule({name: call.module}, graph, class_name=type(call.module).__name__)
+    )
+
+
+class _Runner:
+    """Runs the model, or a region's graph, on meta stand-ins for the weights or on the real weights.
+
+    On meta, every parameter and buffer is swapped for a meta tensor of its shape (``functional_call``), and
+    tensor inputs are moved to meta. On the real device, only the buffers are swapped, for scratch copies, so
+    that BatchNorm statistics and counters stay as they were.
+    """
+
+    def __init__(self, model: nn.Module, *, on_meta: bool) -> None:
+        self.model = model
+        self.on_meta = on_meta
+        self.paths = {module: path for path, module in model.named_modules()}
+        parameters = [t for _, t in model.named_parameters(remove_duplicate=False)]
+        buffers = [t for _, t in model.named_buffers(remove_duplicate=False)]
+        if on_meta:
+            self.stand_ins = {id(t): torch.empty_like(t, device="meta") for t in parameters + buffers}
+        else:
+            self.stand_ins = {id(t): t.clone() for t in buffers}
+        cuda = {t.device for t in parameters + buffers if t.is_cuda}
+        self.cuda_devices = sorted(device.index or 0 for device in cuda)
+
+    def run(self, module: nn.Module, args: Iterable[Any], kwargs: dict[str, Any] | None = None) -> Any:
+        state = {
+            name: self.stand_ins[id(t)]
+            for name, t in itertools.chain(
+                module.named_parameters(remove_duplicate=False), module.named_buffers(remove_duplicate=False)
+            )
+            if id(t) in self.stand_ins
+        }
+        args, kwargs = self.prepared(tuple(args)), self.prepared(kwargs or {})
+        try:
+            with _unchanged(self.model), torch.no_grad(), torch.random.fork_rng(devices=self.cuda_devices):
+                return torch.func.functional_call(module, state, args, kwargs)
+        except Exception as error:
+            if self.on_meta:
+                raise _NotOnMeta(error) from error
+            raise TraceError(
+                f"{type(self.model).__name__} does not run on the example inputs: {_one_line(error)}"
+            ) from error
+
+    def prepared(self, value: Any) -> Any:
+        if not self.on_meta:
+            return value
+        return pytree.tree_map_only(torch.Tensor, lambda t: torch.empty_like(t, device="meta"), value)
+
+    def capture_calls(self, opened: _Call) -> dict[str, _Call]:
+        """Run an opened module alone; return the first call of every module it calls, at any depth."""
+        stack = list(opened.stack[:-1])
+        calls: Counter[str] = Counter()
+        captured: dict[str, _Call] = {}
+
+        def before(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+            if module is opened.module:
+                stack.append(opened.stack[-1])
+                return
+            path = self.paths[module]
+            frame = _Frame(path, type(module).__name__, f"{path}@{calls[path]}")
+            calls[path] += 1
+            if path not in captured:
+                # Fresh containers: the callee may overwrite items of its input list (YOLO's Detect does).
+                args, kwargs = pytree.tree_map(lambda value: value, (args, kwargs))
+                captured[path] = _Call(path, module, args, kwargs, (*stack, frame))
+            stack.append(frame)
+
+        def after(module: nn.Module, args: tuple, output: Any) -> None:
+            stack.pop()
+
+        handles = []
+        try:
+            for module in opened.module.modules():
+                handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
+                handles.append(module.register_forward_hook(after, always_call=True))
+            self.run(opened.module, opened.args, opened.kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return captured
+
+
+class _RegionRun(nn.Module):
+    """Runs a region's graph node by node (an fx Interpreter, wrapped as a module for ``functional_call``).
+
+    Writes each node's output shapes and dtypes into its meta when ``record_shapes``, and keeps the first call
+    (inputs and call stack) of each leaf whose path is in ``keep_calls_of``, for opening it.
+    """
+
+    def __init__(self, graph_module: fx.GraphModule, *, record_shapes: bool, keep_calls_of: set[str]) -> None:
+        super().__init__()
+        self.graph_module = graph_module
+        self.record_shapes = record_shapes
+        self.keep_calls_of = keep_calls_of
+        self.kept_calls: dict[str, _Call] = {}
+
+    def forward(self, *args: Any) -> Any:
+        return _RecordingInterpreter(self).run(*args)
+
+
+class _RecordingInterpreter(fx.Interpreter):
+    def __init__(self, run: _RegionRun) -> None:
+        super().__init__(run.graph_module)
+        self.region_run = run
+
+    def fetch_args_kwargs_from_env(self, n: fx.Node) -> tuple[tuple, dict[str, Any]]:
+        # fx hands over immutable lists; modules writing into their input list (YOLO's Detect) need lists.
+        args, kwargs = super().fetch_args_kwargs_from_env(n)
+        args, kwargs = _mutable(args), _mutable(kwargs)
+        path, kept = n.meta["module_path"], self.region_run.kept_calls
+        if n.op == "call_module" and path in self.region_run.keep_calls_of and path not in kept:
+            frames = zip(n.meta["module_stack"], n.meta["call_stack"], strict=True)
+            stack = tuple(_Frame(outer, type_name, call) for (outer, type_name), call in frames)
+            kept[path] = _Call(path, self.fetch_attr(n.target), *_mutable((args, kwargs)), stack)
+        return args, kwargs
+
+    def run_node(self, n: fx.Node) -> Any:
+        value = super().run_node(n)
+        if self.region_run.record_shapes:
+            tensors = [leaf for leaf in pytree.tree_leaves(value) if isinstance(leaf, torch.Tensor)]
+            n.meta["shapes"] = tuple(tuple(t.shape) for t in tensors)
+            n.meta["dtypes"] = tuple(t.dtype for t in tensors)
+        return value
+
+
+def _mutable(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        items = [_mutable(item) for item in value]
+        return tuple(items) if isinstance(value, tuple) else items
+    if isinstance(value, dict):
+        return {key: _mutable(item) for key, item in value.items()}
+    return value
+
+
+@contextlib.contextmanager
+def _unchanged(model: nn.Module) -> Iterator[None]:
+    """Undo what a forward or a trace does to the modules' attributes.
+
+    Models cache into their modules while running (YOLO's ``Detect`` stores grids in a list attribute), and fx
+    parks constants on the traced module. Attribute bindings are restored, and so are the items of attributes
+    that are lists or dicts (which also covers parameters, buffers, submodules and hooks).
+    """
+    saved = []
+    for module in model.modules():
+        attributes = module.__dict__
+        # Most containers (the hook dicts) are empty: note those as None, to be cleared, rather than copied.
+        containers = [
+            (value, value.copy() if value else None)
+            for value in attributes.values()
+            if isinstance(value, (list, dict))
+        ]
+        saved.append((attributes, attributes.copy(), containers))
+    try:
+        yield
+    finally:
+        for attributes, bindings, containers in saved:
+            attributes.clear()
+            attributes.update(bindings)
+            for container, items in containers:
+                if items is None:
+                    container.clear()
+                elif isinstance(container, list):
+                    container[:] = items
+                else:
+                    container.clear()
+                    container.update(items)
+
+
+def _bind(
+    module: nn.Module, args: tuple, kwargs: dict[str, Any], *, model: nn.Module
+) -> inspect.BoundArguments:
+    try:
+        bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    except TypeError as error:
+        raise TraceError(
+            f"{type(model).__name__} does not run on the example inputs:"
+            f" {type(module).__name__}.forward {error}"
+        ) from error
+    bound.apply_defaults()
+    return bound
+
+
+def _concrete_args(bound: inspect.BoundArguments) -> dict[str, Any]:
+    """fx ``concrete_args``: tensors nested in containers become ``fx.PH``; non-tensor values stay fixed.
+
+    Top-level tensors are left out, so that fx gives their placeholders the parameter's own name.
+    """
+    concrete = {}
+    for name, value in bound.arguments.items():
+        if bound.signature.parameters[name].kind in _VARIADIC or isinstance(value, torch.Tensor):
+            continue
+        concrete[name] = pytree.tree_map_only(torch.Tensor, lambda _: fx.PH, value)
+    return concrete
+
+
+def _positional(bound: inspect.BoundArguments) -> list[Any]:
+    """The inputs in the order of a region graph's placeholders: named ones, then ``*args``, ``**kwargs``."""
+    named, star, double_star = [], [], []
+    for name, value in bound.arguments.items():
+        kind = bound.signature.parameters[name].kind
+        if kind == inspect.Parameter.VAR_POSITIONAL:
+            star = list(value)
+        elif kind == inspect.Parameter.VAR_KEYWORD:
+            double_star = list(value.values())
+        else:
+            named.append(value)
+    return named + star + double_star
+
+
+def _split_leaf_modules(
+    model: nn.Module, leaf_modules: Iterable[str | type[nn.Module]]
+) -> tuple[frozenset[str], tuple[type, ...]]:
+    paths = {spec for spec in leaf_modules if isinstance(spec, str)}
+    types = tuple(spec for spec in leaf_modules if isinstance(spec, type))
+    unknown = sorted(paths - {path for path, _ in model.named_modules()})
+    if unknown:
+        raise TraceError(
+            f"leaf_modules names {unknown[0]!r}, which is not a module path of {type(model).__name__}"
+        )
+    return frozenset(paths), types
+
+
+def _has_children(module: nn.Module) -> bool:
+    return next(module.children(), None) is not None
+
+
+def _holds_meta_tensors(model: nn.Module, args: tuple) -> bool:
+    tensors = itertools.chain(model.parameters(), model.buffers(), pytree.tree_leaves(args))
+    return any(isinstance(t, torch.Tensor) and t.is_meta for t in tensors)
+
+
+def _join(prefix: str, path: str) -> str:
+    return f"{prefix}.{path}" if prefix and path else prefix or path
+
+
+def _one_line(error: BaseException) -> str:
+    """``Type: first sentence of the message (file:line)``, the line being the innermost one outside torch."""
+    lines = str(error).strip().splitlines()
+    message = lines[0].split(". ")[0].rstrip(".") if lines else ""
+    if len(message) > 160:
+        message = message[:157] + "..."
+    places = [
+        (filename, line)
+        for filename, line in _walk_traceback(error.__traceback__)
+        if not os.path.abspath(filename).startswith(_TORCH_DIR) and filename != __file__
+    ]
+    where = f" ({os.path.basename(places[-1][0])}:{places[-1][1]})" if places else ""
+    return f"{type(error).__name__}: {message}{where}" if message else f"{type(error).__name__}{where}"
+
+
+def _walk_traceback(traceback: TracebackType | None) -> Iterator[tuple[str, int]]:
+    while traceback is not None:
+        yield traceback.tb_frame.f_code.co_filename, traceback.tb_lineno
+        traceback = traceback.tb_next

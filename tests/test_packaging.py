@@ -1,0 +1,33 @@
+"""The repository's promises about itself: README commands, CI, shipped rule sets."""
+
+import re
+from importlib import resources
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    return re.findall(r"```(?:bash|sh)\n(.+?)\n```", text, flags=re.S)
+
+
+def test_readme_opens_with_two_commands_and_ci_runs_the_second():
+    main_job, tests = readme_commands()[:2]
+    assert "rewrite plan yolov5l --rules slim-neck" in main_job
+    assert "pytest" in tests
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert tests.strip() in ci
+
+
+def test_both_commands_pin_torch_through_the_constraints_file():
+    constraints = (ROOT / "constraints.txt").read_text()
+    assert re.search(r"^torch==\S+$", constraints, flags=re.M)
+    assert re.search(r"^torchvision==\S+$", constraints, flags=re.M)
+    for command in readme_commands()[:2]:
+        assert "-c constraints.txt" in command
+
+
+def test_rule_sets_ship_inside_the_package():
+    shipped = {entry.name for entry in resources.files("rewrite.rulesets").iterdir()}
+    assert {"slim-neck.toml", "gsconv-only.toml"} <= shipped

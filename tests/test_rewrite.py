@@ -1,0 +1,177 @@
+"""plan() / apply(): matching semantics, module swaps and graph rewrites, all-or-nothing, shape checks."""
+
+import warnings
+
+import pytest
+import torch
+from torch import fx, nn
+
+import rewrite
+from rewrite.builders import register_builder
+from rewrite.errors import BuildError, NoMatchError, NoMatchWarning, ScopeError
+from rewrite.rules import parse_rules
+from tests.models import TinyYolo
+
+CONV_RULE = """
+[ruleset]
+name = "convs"
+[[rule]]
+name = "conv-to-gsconv"
+match.chain = ["Conv2d", "BatchNorm2d?", "activation?"]
+where.groups = 1
+where.same_size = true
+where.out_channels = { multiple_of = 2 }
+replace.builder = "GSConv"
+"""
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_untouched(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+class ThreeAttributes(nn.Module):
+    """conv → bn → act called one after another in the root's own forward, then a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(16)
+        self.act = nn.ReLU()
+        self.head = nn.Conv2d(16, 5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.act(self.bn(self.conv(x)))) * 2
+
+    def describe(self) -> str:
+        return "three attributes"
+
+
+def test_chain_in_a_users_forward_is_rewritten_in_the_graph():
+    model = ThreeAttributes().eval()
+    x = torch.rand(2, 3, 16, 16)
+    before = snapshot(model)
+    plan = rewrite.plan(model, parse_rules(CONV_RULE), x, scope="conv,bn,act")
+
+    assert [(s.path, s.kind, s.before, s.after) for s in plan.sites] == [
+        ("conv", "graph", "Conv2d(3→16, k3, s1)", "GSConv(3→16, k3, s1)")
+    ]
+    new = plan.apply()
+    assert isinstance(new, fx.GraphModule)  # documented: a root-level graph rewrite gives a GraphModule
+    assert new(x).shape == model(x).shape
+    assert not any(isinstance(m, nn.BatchNorm2d) and m is model.bn for m in new.modules())
+    assert_untouched(model, before)
+    assert model.describe() == "three attributes"
+
+
+def test_back_to_back_matches_and_the_scope():
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.SiLU(),
+        nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8), nn.SiLU(),
+        nn.Conv2d(8, 6, 1),
+    ).eval()
+    plan = rewrite.plan(model, parse_rules(CONV_RULE), torch.rand(1, 3, 12, 12))
+    # The second chain starts right where the first ends; the last conv has no norm or activation.
+    assert [s.path for s in plan.sites] == ["0", "3", "6"]
+    scoped = rewrite.plan(model, parse_rules(CONV_RULE), torch.rand(1, 3, 12, 12), scope="3,4,5")
+    assert [s.path for s in scoped.sites] == ["3"]
+
+
+def test_where_rejections_are_kept_with_their_reason():
+    model = TinyYolo().eval()
+    # Detect's 1x1 output convs give 3 anchors x (nc + 5) = 24 channels, which a multiple of 16 turns down.
+    strict_rules = parse_rules(CONV_RULE.replace("multiple_of = 2", "multiple_of = 16"))
+    plan = rewrite.plan(model, strict_rules, torch.rand(1, 3, 64, 64), scope="head")
+    rejected = {r.path: r.reason for r in plan.rejected}
+    assert rejected["model.15.m.0"] == "out_channels 24 is not a multiple of 16"
+    assert not plan.sites
+
+
+def test_a_rule_that_matches_nothing_warns_or_fails_when_strict():
+    rules = parse_rules(CONV_RULE + """
+[[rule]]
+name = "no-such-block"
+match.module = "BottleneckCSP"
+replace.builder = "VoVGSCSP"
+""")
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()).eval()
+    with pytest.warns(NoMatchWarning, match="rule 'no-such-block' matched nothing"):
+        plan = rewrite.plan(model, rules, torch.rand(1, 3, 8, 8))
+    assert any("no-such-block" in w for w in plan.warnings)
+    with pytest.raises(NoMatchError, match="rule 'no-such-block' matched nothing"):
+        rewrite.plan(model, rules, torch.rand(1, 3, 8, 8), strict=True)
+
+
+def test_a_scope_that_matches_nothing_is_an_error():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()).eval()
+    with pytest.raises(ScopeError):
+        rewrite.plan(model, parse_rules(CONV_RULE), torch.rand(1, 3, 8, 8), scope="model.99")
+
+
+def test_a_failing_build_leaves_the_model_untouched():
+    calls = []
+
+    @register_builder("FailsSecondTime", override=True)
+    def fails_second_time(site):
+        calls.append(site.path)
+        if len(calls) > 1:
+            raise ValueError("no more")
+        return nn.Conv2d(site.in_channels, site.out_channels, 1, site.stride)
+
+    rules = parse_rules(CONV_RULE.replace('"GSConv"', '"FailsSecondTime"'))
+    model = TinyYolo().eval()
+    before = snapshot(model)
+    layer_types = [type(m) for m in model.modules()]
+    with pytest.raises(BuildError, match="no more") as error:
+        rewrite.plan(model, rules, torch.rand(1, 3, 64, 64), scope="neck")
+    assert "\n" not in str(error.value)
+    assert_untouched(model, before)
+    assert [type(m) for m in model.modules()] == layer_types
+
+
+def test_a_block_of_the_wrong_shape_is_named_by_its_site():
+    @register_builder("WrongChannels", override=True)
+    def wrong_channels(site):
+        return nn.Conv2d(site.in_channels, site.out_channels + 2, 1, site.stride)
+
+    rules = parse_rules(CONV_RULE.replace('"GSConv"', '"WrongChannels"'))
+    model = TinyYolo().eval()
+    with pytest.raises(rewrite.ShapeCheckError, match=r"model\.8: rule 'conv-to-gsconv'"):
+        rewrite.plan(model, rules, torch.rand(1, 3, 64, 64), scope="neck")
+
+
+def test_new_blocks_take_the_mode_device_and_dtype_of_what_they_replace():
+    model = TinyYolo().double().train()
+    new = rewrite.apply(model, "slim-neck", torch.rand(2, 3, 64, 64, dtype=torch.float64))
+    assert all(m.training for m in new.modules())
+    assert {p.dtype for p in new.parameters()} == {torch.float64}
+
+
+def test_the_slim_neck_rule_set_works_on_a_yolo_style_model_from_another_package():
+    torch.manual_seed(0)
+    model = TinyYolo().eval()
+    x = torch.rand(1, 3, 64, 64)
+    before = snapshot(model)
+    plan = rewrite.plan(model, "slim-neck", x)
+
+    assert [(s.path, s.after.split("(")[0]) for s in plan.sites] == [
+        ("model.8", "GSConv"), ("model.11", "VoVGSCSP"), ("model.12", "GSConv"), ("model.14", "VoVGSCSP"),
+    ]
+    assert plan.params.after < plan.params.before and plan.flops.after < plan.flops.before
+    assert plan.shape_check.passed
+    assert {leaf.type_name for leaf in plan.leaves} == {"Detect"}
+
+    new = plan.apply()
+    assert_untouched(model, before)
+    assert type(new) is TinyYolo and new.model[8].f == -1 and new.model[11].i == 11
+    eval_out = new(x)
+    assert eval_out[0].shape == model(x)[0].shape
+    new.train()
+    raw = new(x)
+    sum(r.float().mean() for r in raw).backward()
+    assert all(p.grad is not None for p in new.model[11].parameters())
