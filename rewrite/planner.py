@@ -169,6 +169,12 @@ def plan(
     say("measuring the original")
     before = profile(model, inputs, stages=stages)
     on_meta = not before.needed_real_data
+    if not on_meta:
+        parts = ", ".join(leaf.path or "(root)" for leaf in before.needed_real_data)
+        messages.append(
+            f"{parts} needed real data: the work after it depends on what the model finds in these inputs, so "
+            "the rewritten copy (other weights) may do more or less of it; the per-site figures are exact"
+        )
     device = torch.device("meta") if on_meta else None
 
     say(f"building {len(found.matches)} site(s)")

@@ -263,7 +263,7 @@ def _outputs(model: nn.Module, example_inputs: tuple) -> tuple[object, bool]:
         try:
             return torch.func.functional_call(model, state, meta_inputs, strict=False), False
         except Exception:
-            if any(t.is_meta for t in state.values()):
+            if any(t.is_meta for t in model.state_dict().values()):
                 raise
     buffers = {name: t.clone() for name, t in model.named_buffers()}  # train-mode statistics stay untouched
     with torch.no_grad(), _attributes_restored(modules):
