@@ -353,7 +353,9 @@ def _run_plan(args: argparse.Namespace) -> int:
     # Also on stderr: the CI log says why the step failed even when the report went to a file.
     for gate in failed:
         print(f"rewrite: gate failed: --{gate.gate}: {gate.detail}", file=sys.stderr)
-    return 1 if failed else 0
+    if not result.shape_check.passed:
+        print(f"rewrite: shape check failed: {result.shape_check.detail}", file=sys.stderr)
+    return 1 if failed or not result.shape_check.passed else 0
 
 
 def _run_apply(args: argparse.Namespace) -> int:

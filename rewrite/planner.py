@@ -87,6 +87,7 @@ class Plan:
     stages: dict[str, StageChange]
     shape_check: ShapeCheck
     needed_real_data: list = field(default_factory=list)  # rewrite.tracer.Leaf
+    unmatched_rules: list[str] = field(default_factory=list)  # rules whose match caught nothing in scope
     _prepared: _Prepared | None = field(default=None, repr=False, compare=False)
 
     def apply(self) -> nn.Module:
@@ -208,6 +209,7 @@ def plan(
         },
         shape_check=check,
         needed_real_data=list(before.needed_real_data),
+        unmatched_rules=list(found.unmatched_rules),
         _prepared=_Prepared(model, traced, found.matches, inputs),
     )
 

@@ -68,8 +68,8 @@ class GateResult:
 
     @property
     def detail(self) -> str:
-        if self.unit == "sites":  # pass or fail, the count says it all: "1 site to spare" would read oddly
-            return f"{_sites(self.measured)} rewritten"
+        if self.unit == "rules":  # pass or fail, the count says it all: "1 rule to spare" would read oddly
+            return f"{self.measured} rule{'' if self.measured == 1 else 's'} matched nothing"
         amount = _gate_amount(abs(self.margin), self.unit)
         return f"{amount} to spare" if self.passed else f"missed by {amount}"
 
@@ -86,11 +86,11 @@ def check_gates(
     """The gates that were asked for, in this order, checked against the figures *after* the rewrite.
 
     Reductions are percentages of the "before" figure (``14.2`` means 14.2 % fewer); ``fail_on_no_match`` asks
-    for at least one rewritten site.
+    that every rule match something in scope (so a rule set that rewrites nothing fails too).
     """
     gates = []
     if fail_on_no_match:
-        gates.append(GateResult("fail-on-no-match", "min", 1, len(plan.sites), "sites"))
+        gates.append(GateResult("fail-on-no-match", "max", 0, len(plan.unmatched_rules), "rules"))
     if max_params is not None:
         gates.append(GateResult("max-params", "max", max_params, plan.params.after, "params"))
     if max_flops is not None:
@@ -113,13 +113,9 @@ def _gate_amount(value: float, unit: str) -> str:
 def _gate_value(value: float, unit: str) -> str:
     if unit == "%":
         return f"{value:.2f}%"
-    if unit == "sites":
-        return _sites(value)
+    if unit == "rules":
+        return f"{value:,.0f} rule" + ("" if value == 1 else "s")
     return f"{value:,.0f} ({_si(value)})"
-
-
-def _sites(count: float) -> str:
-    return f"{count:,.0f} site" + ("" if count == 1 else "s")
 
 
 # Entry points

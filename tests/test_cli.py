@@ -104,12 +104,12 @@ def test_plan_json_to_a_file_with_every_gate_failing(tmp_path):
 
 
 def test_fail_on_no_match_fails_when_the_scope_leaves_nothing_to_rewrite(tmp_path):
-    # The head's 1x1 convs give 255 channels, which GSConv cannot split in half: rejected, not rewritten.
+    # No CSP block in the head, and its 1x1 convs give 255 channels, which GSConv cannot halve: nothing rewritten.
     result = rewrite(
         f"plan yolov5n --rules slim-neck --scope head {SMALL} --fail-on-no-match --format markdown", tmp_path
     )
     assert result.returncode == 1
-    assert "rewrite: gate failed: --fail-on-no-match: 0 sites rewritten" in result.stderr
+    assert "rewrite: gate failed: --fail-on-no-match: 1 rule matched nothing" in result.stderr
     assert "### Rewritten sites (0)" in result.stdout
     assert "| --fail-on-no-match |" in result.stdout and "| FAIL " in result.stdout
 

@@ -188,10 +188,10 @@ def test_gates_say_which_missed_and_by_how_much():
     assert "FAILED: max-flops, min-flops-reduction" in text
     assert re.search(r"--max-flops\s+≤ 90,000,000,000 \(90.00 G\)\s+96,927,744,000 \(96.93 G\)\s+FAIL", text)
 
-    nothing = slim_neck_l(sites=[])
-    no_match = GateResult("fail-on-no-match", "min", 1, 0, "sites")
+    nothing = slim_neck_l(sites=[], unmatched_rules=["csp-to-vovgscsp", "conv-to-gsconv"])
+    no_match = GateResult("fail-on-no-match", "max", 0, 2, "rules")
     assert check_gates(nothing, fail_on_no_match=True) == [no_match]
-    assert check_gates(nothing, fail_on_no_match=True)[0].detail == "0 sites rewritten"
+    assert check_gates(nothing, fail_on_no_match=True)[0].detail == "2 rules matched nothing"
     assert check_gates(nothing) == []
 
 

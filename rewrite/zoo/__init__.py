@@ -16,6 +16,7 @@ True
 from __future__ import annotations
 
 import difflib
+import inspect
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -47,7 +48,7 @@ def list_models() -> list[str]:
 def create_model(name: str, **kwargs: object) -> nn.Module:
     """Build the model registered as ``name``, passing ``kwargs`` to its builder.
 
-    An unknown name raises :class:`~rewrite.errors.ModelSpecError` naming the closest registered names.
+    An unknown name, or an argument the builder does not take, raises :class:`~rewrite.errors.ModelSpecError`.
     """
     try:
         builder = _BUILDERS[name]
@@ -55,6 +56,12 @@ def create_model(name: str, **kwargs: object) -> nn.Module:
         close = difflib.get_close_matches(name, _BUILDERS, n=3)
         hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
         raise ModelSpecError(f"unknown model {name!r}; {hint}available: {', '.join(list_models())}") from None
+    accepted = inspect.signature(builder).parameters
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise ModelSpecError(
+            f"model {name!r} takes no argument {unknown[0]!r}; it takes: {', '.join(accepted) or 'none'}"
+        )
     return builder(**kwargs)
 
 
