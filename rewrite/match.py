@@ -166,6 +166,13 @@ class _CallIndex:
                 self.type_of_call[call] = type_name
                 calls_per_path.setdefault(path, set()).add(call)
         self.calls_per_path = {path: len(calls) for path, calls in calls_per_path.items()}
+        self.size_of_call = {
+            call: sum(graph.nodes[key]["op"] not in _STRUCTURAL_OPS for key in nodes)
+            for call, nodes in self.nodes_of_call.items()
+        }
+
+    def computing_nodes(self, graph: nx.DiGraph, call: object) -> list[str]:
+        return [key for key in self.nodes_of_call[call] if graph.nodes[key]["op"] not in _STRUCTURAL_OPS]
 
 
 def _candidates(graph: nx.DiGraph, calls: _CallIndex, rule: Rule) -> Iterator[_Candidate]:
@@ -231,11 +238,15 @@ def _covering(graph: nx.DiGraph, calls: _CallIndex, nodes: tuple[str, ...]) -> _
         else:
             break
     wanted = set(nodes)
-    for call in common:  # outermost first
-        made = {key for key in calls.nodes_of_call[call] if graph.nodes[key]["op"] not in _STRUCTURAL_OPS}
-        if made == wanted:
-            return _Candidate(nodes, call, calls.path_of_call[call])
-    return _Candidate(nodes, None, None)
+    covering = None
+    for call in reversed(common):  # innermost first; an enclosing call holds at least its inner call's nodes
+        if calls.size_of_call[call] > len(wanted):
+            break
+        if set(calls.computing_nodes(graph, call)) == wanted:
+            covering = call
+    if covering is None:
+        return _Candidate(nodes, None, None)
+    return _Candidate(nodes, covering, calls.path_of_call[covering])
 
 
 def _swappable(calls: _CallIndex, candidate: _Candidate) -> bool:
