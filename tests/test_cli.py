@@ -208,8 +208,9 @@ def test_apply_writes_the_state_dict_and_the_plan(tmp_path):
     assert plan["totals"]["params"]["after"] == 1_669_693 and plan["device"] == "meta"
 
 
-def test_slim_neck_yolov5l_on_meta_reproduces_the_reference_figures(tmp_path):
-    result = rewrite("plan yolov5l --rules slim-neck --format json --device meta", tmp_path)
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_slim_neck_yolov5l_reproduces_the_reference_figures(tmp_path, device):
+    result = rewrite(f"plan yolov5l --rules slim-neck --format json --device {device}", tmp_path)
     assert result.returncode == 0, result.stderr
     totals = json.loads(result.stdout)["totals"]
     assert (totals["params"]["before"], totals["params"]["after"]) == (46_563_709, 39_958_781)
