@@ -32,7 +32,7 @@ from rewrite.errors import (
 from rewrite.graph import resolve_scope, resolve_stages, to_networkx
 from rewrite.planner import Plan, apply, plan
 from rewrite.profiler import Cost, Profile, profile
-from rewrite.report import render
+from rewrite.report import render, render_profile
 from rewrite.rules import RuleSet, builtin_rule_sets, load_rules, parse_rules
 from rewrite.tracer import Leaf, Traced, trace
 
@@ -42,5 +42,5 @@ __all__ = [
     "BuildError", "Cost", "GSBottleneck", "GSConv", "InputSpecError", "Leaf", "ModelSpecError", "NoMatchError",
     "NoMatchWarning", "Plan", "Profile", "RewriteError", "RuleError", "RuleSet", "ScopeError", "ShapeCheckError",
     "Site", "TraceError", "Traced", "VoVGSCSP", "apply", "builtin_rule_sets", "load_rules", "parse_rules", "plan",
-    "profile", "register_builder", "render", "resolve_scope", "resolve_stages", "to_networkx", "trace",
+    "profile", "register_builder", "render", "render_profile", "resolve_scope", "resolve_stages", "to_networkx", "trace",
 ]

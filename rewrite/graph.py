@@ -22,7 +22,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from rewrite.errors import ScopeError, TraceError
-from rewrite.tracer import Traced, trace
+from rewrite.tracer import Traced, join_path, path_and_ancestors, trace
 
 __all__ = ["STAGES", "Scope", "StageMap", "resolve_scope", "resolve_stages", "to_networkx"]
 
@@ -55,13 +55,10 @@ class StageMap:
     explanation: str = ""
 
     def stage_of(self, path: str) -> str | None:
-        probe = path
-        while True:
+        for probe in path_and_ancestors(path):
             if probe in self.prefixes:
                 return self.prefixes[probe]
-            if not probe:
-                return None
-            probe = probe.rpartition(".")[0]
+        return None
 
 
 # --- the networkx view -------------------------------------------------------------------------------------
@@ -169,7 +166,7 @@ def _stages_from_config(model: nn.Module) -> StageMap | None:
         n_backbone, n_layers = len(config["backbone"]), len(config["backbone"]) + len(config["head"])
         for layers_path, layers in owner.named_modules():
             if isinstance(layers, (nn.Sequential, nn.ModuleList)) and len(layers) == n_layers:
-                paths = [_join(owner_path, layers_path, name) for name in layers._modules]
+                paths = [join_path(owner_path, layers_path, name) for name in layers._modules]
                 stages = ["backbone"] * n_backbone + ["neck"] * (n_layers - n_backbone - 1) + ["head"]
                 parts = [
                     f"{_span(paths[:n_backbone])} backbone",
@@ -193,11 +190,11 @@ def _stages_from_fpn(model: nn.Module) -> StageMap | None:
         if fpn_name is None:
             continue
         owner_path = backbone_path.rpartition(".")[0]
-        fpn_path = _join(backbone_path, fpn_name)
+        fpn_path = join_path(backbone_path, fpn_name)
         prefixes = {backbone_path: "backbone", fpn_path: "neck"}
         unstaged = []
         for name, child in model.get_submodule(owner_path).named_children():
-            path = _join(owner_path, name)
+            path = join_path(owner_path, name)
             if path == backbone_path:
                 continue
             if name == "transform" or type(child).__name__.endswith("Transform"):
@@ -279,13 +276,13 @@ def _classify(graph_module: fx.GraphModule) -> StageMap:
     parametric = {node for node in nodes if _is_parametric(node, graph_module)}
 
     last_layers = _nearest_parametric(output.all_input_nodes, parametric)
-    head = last_layers | _descendants(last_layers) | _tail(nodes)
+    head = last_layers | _reachable(last_layers, downstream=True) | _tail(nodes)
     head.discard(output)
 
     upsamples = [node for node in nodes if node not in head and _is_upsample(node, graph_module)]
     if upsamples:
         lateral_calls, laterals = _laterals(upsamples[0], parametric, nodes)
-        backbone = _ancestors(laterals) - laterals - head
+        backbone = _reachable(laterals, downstream=False) - laterals - head
         neck_note = (
             f"neck from the first upsampling ({upsamples[0].meta['module_path'] or upsamples[0].name})"
             f" back to its laterals ({_span(lateral_calls)})"
@@ -416,24 +413,16 @@ def _enclosing_call(node: fx.Node) -> str | None:
     return calls[depth] if depth >= 1 else None
 
 
-def _descendants(start: Iterable[fx.Node]) -> set[fx.Node]:
+def _reachable(start: Iterable[fx.Node], *, downstream: bool) -> set[fx.Node]:
+    """The nodes that data flows to from ``start`` (``downstream``), or from which it flows to ``start``."""
     found, frontier = set(), list(start)
     while frontier:
-        for user in frontier.pop().users:
-            if user not in found:
-                found.add(user)
-                frontier.append(user)
+        node = frontier.pop()
+        for neighbour in node.users if downstream else node.all_input_nodes:
+            if neighbour not in found:
+                found.add(neighbour)
+                frontier.append(neighbour)
     return found
-
-
-def _ancestors(start: Iterable[fx.Node]) -> set[fx.Node]:
-    found, frontier = set(), list(start)
-    while frontier:
-        for source in frontier.pop().all_input_nodes:
-            if source not in found:
-                found.add(source)
-                frontier.append(source)
-    return {node for node in found if node.op != "placeholder"}
 
 
 def _prefixes(stage_of: dict[fx.Node, str]) -> dict[str, str]:
@@ -445,7 +434,8 @@ def _prefixes(stage_of: dict[fx.Node, str]) -> dict[str, str]:
     prefixes: dict[str, str] = {}
     for path in sorted(stages_under, key=lambda path: (path.count(".") + bool(path), path)):
         stages = stages_under[path]
-        if len(stages) == 1 and not any(ancestor in prefixes for ancestor in _ancestors_of(path)):
+        # Shallowest first, so that a module inside one with a stage already is covered by that prefix.
+        if len(stages) == 1 and not any(probe in prefixes for probe in path_and_ancestors(path)):
             prefixes[path] = next(iter(stages))
     return prefixes
 
@@ -473,7 +463,7 @@ class Scope:
             return True
         return any(
             probe in self.paths or any(fnmatch.fnmatchcase(probe, glob) for glob in self.globs)
-            for probe in (path, *_ancestors_of(path))
+            for probe in path_and_ancestors(path)
         )
 
 
@@ -531,17 +521,6 @@ def _hint(term: str, module_paths: list[str]) -> str:
 
 
 # --- paths -------------------------------------------------------------------------------------------------
-
-
-def _join(*parts: str) -> str:
-    return ".".join(part for part in parts if part)
-
-
-def _ancestors_of(path: str) -> Iterator[str]:
-    """The ancestors of a module path, nearest first, ending with the root ``""``."""
-    while path:
-        path = path.rpartition(".")[0]
-        yield path
 
 
 def _span(paths: list[str]) -> str:

@@ -27,7 +27,6 @@ Worked example (a convolution on 8x8 -> 6x6: 8 * 6 * 6 * 3 * 3 * 3 = 7,776 MACs;
 
 from __future__ import annotations
 
-import copy
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -38,13 +37,13 @@ import torch
 from torch import nn
 from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves, tree_map_only
 
 from rewrite.errors import TraceError
+from rewrite.execution import RunFailed, Runner, on_meta_else_real
+from rewrite.tracer import Leaf, path_and_ancestors
 
 if TYPE_CHECKING:
     from rewrite.graph import StageMap
-    from rewrite.tracer import Leaf
 
 __all__ = ["Cost", "Profile", "profile"]
 
@@ -132,10 +131,6 @@ class _CallStack:
             # ran its exit hook, and must not stay on the stack.
             self.stack = self.stack[: len(self.stack) - 1 - self.stack[::-1].index(path)]
 
-    @property
-    def innermost(self) -> str:
-        return self.stack[-1] if self.stack else ""
-
     @contextmanager
     def hooked(self) -> Iterator[None]:
         self.stack = ()
@@ -179,7 +174,7 @@ class _CountingMode(TorchDispatchMode):
         return out
 
 
-def _real_data_registry() -> dict[Any, Any]:
+def _flop_registry() -> dict[Any, Any]:
     """FlopCounterMode's registry (as it stands now, custom formulas included) plus the CPU attention kernel: the
     registry knows the meta and CUDA kernels but not this one, and without it the same attention would cost its
     full FLOPs on meta and zero on CPU."""
@@ -208,73 +203,46 @@ def profile(model: nn.Module, example_inputs: Any, *, stages: StageMap | None = 
     the registry's own attention formula, as the meta and CUDA kernels are.
     """
     if stages is None:
-        from rewrite.graph import resolve_stages  # lazily: graph.py pulls in tracing and networkx
+        from rewrite.graph import resolve_stages  # lazily: graph.py pulls in networkx
 
         stages = resolve_stages(model)
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     named = dict(model.named_modules())
     calls = _CallStack(named)
+    registry = _flop_registry()
 
-    def where(failure: _RunFailed) -> str:
-        return f"{type(named[failure.path]).__name__} at {failure.path or '<root>'!r}"
+    def count(runner: Runner) -> _CountingMode:
+        mode = _CountingMode(calls, registry)
+        with _mha_fastpath_disabled(), calls.hooked(), mode:
+            runner.run(model, args)
+        return mode
 
-    meta_state = {name: torch.empty_like(t, device="meta") for name, t in _state(model)}
-    meta_args = tree_map_only(torch.Tensor, lambda t: torch.empty_like(t, device="meta"), args)
     try:
-        mode = _run(model, meta_state, meta_args, calls, flop_counter.flop_registry)
-        device, needed = "meta", []
-    except _RunFailed as on_meta:
-        real = _real_device(model, args)
-        if real is None:
+        counted = on_meta_else_real(model, args, count)
+    except RunFailed as failure:
+        if failure.on_meta:
             raise TraceError(
-                f"{where(on_meta)} cannot run on the meta device ({on_meta.reason}); "
+                f"{failure.where} cannot run on the meta device ({failure.reason}); "
                 "pass the model and its inputs on a real device (cpu or cuda) so that it can run on real data"
-            ) from on_meta.__cause__
-        try:
-            mode = _run_on_real_data(model, args, calls)
-        except _RunFailed as on_real:
-            raise TraceError(
-                f"the model fails on its example inputs, in {where(on_real)}: {on_real.reason}"
-            ) from on_real.__cause__
-        from rewrite.tracer import Leaf  # lazily: only this path needs it, and trace.py imports much more
-
-        device, needed = str(real), [Leaf(on_meta.path, type(named[on_meta.path]).__name__, on_meta.reason)]
-
-    return _assemble(model, named, mode.flops, stages, device, needed)
+            ) from failure.error
+        raise TraceError(
+            f"the model fails on its example inputs, in {failure.where}: {failure.reason}"
+        ) from failure.error
+    failure = counted.meta_failure
+    needed = [] if failure is None else [Leaf(failure.path, failure.type_name, failure.reason)]
+    return _assemble(model, named, counted.value.flops, stages, str(counted.device), needed)
 
 
-class _RunFailed(Exception):
-    """A run of the model failed; carries the innermost module on the call stack at that moment."""
-
-    def __init__(self, path: str, reason: str) -> None:
-        super().__init__(reason)
-        self.path = path
-        self.reason = reason
-
-
-def _run(
-    model: nn.Module, state: dict[str, torch.Tensor], args: tuple, calls: _CallStack, registry: dict[Any, Any]
-) -> _CountingMode:
-    """One counted forward of ``model`` with ``state`` swapped in for its own tensors of those names."""
-    mode = _CountingMode(calls, registry)
+@contextmanager
+def _mha_fastpath_disabled() -> Iterator[None]:
+    """``nn.MultiheadAttention``'s fused CPU fast path, switched off: it hides its matrix products from the
+    dispatcher, and meta runs never take it."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
     try:
-        with torch.no_grad(), _attributes_restored(calls.modules), calls.hooked(), mode:
-            torch.func.functional_call(model, state, args, strict=False)
-    except Exception as error:  # on meta any failure means "needs real data"; on real data the caller reports it
-        raise _RunFailed(calls.innermost, _one_line(error)) from error
-    return mode
-
-
-def _run_on_real_data(model: nn.Module, args: tuple, calls: _CallStack) -> _CountingMode:
-    """``_run`` on the real inputs and parameters, with copies of the buffers so that e.g. BatchNorm statistics in
-    training mode stay untouched (a forward does not write parameters, so those are not copied)."""
-    buffers = {name: t.clone() for name, t in model.named_buffers()}
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)  # the fused MHA kernel hides its FLOPs; meta never uses it
-    try:
-        return _run(model, buffers, args, calls, _real_data_registry())
+        yield
     finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
+        torch.backends.mha.set_fastpath_enabled(enabled)
 
 
 def _assemble(
@@ -291,7 +259,7 @@ def _assemble(
     for path, module in named.items():
         for p in module.parameters(recurse=False):
             seen = credited.setdefault(id(p), set())
-            for ancestor in _ancestors(path):
+            for ancestor in path_and_ancestors(path):
                 if ancestor not in seen:
                     seen.add(ancestor)
                     params[ancestor] += p.numel()
@@ -322,70 +290,3 @@ def _assemble(
         device=device,
         needed_real_data=needed,
     )
-
-
-@contextmanager
-def _attributes_restored(modules: dict[str, nn.Module]) -> Iterator[None]:
-    """Put back every module attribute that the forward replaced or refilled.
-
-    Forwards that cache tensors on the module (YOLO-style ``self.grid[i] = ...``) would otherwise keep meta
-    tensors after a meta run and break the next real forward. Lists and dicts are compared element by element
-    (by identity: cheap, and tensors must not be compared by value) and restored in place, keeping their identity.
-    """
-    saved = [
-        (attributes, {k: (v, copy.copy(v) if type(v) in (list, dict) else None) for k, v in attributes.items()})
-        for attributes in (module.__dict__ for module in modules.values())
-    ]
-    try:
-        yield
-    finally:
-        for attributes, before in saved:
-            for key in attributes.keys() - before.keys():
-                del attributes[key]
-            for key, (value, contents) in before.items():
-                attributes[key] = value
-                if contents is not None and not _same_items(value, contents):
-                    value.clear()
-                    if isinstance(value, list):
-                        value.extend(contents)
-                    else:
-                        value.update(contents)
-
-
-def _same_items(now: list | dict, before: list | dict) -> bool:
-    if len(now) != len(before):
-        return False
-    if isinstance(now, dict):
-        return all(k in now and now[k] is v for k, v in before.items())
-    return all(a is b for a, b in zip(now, before))
-
-
-def _state(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    yield from model.named_parameters()
-    yield from model.named_buffers()
-
-
-def _real_device(model: nn.Module, args: tuple) -> torch.device | None:
-    """The device a real run would use, or None when the model or its inputs are on meta (no data to run on)."""
-    tensors = [t for _, t in _state(model)]
-    tensors += [t for t in tree_leaves(args) if isinstance(t, torch.Tensor)]
-    if any(t.is_meta for t in tensors):
-        return None
-    return tensors[0].device if tensors else torch.device("cpu")
-
-
-def _ancestors(path: str) -> Iterator[str]:
-    """``path`` itself, then each enclosing module path, ending with the root ``""``."""
-    while path:
-        yield path
-        path = path.rpartition(".")[0]
-    yield ""
-
-
-def _one_line(error: BaseException) -> str:
-    """``Type: first sentence`` of an error: torch's meta errors go on with advice that does not apply here."""
-    text = str(error).strip().split("\n", 1)[0]
-    if not text:
-        return type(error).__name__
-    sentence = text.split(". ", 1)[0]
-    return f"{type(error).__name__}: {sentence if sentence == text else sentence + '.'}"

@@ -27,8 +27,9 @@ from torch import fx, nn
 
 from rewrite.builders import Site, build
 from rewrite.errors import BuildError
+from rewrite.execution import RunFailed, run
 from rewrite.match import Match
-from rewrite.tracer import Traced
+from rewrite.tracer import Traced, join_path
 
 __all__ = ["BuiltSite", "ShapeCheck", "build_sites", "check_outputs", "rewrite_model", "meta_copy", "site_module"]
 
@@ -131,7 +132,11 @@ def _replace_nodes(
     site_nodes = [nodes[key.split(":", 1)[1]] for key in match.nodes]
     source_name, result = match.input_node.split(":", 1)[1], nodes[match.output_node.split(":", 1)[1]]
     source = replaced.get(source_name) or nodes[source_name]
-    target = _new_module_name(gm, _relative(site_nodes[0].meta.get("module_path", ""), region_path), match, number)
+    first = site_nodes[0]
+    owner = _relative(first.meta.get("module_path", ""), region_path)
+    if first.op == "call_module":  # the path is the called module's own: the new one goes beside it
+        owner = owner.rpartition(".")[0]
+    target = _new_module_name(gm, owner, match, number)
     gm.add_submodule(target, built.block)
     with gm.graph.inserting_after(result):
         new_node = gm.graph.call_module(target, (source,))
@@ -142,14 +147,12 @@ def _replace_nodes(
         gm.graph.erase_node(node)
 
 
-def _new_module_name(gm: fx.GraphModule, first_path: str, match: Match, number: int) -> str:
-    parent = first_path.rpartition(".")[0]
+def _new_module_name(gm: fx.GraphModule, owner: str, match: Match, number: int) -> str:
+    """A free attribute name under ``owner`` for a site's new module, after its rule: ``conv_to_gsconv_0``."""
     stem = re.sub(r"\W", "_", match.rule.name)
-    name = f"{stem}_{number}"
-    while _has_attribute(gm, f"{parent}.{name}" if parent else name):
+    while _has_attribute(gm, join_path(owner, f"{stem}_{number}")):
         number += 1
-        name = f"{stem}_{number}"
-    return f"{parent}.{name}" if parent else name
+    return join_path(owner, f"{stem}_{number}")
 
 
 def _has_attribute(module: nn.Module, dotted: str) -> bool:
@@ -252,19 +255,8 @@ def check_outputs(original: nn.Module, rewritten: nn.Module, example_inputs: tup
 
 def _outputs(model: nn.Module, example_inputs: tuple) -> tuple[object, bool]:
     """The model's outputs — on meta stand-ins when it runs there — and whether it needed real data."""
-    from rewrite.profiler import _attributes_restored
-
-    modules = dict(model.named_modules())
-    state = {name: torch.empty_like(t, device="meta") for name, t in model.state_dict(keep_vars=True).items()}
-    meta_inputs = torch.utils._pytree.tree_map_only(
-        torch.Tensor, lambda t: torch.empty_like(t, device="meta"), example_inputs
-    )
-    with torch.no_grad(), _attributes_restored(modules):
-        try:
-            return torch.func.functional_call(model, state, meta_inputs, strict=False), False
-        except Exception:
-            if any(t.is_meta for t in model.state_dict().values()):
-                raise
-    buffers = {name: t.clone() for name, t in model.named_buffers()}  # train-mode statistics stay untouched
-    with torch.no_grad(), _attributes_restored(modules):
-        return torch.func.functional_call(model, buffers, example_inputs, strict=False), True
+    try:
+        outcome = run(model, example_inputs)
+    except RunFailed as failure:
+        raise failure.error  # the model's own error, as calling the model would raise it
+    return outcome.value, outcome.meta_failure is not None

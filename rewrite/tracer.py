@@ -30,11 +30,11 @@ Every node carries ``module_path``, ``module_type``, ``module_stack``, ``module_
 ``shapes`` and ``dtypes`` in ``node.meta`` (see ``docs/design.md``). A call id is ``"{path}@{n}"``: the
 ``n``-th call of the module at ``path`` (the root's call is ``"@0"``), so two calls of a shared module differ.
 
-Shapes are found by running each region on its inputs on the meta device: meta stand-ins for the parameters
-and buffers go in through ``torch.func.functional_call``, so no weight is copied. When some part of the model
-cannot run on meta (``nonzero``, NMS, ``.item()``), everything runs again on the real weights, with scratch
-copies of the buffers so that BatchNorm statistics stay untouched. The model is never modified: its
-attributes are restored after every trace and run, and no hook is left behind.
+Shapes are found by running each region on its inputs on meta stand-ins of the weights (see
+:mod:`rewrite.execution`). When some part of the model cannot run on meta (``nonzero``, NMS, ``.item()``), the
+whole trace starts again with every run on the real weights, with scratch copies of the buffers so that
+BatchNorm statistics stay untouched. The model is never modified: its attributes are restored after every
+trace and run, and no hook is left behind.
 
 >>> import torch
 >>> from torch import nn
@@ -72,15 +72,11 @@ When the root's own forward is opaque, the modules it calls become the regions:
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-import itertools
-import os
 import warnings
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any, NamedTuple
 
 import torch
@@ -88,11 +84,11 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from rewrite.errors import TraceError
+from rewrite.execution import RunFailed, Runner, attributes_restored, on_meta_else_real, one_line
 
-__all__ = ["Leaf", "Region", "Traced", "trace"]
+__all__ = ["Leaf", "Region", "Traced", "join_path", "path_and_ancestors", "trace"]
 
 _USER_REASON = "user"
-_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _VARIADIC = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
 # fx's own notion of a leaf (torch.nn built-ins except containers); the method only looks at the module.
 _FX_DEFAULTS = fx.Tracer()
@@ -153,16 +149,43 @@ def trace(
     if isinstance(leaf_modules, (str, type)):
         leaf_modules = (leaf_modules,)
     leaf_paths, leaf_types = _split_leaf_modules(model, leaf_modules)
-    failures: dict[str, str] = {}  # shared by both attempts, so the real-device one needs no retries
+    failures: dict[str, str] = {}  # shared by both attempts, so the real-data one needs no retries
+
+    def build(runner: Runner) -> Traced:
+        return _Session(model, args, leaf_paths, leaf_types, failures, runner).build(propagate_shapes)
+
     try:
-        return _Session(model, args, leaf_paths, leaf_types, failures, on_meta=True).build(propagate_shapes)
-    except _NotOnMeta as not_on_meta:
-        if _holds_meta_tensors(model, args):  # nothing real to fall back to
+        return on_meta_else_real(model, args, build).value
+    except RunFailed as failure:
+        if failure.on_meta:  # the model or its inputs are on meta: there was nothing real to fall back to
             raise TraceError(
                 f"{type(model).__name__} does not run on the example inputs on the meta device:"
-                f" {_one_line(not_on_meta.cause)} (if an op has no meta kernel, trace on a real device)"
-            ) from not_on_meta.cause
-    return _Session(model, args, leaf_paths, leaf_types, failures, on_meta=False).build(propagate_shapes)
+                f" {failure.reason} (if an op has no meta kernel, trace on a real device)"
+            ) from failure.error
+        raise TraceError(
+            f"{type(model).__name__} does not run on the example inputs: {failure.reason}"
+        ) from failure.error
+
+
+def join_path(*parts: str) -> str:
+    """The module path of ``parts`` (paths or names) one inside the other; empty parts are the root.
+
+    >>> join_path("model", "24", "m.0"), join_path("", "head"), join_path("", "")
+    ('model.24.m.0', 'head', '')
+    """
+    return ".".join(part for part in parts if part)
+
+
+def path_and_ancestors(path: str) -> Iterator[str]:
+    """``path`` itself, then each enclosing module path, nearest first, ending with the root ``""``.
+
+    >>> list(path_and_ancestors("model.24.m")), list(path_and_ancestors(""))
+    (['model.24.m', 'model.24', 'model', ''], [''])
+    """
+    while path:
+        yield path
+        path = path.rpartition(".")[0]
+    yield ""
 
 
 class _Frame(NamedTuple):
@@ -184,16 +207,8 @@ class _Call:
     stack: tuple[_Frame, ...]  # outermost call first, this call last
 
 
-class _NotOnMeta(Exception):
-    """A run on the meta device failed, because of ``cause``."""
-
-    def __init__(self, cause: Exception) -> None:
-        super().__init__(cause)
-        self.cause = cause
-
-
 class _Session:
-    """One attempt at tracing a model, with every run on meta or every run on the real weights."""
+    """One attempt at tracing a model, with every run through one runner: all on meta, or all on real data."""
 
     def __init__(
         self,
@@ -202,15 +217,15 @@ class _Session:
         leaf_paths: frozenset[str],
         leaf_types: tuple[type, ...],
         failures: dict[str, str],
-        *,
-        on_meta: bool,
+        runner: Runner,
     ) -> None:
         self.model = model
         self.args = args
         self.leaf_paths = leaf_paths
         self.leaf_types = leaf_types
         self.failures = failures  # path -> reason, for modules whose own forward fx cannot trace
-        self.runner = _Runner(model, on_meta=on_meta)
+        self.runner = runner
+        self.paths = {module: path for path, module in model.named_modules()}  # to name captured calls
         self.calls: Counter[str] = Counter({"": 1})  # the root's call is "@0"
         self.regions: list[Region] = []
         self.leaves: dict[str, Leaf] = {}
@@ -226,7 +241,7 @@ class _Session:
             visited.add(call.path)
             for opaque in self.visit(call, propagate_shapes):
                 if opaque.path not in captured:  # else an opened ancestor's run already recorded its subtree
-                    captured |= self.runner.capture_calls(opaque)
+                    captured |= self.capture_calls(opaque)
                 queue += [child for child in captured.values() if child.stack[-2].path == opaque.path]
         return Traced(self.model, self.regions, list(self.leaves.values()), self.args)
 
@@ -279,20 +294,54 @@ class _Session:
         while call.path not in self.failures:
             tracer = _Tracer(self, call)
             try:
-                with _unchanged(self.model), warnings.catch_warnings():
+                with attributes_restored(self.model), warnings.catch_warnings():
                     # fx warns for each fixed input it cannot guard with an assert; fixing them is the point.
                     warnings.filterwarnings("ignore", message="Was not able to add assertion")
                     graph = tracer.trace(call.module, concrete_args)
-                    # Inside _unchanged: constants fx parks on the traced module must reach the graph module.
+                    # Still inside attributes_restored: constants fx parks on the traced module must reach
+                    # the graph module.
                     graph_module = fx.GraphModule(tracer.root, graph, class_name=type(call.module).__name__)
             except Exception as error:
                 culprit = tracer.raised_in(error)
                 # A leaf cannot raise again; should it seem to, blame the region so that the loop ends.
-                self.failures[call.path if culprit in self.failures else culprit] = _one_line(error)
+                self.failures[call.path if culprit in self.failures else culprit] = one_line(error)
                 continue
             self.calls = tracer.calls
             return Region(call.path, graph_module)
         return None
+
+    def capture_calls(self, opened: _Call) -> dict[str, _Call]:
+        """Run an opened module alone; return the first call of every module it calls, at any depth."""
+        stack = list(opened.stack[:-1])
+        calls: Counter[str] = Counter()
+        captured: dict[str, _Call] = {}
+
+        def before(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+            if module is opened.module:
+                stack.append(opened.stack[-1])
+                return
+            path = self.paths[module]
+            frame = _Frame(path, type(module).__name__, f"{path}@{calls[path]}")
+            calls[path] += 1
+            if path not in captured:
+                # Fresh containers: the callee may overwrite items of its input list (YOLO's Detect does).
+                args, kwargs = pytree.tree_map(lambda value: value, (args, kwargs))
+                captured[path] = _Call(path, module, args, kwargs, (*stack, frame))
+            stack.append(frame)
+
+        def after(module: nn.Module, args: tuple, output: Any) -> None:
+            stack.pop()
+
+        handles = []
+        try:
+            for module in opened.module.modules():
+                handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
+                handles.append(module.register_forward_hook(after, always_call=True))
+            self.runner.run(opened.module, opened.args, opened.kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return captured
 
 
 class _Tracer(fx.Tracer):
@@ -312,11 +361,11 @@ class _Tracer(fx.Tracer):
         return path if raised is error else self.region_path
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return self.session.is_leaf(m, _join(self.region_path, module_qualified_name))
+        return self.session.is_leaf(m, join_path(self.region_path, module_qualified_name))
 
     def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
         relative_path = self.path_of_module(m)
-        path = _join(self.region_path, relative_path)
+        path = join_path(self.region_path, relative_path)
         self.stack.append(_Frame(path, type(m).__name__, f"{path}@{self.calls[path]}"))
         self.calls[path] += 1
         try:
@@ -377,85 +426,6 @@ def _one_node_region(call: _Call, bound: inspect.BoundArguments) -> Region:
     )
 
 
-class _Runner:
-    """Runs the model, or a region's graph, on meta stand-ins for the weights or on the real weights.
-
-    On meta, every parameter and buffer is swapped for a meta tensor of its shape (``functional_call``), and
-    tensor inputs are moved to meta. On the real device, only the buffers are swapped, for scratch copies, so
-    that BatchNorm statistics and counters stay as they were.
-    """
-
-    def __init__(self, model: nn.Module, *, on_meta: bool) -> None:
-        self.model = model
-        self.on_meta = on_meta
-        self.paths = {module: path for path, module in model.named_modules()}
-        parameters = [t for _, t in model.named_parameters(remove_duplicate=False)]
-        buffers = [t for _, t in model.named_buffers(remove_duplicate=False)]
-        if on_meta:
-            self.stand_ins = {id(t): torch.empty_like(t, device="meta") for t in parameters + buffers}
-        else:
-            self.stand_ins = {id(t): t.clone() for t in buffers}
-        cuda = {t.device for t in parameters + buffers if t.is_cuda}
-        self.cuda_devices = sorted(device.index or 0 for device in cuda)
-
-    def run(self, module: nn.Module, args: Iterable[Any], kwargs: dict[str, Any] | None = None) -> Any:
-        state = {
-            name: self.stand_ins[id(t)]
-            for name, t in itertools.chain(
-                module.named_parameters(remove_duplicate=False), module.named_buffers(remove_duplicate=False)
-            )
-            if id(t) in self.stand_ins
-        }
-        args, kwargs = self.prepared(tuple(args)), self.prepared(kwargs or {})
-        try:
-            with _unchanged(self.model), torch.no_grad(), torch.random.fork_rng(devices=self.cuda_devices):
-                return torch.func.functional_call(module, state, args, kwargs)
-        except Exception as error:
-            if self.on_meta:
-                raise _NotOnMeta(error) from error
-            raise TraceError(
-                f"{type(self.model).__name__} does not run on the example inputs: {_one_line(error)}"
-            ) from error
-
-    def prepared(self, value: Any) -> Any:
-        if not self.on_meta:
-            return value
-        return pytree.tree_map_only(torch.Tensor, lambda t: torch.empty_like(t, device="meta"), value)
-
-    def capture_calls(self, opened: _Call) -> dict[str, _Call]:
-        """Run an opened module alone; return the first call of every module it calls, at any depth."""
-        stack = list(opened.stack[:-1])
-        calls: Counter[str] = Counter()
-        captured: dict[str, _Call] = {}
-
-        def before(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-            if module is opened.module:
-                stack.append(opened.stack[-1])
-                return
-            path = self.paths[module]
-            frame = _Frame(path, type(module).__name__, f"{path}@{calls[path]}")
-            calls[path] += 1
-            if path not in captured:
-                # Fresh containers: the callee may overwrite items of its input list (YOLO's Detect does).
-                args, kwargs = pytree.tree_map(lambda value: value, (args, kwargs))
-                captured[path] = _Call(path, module, args, kwargs, (*stack, frame))
-            stack.append(frame)
-
-        def after(module: nn.Module, args: tuple, output: Any) -> None:
-            stack.pop()
-
-        handles = []
-        try:
-            for module in opened.module.modules():
-                handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
-                handles.append(module.register_forward_hook(after, always_call=True))
-            self.run(opened.module, opened.args, opened.kwargs)
-        finally:
-            for handle in handles:
-                handle.remove()
-        return captured
-
-
 class _RegionRun(nn.Module):
     """Runs a region's graph node by node (an fx Interpreter, wrapped as a module for ``functional_call``).
 
@@ -506,40 +476,6 @@ def _mutable(value: Any) -> Any:
     if isinstance(value, dict):
         return {key: _mutable(item) for key, item in value.items()}
     return value
-
-
-@contextlib.contextmanager
-def _unchanged(model: nn.Module) -> Iterator[None]:
-    """Undo what a forward or a trace does to the modules' attributes.
-
-    Models cache into their modules while running (YOLO's ``Detect`` stores grids in a list attribute), and fx
-    parks constants on the traced module. Attribute bindings are restored, and so are the items of attributes
-    that are lists or dicts (which also covers parameters, buffers, submodules and hooks).
-    """
-    saved = []
-    for module in model.modules():
-        attributes = module.__dict__
-        # Most containers (the hook dicts) are empty: note those as None, to be cleared, rather than copied.
-        containers = [
-            (value, value.copy() if value else None)
-            for value in attributes.values()
-            if isinstance(value, (list, dict))
-        ]
-        saved.append((attributes, attributes.copy(), containers))
-    try:
-        yield
-    finally:
-        for attributes, bindings, containers in saved:
-            attributes.clear()
-            attributes.update(bindings)
-            for container, items in containers:
-                if items is None:
-                    container.clear()
-                elif isinstance(container, list):
-                    container[:] = items
-                else:
-                    container.clear()
-                    container.update(items)
 
 
 def _bind(
@@ -598,33 +534,3 @@ def _split_leaf_modules(
 
 def _has_children(module: nn.Module) -> bool:
     return next(module.children(), None) is not None
-
-
-def _holds_meta_tensors(model: nn.Module, args: tuple) -> bool:
-    tensors = itertools.chain(model.parameters(), model.buffers(), pytree.tree_leaves(args))
-    return any(isinstance(t, torch.Tensor) and t.is_meta for t in tensors)
-
-
-def _join(prefix: str, path: str) -> str:
-    return f"{prefix}.{path}" if prefix and path else prefix or path
-
-
-def _one_line(error: BaseException) -> str:
-    """``Type: first sentence of the message (file:line)``, the line being the innermost one outside torch."""
-    lines = str(error).strip().splitlines()
-    message = lines[0].split(". ")[0].rstrip(".") if lines else ""
-    if len(message) > 160:
-        message = message[:157] + "..."
-    places = [
-        (filename, line)
-        for filename, line in _walk_traceback(error.__traceback__)
-        if not os.path.abspath(filename).startswith(_TORCH_DIR) and filename != __file__
-    ]
-    where = f" ({os.path.basename(places[-1][0])}:{places[-1][1]})" if places else ""
-    return f"{type(error).__name__}: {message}{where}" if message else f"{type(error).__name__}{where}"
-
-
-def _walk_traceback(traceback: TracebackType | None) -> Iterator[tuple[str, int]]:
-    while traceback is not None:
-        yield traceback.tb_frame.f_code.co_filename, traceback.tb_lineno
-        traceback = traceback.tb_next

@@ -1,0 +1,267 @@
+"""Run a model on meta stand-ins of its weights, or else on its real data, and leave it exactly as it was.
+
+Tracing, profiling and the shape check of a rewrite all run the user's model, and none may pay for its
+arithmetic or change it. On the meta device a run costs shapes, not arithmetic: for the call only, every
+parameter and buffer is replaced by an uninitialised meta tensor of its shape (``torch.func.functional_call``,
+so no weight is copied), and the tensor inputs are moved to meta. A model that cannot run on meta
+(``nonzero``, NMS, ``.item()``: results that depend on the values) runs once more on its real inputs and
+parameters, with scratch copies of the buffers so that train-mode BatchNorm statistics stay untouched.
+
+Either way the model is left as it was: module attributes that the forward replaced or refilled (forward-time
+caches such as YOLO's ``Detect.grid``) are put back, no gradient is recorded, and the random generators are
+restored. A failed run raises :class:`RunFailed`, which names the innermost of the model's modules running.
+
+>>> import torch
+>>> from torch import nn
+>>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8)).train()
+>>> outcome = run(model, (torch.randn(5, 4),))
+>>> outcome.device, outcome.value.shape, outcome.meta_failure
+(device(type='meta'), torch.Size([5, 8]), None)
+>>> int(model[1].num_batches_tracked)  # the train-mode BatchNorm ran on stand-ins: its statistics stayed
+0
+
+A model with a part that needs real data runs again on the real data, and the outcome says where meta failed:
+
+>>> class Positive(nn.Module):
+...     def forward(self, x):
+...         return x[x > 0]  # how many elements: only the values can tell
+>>> model = nn.Sequential(nn.Linear(4, 4), Positive())
+>>> outcome = run(model, (torch.randn(5, 4),))
+>>> outcome.device, outcome.meta_failure.where
+(device(type='cpu'), "Positive at '1'")
+
+With the model (or its inputs) on meta there is no real data to fall back to, and the meta failure is final:
+
+>>> try:
+...     run(model.to("meta"), (torch.randn(5, 4),))
+... except RunFailed as failure:
+...     print(failure.on_meta, failure.where)
+True Positive at '1'
+
+A caller that runs the model more than once, or under hooks or a dispatch mode of its own, hands over the
+whole attempt, which starts again from scratch on real data when one of its runs fails on meta:
+
+>>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())
+>>> x = torch.randn(1, 3, 8, 8)
+>>> on_meta_else_real(model, x, lambda runner: runner.run(model[0], (x,)).shape).value
+torch.Size([1, 8, 6, 6])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+__all__ = ["Outcome", "RunFailed", "Runner", "attributes_restored", "on_meta_else_real", "one_line", "run"]
+
+T = TypeVar("T")
+
+# The frames one_line looks past to find the model's own line: torch's, and those of this library's modules
+# that trace, run or count a model (errors pass through them on their way up).
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+_DRIVER_FILES = frozenset(
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
+    for name in ("execution", "tracer", "profiler")
+)
+
+
+class RunFailed(Exception):
+    """A run raised ``error`` while the model's module at ``path`` was the innermost one running.
+
+    ``on_meta`` says whether the run was on meta stand-ins; ``reason`` is :func:`one_line` of ``error``.
+    """
+
+    def __init__(self, error: Exception, *, path: str, type_name: str, on_meta: bool) -> None:
+        self.error = error
+        self.path = path
+        self.type_name = type_name
+        self.on_meta = on_meta
+        self.reason = one_line(error)
+        device = "the meta device" if on_meta else "real data"
+        super().__init__(f"{self.where} fails on {device}: {self.reason}")
+
+    @property
+    def where(self) -> str:
+        """The failing module, for a message: ``Inner at 'block.1'`` (``'<root>'`` for the model itself)."""
+        return f"{self.type_name} at {self.path or '<root>'!r}"
+
+
+@dataclass(frozen=True)
+class Outcome(Generic[T]):
+    """What :func:`on_meta_else_real` and :func:`run` give back."""
+
+    value: T  # what the attempt returned (for run: the model's outputs, meta tensors when it ran on meta)
+    device: torch.device  # where it ran: meta, or the device of the real data
+    meta_failure: RunFailed | None  # why it could not run on meta; None when it did
+
+
+class Runner:
+    """Runs the modules of one model on meta stand-ins of its parameters and buffers, or on its real weights.
+
+    On meta, every parameter and buffer is swapped for a meta tensor of its shape, and tensor inputs are moved
+    to meta; on real data, only the buffers are swapped, for scratch copies. The stand-ins are made once, so
+    that the many runs of one model (a traced region at a time) share them.
+    """
+
+    def __init__(self, model: nn.Module, *, on_meta: bool) -> None:
+        self.model = model
+        self.on_meta = on_meta
+        parameters, buffers = list(model.parameters()), list(model.buffers())
+        # Keyed by identity: a region's graph module reaches the model's tensors under other names.
+        if on_meta:
+            self._stand_ins = {id(t): torch.empty_like(t, device="meta") for t in parameters + buffers}
+        else:  # a forward does not write its parameters, so those need no copies
+            self._stand_ins = {id(t): t.clone() for t in buffers}
+        self._cuda_devices = sorted({t.device.index or 0 for t in parameters + buffers if t.is_cuda})
+
+    def run(self, module: nn.Module, args: Sequence[Any], kwargs: dict[str, Any] | None = None) -> Any:
+        """``module(*args, **kwargs)`` on the stand-ins; raises :class:`RunFailed` when the call raises.
+
+        ``module`` is the model, one of its submodules, or a module that calls the model's modules (a traced
+        region). What the call does to the attributes of the model's modules is undone; a ``module`` outside
+        the model keeps what it recorded during the call.
+        """
+        named_tensors = itertools.chain(
+            module.named_parameters(remove_duplicate=False), module.named_buffers(remove_duplicate=False)
+        )
+        state = {name: self._stand_ins[id(t)] for name, t in named_tensors if id(t) in self._stand_ins}
+        args, kwargs = self._inputs(tuple(args)), self._inputs(kwargs or {})
+        try:
+            # Dropout draws from the global random generators: forked, so that a run leaves them as they were.
+            with attributes_restored(self.model), torch.no_grad(), torch.random.fork_rng(self._cuda_devices):
+                return torch.func.functional_call(module, state, args, kwargs)
+        except Exception as error:
+            path = self._innermost_module_path(error)
+            type_name = type(self.model.get_submodule(path)).__name__
+            raise RunFailed(error, path=path, type_name=type_name, on_meta=self.on_meta) from error
+
+    def _inputs(self, value: Any) -> Any:
+        if not self.on_meta:
+            return value
+        return pytree.tree_map_only(torch.Tensor, lambda t: torch.empty_like(t, device="meta"), value)
+
+    def _innermost_module_path(self, error: BaseException) -> str:
+        """The path of the innermost of the model's modules with a method on ``error``'s traceback (else "").
+
+        Read off the traceback rather than kept with module hooks, so that a run that succeeds pays nothing.
+        """
+        paths = {id(module): path for path, module in self.model.named_modules()}
+        innermost = ""
+        for frame, _ in traceback.walk_tb(error.__traceback__):  # outermost first
+            innermost = paths.get(id(frame.f_locals.get("self")), innermost)
+        return innermost
+
+
+def on_meta_else_real(model: nn.Module, inputs: Any, attempt: Callable[[Runner], T]) -> Outcome[T]:
+    """``attempt`` with a meta :class:`Runner` of ``model``, and after a failure there, with a real one.
+
+    ``attempt`` makes its runs (one or many) through the runner it is given, and starts again from scratch on
+    real data when one of them fails on meta. ``inputs`` (the model's inputs, in any nesting) are looked at
+    only to tell whether there is real data: there is none when they or the model hold a meta tensor.
+
+    Raises the :class:`RunFailed` of the meta attempt when there is no real data, and that of the real attempt
+    when the model fails on real data too.
+    """
+    try:
+        return Outcome(attempt(Runner(model, on_meta=True)), torch.device("meta"), None)
+    except RunFailed as failure:
+        meta_failure = failure
+    device = _real_data_device(model, inputs)
+    if device is None:
+        raise meta_failure
+    return Outcome(attempt(Runner(model, on_meta=False)), device, meta_failure)
+
+
+def run(model: nn.Module, args: Sequence[Any], kwargs: dict[str, Any] | None = None) -> Outcome[Any]:
+    """``model(*args, **kwargs)`` on meta stand-ins, or on the real data when the model cannot run on meta.
+
+    That is, ``on_meta_else_real(model, (args, kwargs), lambda runner: runner.run(model, args, kwargs))``.
+    """
+    return on_meta_else_real(model, (args, kwargs), lambda runner: runner.run(model, args, kwargs))
+
+
+def _real_data_device(model: nn.Module, inputs: Any) -> torch.device | None:
+    """The device of the model's first tensor (else of the inputs', else cpu); None when any is on meta."""
+    tensors = [*model.parameters(), *model.buffers()]
+    tensors += [t for t in pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor)]
+    if any(t.is_meta for t in tensors):
+        return None
+    return tensors[0].device if tensors else torch.device("cpu")
+
+
+@contextlib.contextmanager
+def attributes_restored(model: nn.Module) -> Iterator[None]:
+    """Undo what a forward or an fx trace does to the attributes of ``model``'s modules.
+
+    Models cache into their modules while running (YOLO's ``Detect`` keeps grids in a list attribute, which a
+    meta run would leave holding meta tensors), and fx parks constants on the traced module. Attribute
+    bindings are restored, and so are the items of the attributes that are lists or dicts, in place (which
+    also covers parameters, buffers, submodules and hooks).
+
+    >>> cache = nn.Module()
+    >>> cache.grids = [torch.zeros(1)]
+    >>> with attributes_restored(cache):
+    ...     cache.grids[0] = torch.zeros(1, device="meta")
+    ...     cache.scale = 2.0
+    >>> cache.grids[0].device, hasattr(cache, "scale")
+    (device(type='cpu'), False)
+    """
+    saved = []
+    for module in model.modules():
+        attributes = module.__dict__
+        # Most containers (the hook dicts) are empty: note those as None, to be cleared, rather than copied.
+        containers = [
+            (value, value.copy() if value else None)
+            for value in attributes.values()
+            if isinstance(value, (list, dict))
+        ]
+        saved.append((attributes, attributes.copy(), containers))
+    try:
+        yield
+    finally:
+        for attributes, bindings, containers in saved:
+            attributes.clear()
+            attributes.update(bindings)
+            for container, items in containers:
+                if items is None:
+                    container.clear()
+                elif isinstance(container, list):
+                    container[:] = items
+                else:
+                    container.clear()
+                    container.update(items)
+
+
+def one_line(error: BaseException) -> str:
+    """``Type: first sentence of the message (file:line)``, the line being the model's own innermost one.
+
+    torch's messages go on with advice and context that do not fit on one line (nor apply to meta stand-ins).
+    The line is that of the innermost frame outside torch and outside this library's tracing and running code.
+
+    >>> def forward(x):
+    ...     raise ValueError("expected 3 channels. Got 4.")
+    >>> try:
+    ...     forward(None)
+    ... except ValueError as error:
+    ...     print(one_line(error))  # doctest: +ELLIPSIS
+    ValueError: expected 3 channels (<doctest ...one_line[0]>:2)
+    """
+    lines = str(error).strip().splitlines()
+    message = lines[0].split(". ")[0].rstrip(".") if lines else ""
+    if len(message) > 160:
+        message = message[:157] + "..."
+    where = ""
+    for frame, line in traceback.walk_tb(error.__traceback__):  # outermost first: the last kept is innermost
+        filename = os.path.abspath(frame.f_code.co_filename)
+        if not filename.startswith(_TORCH_DIR) and filename not in _DRIVER_FILES:
+            where = f" ({os.path.basename(filename)}:{line})"
+    return f"{type(error).__name__}: {message}{where}" if message else f"{type(error).__name__}{where}"
