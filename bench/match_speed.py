@@ -21,11 +21,12 @@ import networkx as nx
 import torch
 from networkx.algorithms.isomorphism import DiGraphMatcher
 
-from rewrite.graph import resolve_scope, to_networkx
+from rewrite.graph import to_networkx
 from rewrite.match import _CallIndex, _chain_candidates  # the search itself, without the site facts
 from rewrite.rules import load_rules
 from rewrite.tracer import trace
 from rewrite.zoo import create_model
+
 
 def anchored_chains(graph: nx.DiGraph, rule) -> set[tuple[str, ...]]:
     return {candidate.nodes for candidate in _chain_candidates(graph, _CallIndex(graph), rule)}
@@ -35,7 +36,9 @@ def networkx_chains(graph: nx.DiGraph, rule) -> set[tuple[str, ...]]:
     steps = rule.match.chain
     optional = [i for i, step in enumerate(steps) if step.optional]
     longest: dict[str, tuple[str, ...]] = {}
-    for dropped in itertools.chain.from_iterable(itertools.combinations(optional, r) for r in range(len(optional) + 1)):
+    for dropped in itertools.chain.from_iterable(
+        itertools.combinations(optional, r) for r in range(len(optional) + 1)
+    ):
         kept = [step for i, step in enumerate(steps) if i not in dropped]
         pattern = nx.DiGraph()
         pattern.add_nodes_from((i, {"step": step}) for i, step in enumerate(kept))

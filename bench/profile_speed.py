@@ -51,11 +51,15 @@ def main(repetitions: int = 7) -> None:
             times[name].append(seconds(fn))
 
     medians = {name: statistics.median(ts) for name, ts in times.items()}
-    print(f"YOLOv5-L, 1x3x640x640, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{repetitions} interleaved repetitions, medians")
+    print(
+        f"YOLOv5-L, 1x3x640x640, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{repetitions} interleaved repetitions, medians"
+    )
     for name, median in medians.items():
-        print(f"  {name:<40} {median * 1000:9.1f} ms   (min {min(times[name]) * 1000:.1f}, "
-              f"max {max(times[name]) * 1000:.1f})")
+        print(
+            f"  {name:<40} {median * 1000:9.1f} ms   (min {min(times[name]) * 1000:.1f}, "
+            f"max {max(times[name]) * 1000:.1f})"
+        )
     forward_s = medians["eager forward (CPU, inference mode)"]
     print(f"  ratio profile(CPU model) / forward       {medians['profile(), model on CPU'] / forward_s:9.3f}")
     meta_s = medians["profile(), model and input on meta"]

@@ -66,13 +66,17 @@ def main(argv: list[str] | None = None) -> None:
         for name in ("model.0.conv.weight", "model.9.cv2.conv.weight", "model.24.m.0.weight")
     ]
     expect(all(carried), "backbone and head weights were not carried over")
-    print("backbone and head weights: carried over from the original; the new neck blocks are freshly initialised")
+    print(
+        "backbone and head weights: carried over from the original; the new neck blocks are freshly initialised"
+    )
 
     # 5. Inference: same output shapes as the original.
     images = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         base_out, slim_out = model(images)[0], slim.eval()(images)[0]
-    expect(slim_out.shape == base_out.shape, f"eval output {tuple(slim_out.shape)}, was {tuple(base_out.shape)}")
+    expect(
+        slim_out.shape == base_out.shape, f"eval output {tuple(slim_out.shape)}, was {tuple(base_out.shape)}"
+    )
     print(f"eval on 1×3×64×64: output {tuple(slim_out.shape)} (original: {tuple(base_out.shape)})")
 
     # 6. One training step on a tiny batch: every parameter, old or new, gets a gradient.
@@ -82,17 +86,24 @@ def main(argv: list[str] | None = None) -> None:
     loss = sum(level.pow(2).mean() for level in raw)  # a stand-in for the YOLO loss
     loss.backward()
     no_grad = [name for name, p in slim.named_parameters() if p.grad is None]
-    expect(not no_grad and torch.isfinite(loss), f"train step: loss {loss.item()}, no gradient for {no_grad[:3]}")
+    expect(
+        not no_grad and torch.isfinite(loss), f"train step: loss {loss.item()}, no gradient for {no_grad[:3]}"
+    )
     optimizer.step()
     shapes = ", ".join(str(tuple(level.shape)) for level in raw)
     count = sum(1 for _ in slim.parameters())
-    print(f"train step on 2×3×64×64: outputs {shapes}; loss {loss.item():.4f}; "
-          f"all {count} parameter tensors got a gradient")
+    print(
+        f"train step on 2×3×64×64: outputs {shapes}; loss {loss.item():.4f}; "
+        f"all {count} parameter tensors got a gradient"
+    )
 
     # 7. The user's model was neither rewritten nor trained along.
     unchanged = all(torch.equal(t, snapshot[name]) for name, t in model.state_dict().items())
     types = (type(model.model[10]).__name__, type(model.model[13]).__name__)
-    expect(unchanged and types == ("Conv", "C3"), f"the original model changed: {types}, weights same: {unchanged}")
+    expect(
+        unchanged and types == ("Conv", "C3"),
+        f"the original model changed: {types}, weights same: {unchanged}",
+    )
     print(f"original model untouched: model.10 is still {types[0]}, model.13 still {types[1]}, same weights")
 
     # 8. The HTML report: one self-contained file with the tables and SVG charts.

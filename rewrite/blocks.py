@@ -15,7 +15,7 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor, nn
 
-__all__ = ["SHUFFLE_VARIANTS", "ConvBNAct", "GSConv", "GSBottleneck", "VoVGSCSP", "channel_shuffle"]
+__all__ = ["SHUFFLE_VARIANTS", "ConvBNAct", "GSBottleneck", "GSConv", "VoVGSCSP", "channel_shuffle"]
 
 ShuffleVariant = Literal["split", "interleave"]
 SHUFFLE_VARIANTS: tuple[str, ...] = get_args(ShuffleVariant)

@@ -118,7 +118,11 @@ class Site:
             depthwise = self.groups > 1 and self.groups == self.in_channels
         same_size = None
         if self.in_shape is not None and self.out_shape is not None and len(self.in_shape) > 2:
-            strides = self.stride if isinstance(self.stride, tuple) else (self.stride or 1,) * (len(self.in_shape) - 2)
+            strides = (
+                self.stride
+                if isinstance(self.stride, tuple)
+                else (self.stride or 1,) * (len(self.in_shape) - 2)
+            )
             same_size = self.out_shape[2:] == tuple(-(-n // s) for n, s in zip(self.in_shape[2:], strides))
         return {
             "in_channels": self.in_channels,

@@ -40,7 +40,7 @@ if TYPE_CHECKING:  # torch is imported by the commands that need it: --help and 
 
     from rewrite.planner import Plan
 
-__all__ = ["main", "load_model"]
+__all__ = ["load_model", "main"]
 
 DEFAULT_INPUT = "1,3,640,640"
 

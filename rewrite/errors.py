@@ -7,16 +7,16 @@ about it, so the CLI can print ``str(error)`` and nothing else.
 from __future__ import annotations
 
 __all__ = [
-    "RewriteError",
-    "RuleError",
-    "TraceError",
-    "ScopeError",
     "BuildError",
-    "ShapeCheckError",
-    "ModelSpecError",
     "InputSpecError",
+    "ModelSpecError",
     "NoMatchError",
     "NoMatchWarning",
+    "RewriteError",
+    "RuleError",
+    "ScopeError",
+    "ShapeCheckError",
+    "TraceError",
 ]
 
 

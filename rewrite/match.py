@@ -44,7 +44,7 @@ from torch import nn
 
 from rewrite.builders import Site
 from rewrite.graph import Scope
-from rewrite.rules import Rule, RuleSet
+from rewrite.rules import Rule, RuleSet, is_activation
 
 __all__ = ["Match", "MatchResult", "Rejection", "find_matches"]
 
@@ -119,8 +119,11 @@ def find_matches(graph: nx.DiGraph, rules: RuleSet, scope: Scope) -> MatchResult
         for candidate in _candidates(graph, calls, rule):
             if taken.intersection(candidate.nodes):
                 continue
-            path = (candidate.covering_path if candidate.covering_path is not None
-                    else graph.nodes[candidate.nodes[0]]["module_path"])
+            path = (
+                candidate.covering_path
+                if candidate.covering_path is not None
+                else graph.nodes[candidate.nodes[0]]["module_path"]
+            )
             if not all(scope.contains(graph.nodes[key]["module_path"]) for key in candidate.nodes):
                 continue
             if _inside_excluded(graph, calls, candidate, rule):
@@ -261,8 +264,9 @@ def _inside_excluded(graph: nx.DiGraph, calls: _CallIndex, candidate: _Candidate
     if not excluded:
         return False
     own = set(candidate.nodes)
-    for call, (_, type_name) in zip(graph.nodes[candidate.nodes[0]]["call_stack"],
-                                    graph.nodes[candidate.nodes[0]]["module_stack"]):
+    for call, (_, type_name) in zip(
+        graph.nodes[candidate.nodes[0]]["call_stack"], graph.nodes[candidate.nodes[0]]["module_stack"]
+    ):
         if type_name in excluded and not set(calls.nodes_of_call[call]) <= own:
             return True
     return False
@@ -274,7 +278,11 @@ def _site(graph: nx.DiGraph, calls: _CallIndex, candidate: _Candidate, rule: Rul
     inputs = []
     for key in candidate.nodes:
         for source in graph.predecessors(key):
-            if source not in own and graph.nodes[source]["op"] not in _STRUCTURAL_OPS and source not in inputs:
+            if (
+                source not in own
+                and graph.nodes[source]["op"] not in _STRUCTURAL_OPS
+                and source not in inputs
+            ):
                 inputs.append(source)
     outputs = [key for key in candidate.nodes if any(user not in own for user in graph.successors(key))]
     if len(inputs) != 1 or len(outputs) != 1:
@@ -296,13 +304,18 @@ def _site(graph: nx.DiGraph, calls: _CallIndex, candidate: _Candidate, rule: Rul
     )
     reference = next((p for m in modules for p in m.parameters()), None)
     spatial_stride = (
-        max(1, round(in_shape[2] / out_shape[2])) if len(in_shape) > 2 and len(out_shape) > 2 and out_shape[2] else 1
+        max(1, round(in_shape[2] / out_shape[2]))
+        if len(in_shape) > 2 and len(out_shape) > 2 and out_shape[2]
+        else 1
     )
     site = Site(
         path=path,
         rule=rule.name,
-        module_type=calls.type_of_call[candidate.covering_call] if candidate.covering_call is not None
-        else type(conv).__name__ if conv is not None else graph.nodes[candidate.nodes[0]]["module_type"],
+        module_type=calls.type_of_call[candidate.covering_call]
+        if candidate.covering_call is not None
+        else type(conv).__name__
+        if conv is not None
+        else graph.nodes[candidate.nodes[0]]["module_type"],
         in_channels=in_shape[1],
         out_channels=out_shape[1],
         in_shape=in_shape,
@@ -331,8 +344,6 @@ def _modules_under(graph: nx.DiGraph, candidate: _Candidate) -> Iterator[nn.Modu
 
 def _activation(graph: nx.DiGraph, candidate: _Candidate) -> nn.Module | None:
     """The last activation in the site: a module, or a module made for a functional activation."""
-    from rewrite.rules import is_activation
-
     for key in reversed(candidate.nodes):
         data = graph.nodes[key]
         module = data["module"]
@@ -341,4 +352,3 @@ def _activation(graph: nx.DiGraph, candidate: _Candidate) -> nn.Module | None:
         if data["op"] == "call_function" and data["target"] in _FUNCTIONAL_ACTIVATIONS:
             return _FUNCTIONAL_ACTIVATIONS[data["target"]]()
     return None
-

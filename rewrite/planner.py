@@ -23,7 +23,7 @@ from rewrite.rewriter import BuiltSite, ShapeCheck, build_sites, check_outputs, 
 from rewrite.rules import RuleSet, load_rules
 from rewrite.tracer import Traced, trace
 
-__all__ = ["plan", "apply", "Plan", "Delta", "SiteChange", "StageChange", "Rejection", "ShapeCheck"]
+__all__ = ["Delta", "Plan", "Rejection", "ShapeCheck", "SiteChange", "StageChange", "apply", "plan"]
 
 
 @dataclass(frozen=True)
@@ -248,7 +248,9 @@ def _measure_site(traced: Traced, built: BuiltSite, stages: StageMap) -> SiteCha
         stage=stages.stage_of(match.path),
         kind=match.kind,
         before=_describe(site.module_type, site, {}, show_kernel=bool(match.rule.match.chain)),
-        after=_describe(type(built.block).__name__, site, built.options, show_kernel=bool(match.rule.match.chain)),
+        after=_describe(
+            type(built.block).__name__, site, built.options, show_kernel=bool(match.rule.match.chain)
+        ),
         params=Delta(old.params, new.params),
         flops=Delta(old.flops, new.flops),
     )
@@ -272,6 +274,4 @@ def _tensors(inputs: tuple) -> list[torch.Tensor]:
 
 
 def _to_meta(inputs: tuple) -> tuple:
-    return torch.utils._pytree.tree_map(
-        lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, inputs
-    )
+    return torch.utils._pytree.tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, inputs)

@@ -156,7 +156,7 @@ class _CountingMode(TorchDispatchMode):
         # FLOPs per module-call stack, the stack (a tuple) being the key: one cheap update per op.
         self.flops: defaultdict[tuple[str, ...], int] = defaultdict(int)
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch's protocol
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in _METADATA_QUERIES:
             return NotImplemented
@@ -255,7 +255,9 @@ def _assemble(
 ) -> Profile:
     """Turn FLOPs per call stack and the model's parameters into the hierarchical, per-stage figures."""
     params = dict.fromkeys(named, 0)
-    credited: dict[int, set[str]] = {}  # a parameter shared by two modules counts once in each common ancestor
+    credited: dict[
+        int, set[str]
+    ] = {}  # a parameter shared by two modules counts once in each common ancestor
     for path, module in named.items():
         for p in module.parameters(recurse=False):
             seen = credited.setdefault(id(p), set())
@@ -268,7 +270,9 @@ def _assemble(
     stage_flops: defaultdict[str, int] = defaultdict(int)
     stage_of: dict[str, str] = {}
     for stack, count in flops_by_stack.items():
-        for path in set(stack):  # a module re-entered recursively is charged once per op, as FlopCounterMode does
+        for path in set(
+            stack
+        ):  # a module re-entered recursively is charged once per op, as FlopCounterMode does
             flops[path] += count
         innermost = stack[-1] if stack else ""
         if innermost not in stage_of:

@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # rendering needs only the fields, so the pipeline is not imp
     from rewrite.planner import Delta, Plan
     from rewrite.profiler import Profile
 
-__all__ = ["JSON_SCHEMA_VERSION", "FORMATS", "GateResult", "check_gates", "render", "render_profile"]
+__all__ = ["FORMATS", "JSON_SCHEMA_VERSION", "GateResult", "check_gates", "render", "render_profile"]
 
 # Bump on any change that can break a consumer (a key removed, renamed or changing meaning), not for new keys.
 JSON_SCHEMA_VERSION = 1

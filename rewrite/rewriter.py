@@ -31,7 +31,7 @@ from rewrite.execution import RunFailed, run
 from rewrite.match import Match
 from rewrite.tracer import Traced, join_path
 
-__all__ = ["BuiltSite", "ShapeCheck", "build_sites", "check_outputs", "rewrite_model", "meta_copy", "site_module"]
+__all__ = ["BuiltSite", "ShapeCheck", "build_sites", "check_outputs", "rewrite_model", "site_module"]
 
 
 @dataclass(frozen=True)
@@ -51,8 +51,6 @@ class ShapeCheck:
     detail: str
 
 
-
-
 def build_sites(
     model: nn.Module, matches: Sequence[Match], *, device: torch.device | None = None
 ) -> list[BuiltSite]:
@@ -70,7 +68,9 @@ def build_sites(
     return built
 
 
-def rewrite_model(model: nn.Module, traced: Traced, sites: Sequence[BuiltSite], *, on_meta: bool = False) -> nn.Module:
+def rewrite_model(
+    model: nn.Module, traced: Traced, sites: Sequence[BuiltSite], *, on_meta: bool = False
+) -> nn.Module:
     """A copy of ``model`` with every built site in place (weights on meta when ``on_meta``)."""
     memo = _meta_memo(model) if on_meta else {}
     graph_modules = [region.graph_module for region in traced.regions]
@@ -96,11 +96,6 @@ def rewrite_model(model: nn.Module, traced: Traced, sites: Sequence[BuiltSite], 
             for built in region_sites:
                 new_model = _install(new_model, built.match.path, built.block, carry_attributes=True)
     return new_model
-
-
-def meta_copy(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` whose tensors live on the meta device: the structure without the weights' memory."""
-    return copy.deepcopy(model, _meta_memo(model))
 
 
 def site_module(traced: Traced, match: Match) -> nn.Module:
@@ -166,7 +161,7 @@ def _has_attribute(module: nn.Module, dotted: str) -> bool:
 def _relative(path: str, region_path: str) -> str:
     if not region_path:
         return path
-    return path[len(region_path) + 1:] if path.startswith(region_path + ".") else ""
+    return path[len(region_path) + 1 :] if path.startswith(region_path + ".") else ""
 
 
 def _install(model: nn.Module, path: str, new: nn.Module, *, carry_attributes: bool) -> nn.Module:

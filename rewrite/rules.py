@@ -69,13 +69,37 @@ __all__ = [
 # Chain categories. Modules are recognised by class name (any package: the matcher sees names), functions and
 # tensor methods by identity, as torch.fx records them as node targets.
 _CATEGORY_CLASSES: Mapping[str, frozenset[str]] = {
-    "conv": frozenset("Conv1d Conv2d Conv3d".split()),
+    "conv": frozenset(["Conv1d", "Conv2d", "Conv3d"]),
     "norm": frozenset(
-        "BatchNorm1d BatchNorm2d BatchNorm3d SyncBatchNorm FrozenBatchNorm2d GroupNorm LayerNorm "
-        "InstanceNorm1d InstanceNorm2d InstanceNorm3d".split()
+        [
+            "BatchNorm1d",
+            "BatchNorm2d",
+            "BatchNorm3d",
+            "SyncBatchNorm",
+            "FrozenBatchNorm2d",
+            "GroupNorm",
+            "LayerNorm",
+            "InstanceNorm1d",
+            "InstanceNorm2d",
+            "InstanceNorm3d",
+        ]
     ),
     "activation": frozenset(
-        "ReLU ReLU6 SiLU GELU Hardswish Hardsigmoid LeakyReLU Mish Sigmoid Tanh ELU PReLU Identity".split()
+        [
+            "ReLU",
+            "ReLU6",
+            "SiLU",
+            "GELU",
+            "Hardswish",
+            "Hardsigmoid",
+            "LeakyReLU",
+            "Mish",
+            "Sigmoid",
+            "Tanh",
+            "ELU",
+            "PReLU",
+            "Identity",
+        ]
     ),
 }
 _CATEGORY_FUNCTIONS: Mapping[str, frozenset[object]] = {

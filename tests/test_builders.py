@@ -306,7 +306,7 @@ def test_option_annotations_fall_back_to_the_default_type(registered):
     registered.append("Untyped")
 
     @register_builder("Untyped")
-    def untyped(site, size=3, name=None, mode: "Literal['x']" = "x"):  # noqa: F821 - resolved by get_type_hints
+    def untyped(site, size=3, name=None, mode: "Literal['x']" = "x"):
         return nn.Identity()
 
     options = builder_options("Untyped")

@@ -88,7 +88,9 @@ def test_notebook_code_runs_in_order(tmp_path, monkeypatch):
     assert (plans["slim-neck"].params.after, plans["slim-neck"].flops.after) == SLIM_NECK
     assert type(namespace["slim"].model[13]).__name__ == "VoVGSCSP"
     assert type(namespace["model"].model[13]).__name__ == "C3"
-    assert (tmp_path / "yolov5l_slim_neck_report.html").read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+    assert (
+        (tmp_path / "yolov5l_slim_neck_report.html").read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+    )
 
 
 def test_notebook_is_committed_with_its_outputs():

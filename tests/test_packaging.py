@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def readme_commands() -> list[str]:
     text = (ROOT / "README.md").read_text()
-    return re.findall(r"```(?:bash|sh)\n(.+?)\n```", text, flags=re.S)
+    return re.findall(r"```(?:bash|sh)\n(.+?)\n```", text, flags=re.DOTALL)
 
 
 def test_readme_opens_with_two_commands_and_ci_runs_the_second():
@@ -22,8 +22,8 @@ def test_readme_opens_with_two_commands_and_ci_runs_the_second():
 
 def test_both_commands_pin_torch_through_the_constraints_file():
     constraints = (ROOT / "constraints.txt").read_text()
-    assert re.search(r"^torch==\S+$", constraints, flags=re.M)
-    assert re.search(r"^torchvision==\S+$", constraints, flags=re.M)
+    assert re.search(r"^torch==\S+$", constraints, flags=re.MULTILINE)
+    assert re.search(r"^torchvision==\S+$", constraints, flags=re.MULTILINE)
     for command in readme_commands()[:2]:
         assert "-c constraints.txt" in command
 

@@ -92,14 +92,24 @@ SLIM_NECK_L = Plan(
     device="meta",
     sites=[
         SiteChange(
-            "model.10", "conv-to-gsconv", "neck", "module",
-            "Conv(1024→512, k1, s1)", "GSConv(1024→512, k1, s1)",
-            Delta(525_312, 269_568), Delta(859_832_320, 441_548_800),
+            "model.10",
+            "conv-to-gsconv",
+            "neck",
+            "module",
+            "Conv(1024→512, k1, s1)",
+            "GSConv(1024→512, k1, s1)",
+            Delta(525_312, 269_568),
+            Delta(859_832_320, 441_548_800),
         ),
         SiteChange(
-            "model.13", "csp-to-vovgscsp", "neck", "module",
-            "C3(1024→512, s1, n=3)", "VoVGSCSP(1024→512, s1, n=3)",
-            Delta(2_757_632, 1_600_000), Delta(9_000_000_000, 6_000_000_000),
+            "model.13",
+            "csp-to-vovgscsp",
+            "neck",
+            "module",
+            "C3(1024→512, s1, n=3)",
+            "VoVGSCSP(1024→512, s1, n=3)",
+            Delta(2_757_632, 1_600_000),
+            Delta(9_000_000_000, 6_000_000_000),
         ),
     ],
     rejected=[Rejection("model.24.m.0", "conv-to-gsconv", "out_channels 255 is not a multiple of 2")],
@@ -145,8 +155,12 @@ def test_json_follows_the_schema_and_carries_the_figures():
     data = json.loads(render(slim_neck_l(), "json"))
     follows(data, PLAN_SCHEMA)
     assert data["schema_version"] == JSON_SCHEMA_VERSION == 1 and data["report"] == "plan"
-    assert data["totals"]["params"] == {"before": 46_563_709, "after": 39_958_781, "change": -6_604_928,
-                                        "percent": -14.1847}
+    assert data["totals"]["params"] == {
+        "before": 46_563_709,
+        "after": 39_958_781,
+        "change": -6_604_928,
+        "percent": -14.1847,
+    }
     assert data["totals"]["flops"]["percent"] == -11.0704
     assert list(data["stages"]) == ["backbone", "neck", "head", "other"]
     follows(data["stages"]["neck"], {"params": DELTA, "flops": DELTA})
@@ -181,8 +195,14 @@ def test_gates_say_which_missed_and_by_how_much():
     follows(data["gates"], [GATE])
     assert data["gates_passed"] is False
     assert data["gates"][2] | {"margin": None} == {
-        "gate": "max-flops", "limit": "max", "threshold": 90_000_000_000, "measured": 96_927_744_000,
-        "unit": "FLOPs", "passed": False, "margin": None, "detail": "missed by 6,927,744,000 FLOPs",
+        "gate": "max-flops",
+        "limit": "max",
+        "threshold": 90_000_000_000,
+        "measured": 96_927_744_000,
+        "unit": "FLOPs",
+        "passed": False,
+        "margin": None,
+        "detail": "missed by 6,927,744,000 FLOPs",
     }
     text = render(slim_neck_l(), "text", gates=gates)
     assert "FAILED: max-flops, min-flops-reduction" in text
@@ -199,11 +219,20 @@ def test_text_has_every_section_and_the_totals():
     text = render(slim_neck_l(), "text")
     for expected in [
         "rewrite plan: yolov5l with slim-neck",
-        "46,563,709", "39,958,781", "-6,604,928", "-14.18%", "46.56 M → 39.96 M",
-        "108,993,740,800", "96,927,744,000", "-11.07%",
+        "46,563,709",
+        "39,958,781",
+        "-6,604,928",
+        "-14.18%",
+        "46.56 M → 39.96 M",
+        "108,993,740,800",
+        "96,927,744,000",
+        "-11.07%",
         "Conv(1024→512, k1, s1) → GSConv(1024→512, k1, s1)",
-        "out_channels 255 is not a multiple of 2", "Detect", "matched nothing",
-        "passed: 2 outputs, shapes unchanged", "1×3×640×640",
+        "out_channels 255 is not a multiple of 2",
+        "Detect",
+        "matched nothing",
+        "passed: 2 outputs, shapes unchanged",
+        "1×3×640×640",
     ]:
         assert expected in text, expected
     stages = text.split("Stages\n")[1].split("\n\n")[0]

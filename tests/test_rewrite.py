@@ -1,7 +1,5 @@
 """plan() / apply(): matching semantics, module swaps and graph rewrites, all-or-nothing, shape checks."""
 
-import warnings
-
 import pytest
 import torch
 from torch import fx, nn
@@ -71,8 +69,12 @@ def test_chain_in_a_users_forward_is_rewritten_in_the_graph():
 
 def test_back_to_back_matches_and_the_scope():
     model = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.SiLU(),
-        nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8), nn.SiLU(),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.SiLU(),
+        nn.Conv2d(8, 8, 1),
+        nn.BatchNorm2d(8),
+        nn.SiLU(),
         nn.Conv2d(8, 6, 1),
     ).eval()
     plan = rewrite.plan(model, parse_rules(CONV_RULE), torch.rand(1, 3, 12, 12))
@@ -93,12 +95,15 @@ def test_where_rejections_are_kept_with_their_reason():
 
 
 def test_a_rule_that_matches_nothing_warns_or_fails_when_strict():
-    rules = parse_rules(CONV_RULE + """
+    rules = parse_rules(
+        CONV_RULE
+        + """
 [[rule]]
 name = "no-such-block"
 match.module = "BottleneckCSP"
 replace.builder = "VoVGSCSP"
-""")
+"""
+    )
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()).eval()
     with pytest.warns(NoMatchWarning, match="rule 'no-such-block' matched nothing"):
         plan = rewrite.plan(model, rules, torch.rand(1, 3, 8, 8))
@@ -160,7 +165,10 @@ def test_the_slim_neck_rule_set_works_on_a_yolo_style_model_from_another_package
     plan = rewrite.plan(model, "slim-neck", x)
 
     assert [(s.path, s.after.split("(")[0]) for s in plan.sites] == [
-        ("model.8", "GSConv"), ("model.11", "VoVGSCSP"), ("model.12", "GSConv"), ("model.14", "VoVGSCSP"),
+        ("model.8", "GSConv"),
+        ("model.11", "VoVGSCSP"),
+        ("model.12", "GSConv"),
+        ("model.14", "VoVGSCSP"),
     ]
     assert plan.params.after < plan.params.before and plan.flops.after < plan.flops.before
     assert plan.shape_check.passed

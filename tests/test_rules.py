@@ -275,9 +275,7 @@ ERRORS = {
         ["replace.n", "unknown derivation 'cont'", "did you mean 'count'?"],
     ),
     "derivation with two keys": (
-        rule(
-            'match.module = "C3"\nreplace.builder = "VoVGSCSP"\nreplace.n = { count = "B", fact = "x" }\n'
-        ),
+        rule('match.module = "C3"\nreplace.builder = "VoVGSCSP"\nreplace.n = { count = "B", fact = "x" }\n'),
         ["replace.n", '{ count = "ClassName" } or { fact = "name" }'],
     ),
     "derivation of an unknown fact": (

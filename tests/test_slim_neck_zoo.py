@@ -63,7 +63,9 @@ def test_slim_neck_state_dict_signature(name):
 def test_slim_neck_sites_on_yolov5l():
     plan = rewrite.plan(meta_model("yolov5l"), "slim-neck", META_INPUT)
     by_path = {site.path: site for site in plan.sites}
-    assert sorted(by_path, key=lambda p: int(p.split(".")[1])) == sorted(NECK_CONVS + NECK_CSPS, key=lambda p: int(p.split(".")[1]))
+    assert sorted(by_path, key=lambda p: int(p.split(".")[1])) == sorted(
+        NECK_CONVS + NECK_CSPS, key=lambda p: int(p.split(".")[1])
+    )
     assert all(by_path[p].after.startswith("GSConv(") for p in NECK_CONVS)
     assert all(by_path[p].after.startswith("VoVGSCSP(") for p in NECK_CSPS)
     assert by_path["model.10"].before == "Conv(1024→512, k1, s1)"

@@ -12,7 +12,10 @@ detection = torchvision.models.detection
 IMAGES = [torch.rand(3, 128, 128), torch.rand(3, 112, 128)]
 TARGETS = [
     {"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0]]), "labels": torch.tensor([1])},
-    {"boxes": torch.tensor([[30.0, 20.0, 90.0, 100.0], [5.0, 5.0, 40.0, 30.0]]), "labels": torch.tensor([2, 3])},
+    {
+        "boxes": torch.tensor([[30.0, 20.0, 90.0, 100.0], [5.0, 5.0, 40.0, 30.0]]),
+        "labels": torch.tensor([2, 3]),
+    },
 ]
 
 
@@ -38,7 +41,9 @@ def test_fpn_output_convs_become_gsconv_and_the_detector_still_trains(builder, e
     assert plan.shape_check.passed, plan.shape_check.detail
 
     new = plan.apply()
-    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())  # the user's model is untouched
+    assert all(
+        torch.equal(model.state_dict()[k], v) for k, v in before.items()
+    )  # the user's model is untouched
     assert type(new) is type(model)
     assert all(isinstance(new.get_submodule(path), GSConv) for path in expected_sites)
 

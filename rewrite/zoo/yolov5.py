@@ -25,17 +25,17 @@ from rewrite.errors import ModelSpecError
 from rewrite.zoo import register_model
 
 __all__ = [
-    "Conv",
-    "Bottleneck",
     "C3",
     "SPPF",
+    "Bottleneck",
     "Concat",
+    "Conv",
     "Detect",
     "DetectionModel",
+    "yolov5l",
+    "yolov5m",
     "yolov5n",
     "yolov5s",
-    "yolov5m",
-    "yolov5l",
     "yolov5x",
 ]
 
