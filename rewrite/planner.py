@@ -91,7 +91,9 @@ class Plan:
     _prepared: _Prepared | None = field(default=None, repr=False, compare=False)
 
     def apply(self) -> nn.Module:
-        """The rewritten model: a copy with real weights (new blocks freshly initialised), shapes checked.
+        """The rewritten model: a copy (new blocks freshly initialised), its outputs' shapes checked.
+
+        The copy's weights live where the planned model's do: a model built on meta gives a weight-free copy.
 
         Raises :class:`~rewrite.errors.ShapeCheckError` naming the site when the outputs do not line up.
         """
