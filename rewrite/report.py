@@ -135,7 +135,7 @@ def render(plan: Plan, fmt: str = "text", *, gates: Sequence[GateResult] = ()) -
             [(name, change.params.before, change.params.after) for name, change in _ordered(plan.stages)],
             [(name, change.flops.before, change.flops.after) for name, change in _ordered(plan.stages)],
         )
-        return _html(doc, charts)
+        return _html(doc, charts, _plan_alerts(plan, gates))
     return _markdown(doc) if fmt == "markdown" else _text(doc)
 
 
@@ -576,25 +576,78 @@ _CSS = """
 body { font: 14px/1.45 -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif; color: #1f2328;
        margin: 2rem auto; max-width: 1400px; padding: 0 1rem; }
 svg { font-family: -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif; }
-h1 { font-size: 1.5rem; margin-bottom: .5rem; } h2 { font-size: 1.1rem; margin: 1.8rem 0 .5rem; }
+h1 { font-size: 1.5rem; margin-bottom: .5rem; overflow-wrap: anywhere; }
+h2 { font-size: 1.1rem; margin: 2rem 0 .5rem; padding-bottom: .2rem; border-bottom: 1px solid #d1d9e0; }
 dl.facts { display: grid; grid-template-columns: max-content auto; gap: .15rem 1rem; margin: 0; }
-dl.facts dt { color: #59636e; } dl.facts dd { margin: 0; }
+dl.facts dt { color: #59636e; } dl.facts dd { margin: 0; overflow-wrap: anywhere; }
+dd.bad, td.bad { color: #cf222e; font-weight: 600; } dd.ok, td.ok { color: #1a7f37; }
+.alert { margin: 1rem 0; padding: .6rem .9rem; border: 1px solid; border-left-width: 5px; border-radius: 6px; }
+.alert.bad { background: #ffebe9; border-color: #cf222e; color: #82071e; }
+.alert.ok { background: #dafbe1; border-color: #1a7f37; color: #116329; }
+.alert p { margin: 0; } .alert ul { margin: .3rem 0 0; padding-left: 1.3rem; } .alert strong { font-size: 1.05rem; }
 table { border-collapse: collapse; margin: .3rem 0; }
 th, td { border: 1px solid #d1d9e0; padding: .25rem .55rem; text-align: left; vertical-align: top;
          white-space: nowrap; }
-td.wrap { white-space: normal; min-width: 20rem; }
-th { background: #f6f8fa; } td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.wrap { white-space: normal; min-width: 20rem; overflow-wrap: anywhere; }
+td.path, td.pair { white-space: normal; } td.pair span { white-space: nowrap; }
+th { background: #f6f8fa; } th.group { text-align: center; }
+td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
 tr.failed td { background: #ffebe9; }
-.none { color: #59636e; font-style: italic; } .scroll { overflow-x: auto; }
-.charts { display: flex; flex-wrap: wrap; gap: 2rem; margin-top: 1rem; }
+li { overflow-wrap: anywhere; }
+.none { color: #59636e; font-style: italic; }
+/* A table wider than the page scrolls in its box; shadows at the edges say that there is more to see. */
+.scroll { overflow-x: auto; max-width: 100%;
+  background: linear-gradient(to right, #fff 30%, rgba(255,255,255,0)) left / 2rem 100%,
+              linear-gradient(to left, #fff 30%, rgba(255,255,255,0)) right / 2rem 100%,
+              radial-gradient(farthest-side at 0 50%, rgba(0,0,0,.22), rgba(0,0,0,0)) left / .8rem 100%,
+              radial-gradient(farthest-side at 100% 50%, rgba(0,0,0,.22), rgba(0,0,0,0)) right / .8rem 100%;
+  background-repeat: no-repeat; background-attachment: local, local, scroll, scroll; }
+.charts { display: flex; flex-wrap: wrap; gap: 1rem 3rem; margin-top: 1rem; }
+.charts svg { max-width: 100%; height: auto; }
 """
 
 
-def _html(doc: _Document, charts: str) -> str:
-    """The document as a page; ``charts`` (inline SVG) go below the per-stage table they draw."""
+def _plan_alerts(plan: Plan, gates: Sequence[GateResult]) -> list[tuple[bool, str, list[str]]]:
+    """What a reader must see first, as (ok, headline, details): failed gates, a failed shape check, or
+    that every gate passed."""
+    alerts = []
+    failed = [g for g in gates if not g.passed]
+    if failed:
+        alerts.append(
+            (
+                False,
+                f"{len(failed)} of {len(gates)} gate{'' if len(gates) == 1 else 's'} failed",
+                [
+                    f"--{g.gate}: needs {'≤' if g.limit == 'max' else '≥'} {_gate_value(g.threshold, g.unit)}, "
+                    f"measured {_gate_value(g.measured, g.unit)}: {g.detail}"
+                    for g in failed
+                ],
+            )
+        )
+    if not plan.shape_check.passed:
+        alerts.append(
+            (False, "Shape check failed", [plan.shape_check.detail] if plan.shape_check.detail else [])
+        )
+    if gates and not failed:
+        alerts.append((True, f"All {len(gates)} gate{'' if len(gates) == 1 else 's'} passed", []))
+    return alerts
+
+
+def _html(doc: _Document, charts: str, alerts: Sequence[tuple[bool, str, list[str]]] = ()) -> str:
+    """The document as a page; ``alerts`` (failed gates …) stand out under the title, and ``charts`` (inline
+    SVG) go below the per-stage table they draw."""
     e = _escape
-    body = [f"<h1>{e(doc.title)}</h1>", '<dl class="facts">']
-    body += [f"<dt>{e(label)}</dt><dd>{e(value)}</dd>" for label, value in doc.facts]
+    body = [f"<h1>{e(doc.title)}</h1>"]
+    for ok, headline, details in alerts:
+        items = "".join(f"<li>{e(d)}</li>" for d in details)
+        body.append(
+            f'<div class="alert {"ok" if ok else "bad"}" role="{"status" if ok else "alert"}">'
+            f"<p><strong>{e(headline)}</strong></p>" + (f"<ul>{items}</ul>" if items else "") + "</div>"
+        )
+    body.append('<dl class="facts">')
+    for label, value in doc.facts:
+        state = _fact_state(value) if label in ("shape check", "gates") else ""
+        body.append(f"<dt>{e(label)}</dt><dd{state}>{e(value)}</dd>")
     body.append("</dl>")
     for section in doc.sections:
         body.append(f"<h2>{e(section.title)}</h2>")
@@ -615,22 +668,100 @@ def _html(doc: _Document, charts: str) -> str:
     )
 
 
+def _fact_state(value: str) -> str:
+    if value.startswith("FAILED"):
+        return ' class="bad"'
+    return ' class="ok"' if value.startswith(("passed", "all ")) else ""
+
+
+# Columns whose cells are module paths: they may break after a dot rather than widen the table.
+_PATH_HEADERS = ("path", "module")
+_SUB_HEADERS = ("before", "after", "Δ", "Δ %")
+
+
+def _column_groups(headers: list[str]) -> list[tuple[str, int]]:
+    """Runs of ``_delta_headers(what)`` as (what, 4), every other column as ("", 1); empty when there are no
+    runs. Two "Δ %" columns side by side only read right under a "params" / "FLOPs" group header.
+
+    >>> _column_groups(["stage", *_delta_headers("params"), *_delta_headers("FLOPs")])
+    [('', 1), ('params', 4), ('FLOPs', 4)]
+    """
+    groups, i = [], 0
+    while i < len(headers):
+        what = next((w for w in ("params", "FLOPs") if headers[i : i + 4] == _delta_headers(w)), None)
+        groups.append((what, 4) if what else ("", 1))
+        i += 4 if what else 1
+    return groups if any(what for what, _ in groups) else []
+
+
+def _path_chunks(path: str, short: int = 12) -> list[str]:
+    """``path`` cut after dots into pieces of at least ``short`` characters, the places where a cell may break
+    a long path: never after every dot, which would stack "model." "0." "m." one a line in a squeezed table.
+
+    >>> _path_chunks("model.backbone.body.layer4.2.downsample.0")
+    ['model.backbone.', 'body.layer4.', '2.downsample.0']
+    >>> _path_chunks("backbone.fpn.layer_blocks.3"), _path_chunks("model.10")
+    (['backbone.fpn.', 'layer_blocks.3'], ['model.10'])
+    """
+    chunks = [""]
+    for part in path.split("."):
+        if len(chunks[-1]) >= short:
+            chunks.append("")
+        chunks[-1] += part + "."
+    chunks[-1] = chunks[-1][:-1]
+    if len(chunks) > 1 and len(chunks[-1]) < short // 2:  # no lone "0" on the last line
+        chunks[-2:] = [chunks[-2] + chunks[-1]]
+    return chunks
+
+
 def _html_table(table: _Table) -> str:
     e = _escape
 
     def cls(i: int) -> str:
-        return ' class="num"' if i in table.numeric else ' class="wrap"' if i in table.wrap else ""
+        if i in table.numeric:
+            return "num"
+        if i in table.wrap:
+            return "wrap"
+        return "path" if table.headers[i] in _PATH_HEADERS else ""
 
-    head = "".join(f"<th{cls(i)}>{e(h)}</th>" for i, h in enumerate(table.headers))
+    def attr(name: str) -> str:
+        return f' class="{name}"' if name else ""
+
+    def cell(i: int, value: str, failed: bool) -> str:
+        name, text = cls(i), e(value)
+        if name == "path":
+            text = "<wbr>".join(e(chunk) for chunk in _path_chunks(value))
+        elif not name and " → " in value:  # "Conv(…) → GSConv(…)" breaks at the arrow, never inside a side
+            before, _, after = value.partition(" → ")
+            name, text = "pair", f"<span>{e(before)} →</span> <span>{e(after)}</span>"
+        elif table.headers[i] == "result" and value in ("pass", "FAIL"):
+            name = "bad" if failed else "ok"
+        return f"<td{attr(name)}>{text}</td>"
+
+    groups = _column_groups(table.headers)
+    if groups:
+        top, sub, i = [], [], 0
+        for what, span in groups:
+            if what:
+                top.append(f'<th colspan="{span}" class="group">{e(what)}</th>')
+                sub += [f"<th{attr(cls(i + k))}>{e(h)}</th>" for k, h in enumerate(_SUB_HEADERS)]
+            else:
+                top.append(f'<th rowspan="2"{attr(cls(i))}>{e(table.headers[i])}</th>')
+            i += span
+        head = f"<tr>{''.join(top)}</tr>\n<tr>{''.join(sub)}</tr>"
+    else:
+        head = (
+            "<tr>" + "".join(f"<th{attr(cls(i))}>{e(h)}</th>" for i, h in enumerate(table.headers)) + "</tr>"
+        )
     rows = [
         ('<tr class="failed">' if r in table.failed_rows else "<tr>")
-        + "".join(f"<td{cls(i)}>{e(cell)}</td>" for i, cell in enumerate(row))
+        + "".join(cell(i, value, r in table.failed_rows) for i, value in enumerate(row))
         + "</tr>"
         for r, row in enumerate(table.rows)
     ]
     body = "\n".join(rows)
     # Wide tables (the sites have 12 columns) scroll inside their box instead of widening the page.
-    return f'<div class="scroll"><table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody>\n</table></div>'
+    return f'<div class="scroll"><table>\n<thead>{head}</thead>\n<tbody>\n{body}\n</tbody>\n</table></div>'
 
 
 def _escape(value: object) -> str:
@@ -638,7 +769,7 @@ def _escape(value: object) -> str:
 
 
 # Bar chart geometry, in SVG user units (pixels).
-_LABEL_W, _BAR_W, _VALUE_W, _BAR_H, _GAP, _ROW_GAP, _TOP = 80, 240, 150, 14, 3, 14, 46
+_LABEL_W, _LABEL_MAX_W, _BAR_W, _VALUE_W, _BAR_H, _GAP, _ROW_GAP, _TOP = 80, 200, 240, 150, 14, 3, 14, 46
 _BEFORE_COLOR, _AFTER_COLOR, _GROWN_COLOR = "#afb8c1", "#0969da", "#cf222e"
 
 
@@ -655,9 +786,15 @@ def _stage_charts(params: list[tuple[str, int, int | None]], flops: list[tuple[s
 def _bar_chart(title: str, rows: list[tuple[str, int, int | None]]) -> str:
     e = _escape
     compare = any(after is not None for _, _, after in rows)
+    grew = any(after is not None and after > before for _, before, after in rows)
     bars_per_row = 2 if compare else 1
     row_h = bars_per_row * _BAR_H + (bars_per_row - 1) * _GAP + _ROW_GAP
-    width, height = _LABEL_W + _BAR_W + _VALUE_W, _TOP + max(len(rows), 1) * row_h
+    # Stage names are short, but a custom one must not run into the bars: the label column grows to fit
+    # (about 7 px a character at 12 px) up to a limit, past which the name is cut and whole in a tooltip.
+    longest = max([len(stage) for stage, _, _ in rows] or [0])
+    label_w = min(max(_LABEL_W, 7 * longest + 12), _LABEL_MAX_W)
+    top = _TOP if compare else _TOP - 18  # a profile's single bars need no legend row
+    width, height = label_w + _BAR_W + _VALUE_W, top + max(len(rows), 1) * row_h
     scale = max([max(before, after or 0) for _, before, after in rows] or [1]) or 1
 
     parts = [
@@ -666,13 +803,17 @@ def _bar_chart(title: str, rows: list[tuple[str, int, int | None]]) -> str:
         f'<text x="0" y="14" font-weight="bold" font-size="13">{e(title)}</text>',
     ]
     if compare:
-        for i, (label, color) in enumerate((("before", _BEFORE_COLOR), ("after", _AFTER_COLOR))):
-            x = _LABEL_W + i * 80
+        legend = [("before", _BEFORE_COLOR), ("after", _AFTER_COLOR)]
+        legend += [("after, grew", _GROWN_COLOR)] if grew else []
+        for i, (label, color) in enumerate(legend):
+            x = label_w + i * 80
             parts.append(f'<rect x="{x}" y="24" width="10" height="10" fill="{color}"/>')
             parts.append(f'<text x="{x + 14}" y="33">{label}</text>')
     for r, (stage, before, after) in enumerate(rows):
-        y = _TOP + r * row_h
-        parts.append(f'<text x="0" y="{y + _BAR_H - 2}">{e(stage)}</text>')
+        y = top + r * row_h
+        name = stage if 7 * len(stage) + 12 <= label_w else stage[: (label_w - 12) // 7 - 1] + "…"
+        tip = f"<title>{e(stage)}</title>" if name != stage else ""
+        parts.append(f'<text x="0" y="{y + _BAR_H - 2}">{tip}{e(name)}</text>')
         bars = [(before, _BEFORE_COLOR if compare else _AFTER_COLOR, _si(before))]
         if compare and after is not None:
             change = 100.0 * (after - before) / before if before else 0.0
@@ -681,7 +822,13 @@ def _bar_chart(title: str, rows: list[tuple[str, int, int | None]]) -> str:
         for b, (value, color, text) in enumerate(bars):
             by = y + b * (_BAR_H + _GAP)
             w = round(_BAR_W * value / scale, 1)
-            parts.append(f'<rect x="{_LABEL_W}" y="{by}" width="{w}" height="{_BAR_H}" fill="{color}"/>')
-            parts.append(f'<text x="{_LABEL_W + w + 4}" y="{by + _BAR_H - 3}">{e(text)}</text>')
+            fill = f' fill="{_GROWN_COLOR}"' if color == _GROWN_COLOR else ""
+            parts.append(f'<rect x="{label_w}" y="{by}" width="{w}" height="{_BAR_H}" fill="{color}"/>')
+            parts.append(f'<text x="{label_w + w + 4}" y="{by + _BAR_H - 3}"{fill}>{e(text)}</text>')
+    # The zero line the bars grow from: every bar in one chart shares it and one scale.
+    parts.append(
+        f'<line x1="{label_w - 0.5}" y1="{top - 4}" x2="{label_w - 0.5}" y2="{height - _ROW_GAP + 4}" '
+        'stroke="#59636e" stroke-width="1"/>'
+    )
     parts.append("</svg>")
     return "".join(parts)

@@ -275,6 +275,48 @@ def test_html_is_one_self_contained_file_with_charts():
     assert page.count("<rect") == 2 * (2 + 3 * 2)  # per chart: two legend squares, three stages × two bars
 
 
+def test_html_reads_at_a_glance():
+    failing = render(slim_neck_l(), "html", gates=check_gates(slim_neck_l(), min_flops_reduction=12.0))
+    # A failed gate is a red banner above everything else, saying which gate and by how much.
+    banner = re.search(r'<div class="alert bad" role="alert">(.*?)</div>', failing).group(1)
+    assert failing.index(banner) < failing.index("<h2>")
+    assert "1 of 1 gate failed" in banner and "--min-flops-reduction" in banner
+    assert "missed by 0.93 percentage points" in banner
+    assert (
+        '<dd class="bad">FAILED: min-flops-reduction</dd>' in failing
+        and '<td class="bad">FAIL</td>' in failing
+    )
+    passing = render(slim_neck_l(), "html", gates=check_gates(slim_neck_l(), min_flops_reduction=10))
+    assert 'class="alert ok"' in passing and "All 1 gate passed" in passing and "alert bad" not in passing
+    assert '<div class="alert' not in render(slim_neck_l(), "html")  # no gates, nothing to announce
+    broken = render(slim_neck_l(shape_check=ShapeCheck(False, "output 0 was 1×255, now 1×254")), "html")
+    assert "Shape check failed" in broken and "output 0 was 1×255, now 1×254" in broken
+
+    # The two "Δ %" columns sit under "params" and "FLOPs" group headers.
+    assert '<th colspan="4" class="group">params</th><th colspan="4" class="group">FLOPs</th>' in failing
+    assert '<th rowspan="2">stage</th>' in failing and failing.count('<th class="num">Δ %</th>') == 4
+    # A rewrite breaks at its arrow, never inside a signature; a long path breaks after a dot.
+    assert (
+        '<td class="pair"><span>Conv(1024→512, k1, s1) →</span> <span>GSConv(1024→512, k1, s1)</span>'
+        in failing
+    )
+    long_path = slim_neck_l(leaves=[Leaf("model.backbone.body.layer4.2.downsample.0", "Conv2d", "x")])
+    assert "model.backbone.<wbr>body.layer4.<wbr>2.downsample.0" in render(long_path, "html")
+
+    # Bars grow from one drawn zero line; a stage that grew is red, and the legend says what red means.
+    assert failing.count("<line") == 2 and "after, grew" not in failing
+    grown = slim_neck_l(
+        stages={"neck": StageChange(Delta(19_000_000, 12_395_072), Delta(48_000_000_000, 50_000_000_000))}
+    )
+    chart = render(grown, "html").split("FLOPs per stage</text>")[1]
+    assert "after, grew" in chart and 'fill="#cf222e">50.00 G (+4.17%)' in chart
+    # A long stage name widens the label column (up to a limit) instead of running into the bars.
+    named = slim_neck_l(stages={"a-very-long-stage": StageChange(Delta(10, 5), Delta(100, 50))})
+    assert '<rect x="131" y="46"' in render(named, "html")
+    huge = slim_neck_l(stages={"s" * 60: StageChange(Delta(10, 5), Delta(100, 50))})
+    assert f"<title>{'s' * 60}</title>{'s' * 25}…</text>" in render(huge, "html")
+
+
 def test_html_escapes_everything_user_controlled():
     attack = "<script>alert(1)</script>"
     hostile = slim_neck_l(
