@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from rewrite.errors import NoMatchError, NoMatchWarning, RewriteError, ShapeCheckError
+from rewrite.execution import run
 from rewrite.graph import StageMap, resolve_scope, to_networkx
 from rewrite.match import Match, Rejection, find_matches
 from rewrite.profiler import Cost, profile
@@ -50,7 +51,7 @@ class Delta:
 class SiteChange:
     """One rewritten site: what was there, what replaces it, and what that costs."""
 
-    path: str  # module path of the replaced module call (graph rewrites: where the new module is installed)
+    path: str  # module path of the replaced module call (graph rewrites: the module of the site's first op)
     rule: str
     stage: str | None
     kind: str  # "module": a module object swapped in its parent; "graph": fx nodes replaced in a GraphModule
@@ -234,15 +235,14 @@ _ZERO = Cost(params=0, flops=0)
 def _measure_site(traced: Traced, built: BuiltSite, stages: StageMap) -> SiteChange:
     """Measure a site alone, old and new, on its traced input shape; a new block of the wrong shape is an error."""
     match, site = built.match, built.match.site
-    block_device = next((p.device for p in built.block.parameters()), site.device)
-    x = torch.zeros(site.in_shape, dtype=site.dtype, device=block_device)
-    out = built.block(x)
+    x = torch.empty(site.in_shape, dtype=site.dtype, device="meta")
+    out = run(built.block, (x,)).value
     if tuple(out.shape) != site.out_shape:
         raise ShapeCheckError(
             f"{match.path}: rule '{match.rule.name}' built {type(built.block).__name__} giving "
             f"{tuple(out.shape)} for input {site.in_shape}, but the site gives {site.out_shape}"
         )
-    old = profile(site_module(traced, match), (x.to("meta"),), stages=StageMap()).total
+    old = profile(site_module(traced, match), (x,), stages=StageMap()).total
     new = profile(built.block, (x,), stages=StageMap()).total
     return SiteChange(
         path=match.path,
