@@ -258,6 +258,16 @@ def _norm_settings(site: Site) -> dict[str, Any]:
     }
 
 
+def _gs_settings(site: Site, activation: str, dw_kernel: int, shuffle: str) -> dict[str, Any]:
+    """The keywords every GS block takes: activation, depthwise kernel, shuffle, and the site's norm settings."""
+    return {
+        "act": _activation(activation, site),
+        "dw_kernel": dw_kernel,
+        "shuffle": shuffle,
+        **_norm_settings(site),
+    }
+
+
 def _same_size(site: Site, block: str) -> None:
     # These blocks have no stride: a strided site would change the output size.
     if site.stride not in (None, 1):
@@ -284,10 +294,7 @@ def _gsconv(
         _known(site, "out_channels"),
         _known(site, "kernel_size"),
         _known(site, "stride"),
-        act=_activation(activation, site),
-        dw_kernel=dw_kernel,
-        shuffle=shuffle,
-        **_norm_settings(site),
+        **_gs_settings(site, activation, dw_kernel, shuffle),
     )
 
 
@@ -308,10 +315,7 @@ def _gs_bottleneck(
         _known(site, "out_channels"),
         kernel_size,
         expansion=expansion,
-        act=_activation(activation, site),
-        dw_kernel=dw_kernel,
-        shuffle=shuffle,
-        **_norm_settings(site),
+        **_gs_settings(site, activation, dw_kernel, shuffle),
     )
 
 
@@ -332,8 +336,5 @@ def _vovgscsp(
         _known(site, "out_channels"),
         n,
         expansion=expansion,
-        act=_activation(activation, site),
-        dw_kernel=dw_kernel,
-        shuffle=shuffle,
-        **_norm_settings(site),
+        **_gs_settings(site, activation, dw_kernel, shuffle),
     )
