@@ -68,7 +68,8 @@ _FUNCTIONAL_ACTIVATIONS: Mapping[object, type[nn.Module]] = {
 
 @dataclass(frozen=True)
 class Rejection:
-    """A candidate that a rule's ``match`` caught but its ``where`` (or the scope) turned down."""
+    """A candidate that a rule's ``match`` caught in scope but that cannot be rewritten: a ``where`` test failed,
+    or the site does not have one tensor in and one out."""
 
     path: str
     rule: str
@@ -81,7 +82,7 @@ class Match:
 
     ``kind`` is ``"module"`` when the site is exactly one module call, so the module object can be swapped in
     its parent (``path`` is that module), and ``"graph"`` when the site's nodes are spread over a forward that
-    is not a single module (``path`` names the innermost module the nodes share; the rewrite happens in the
+    is not a single module (``path`` names the module of the site's first op; the rewrite happens in the
     traced region's fx graph).
     """
 
@@ -147,19 +148,20 @@ def find_matches(graph: nx.DiGraph, rules: RuleSet, scope: Scope) -> MatchResult
             )
         if not found:
             result.unmatched_rules.append(rule.name)
-    result.matches.sort(key=lambda m: graph.nodes[m.nodes[0]]["order"])
+    result.matches.sort(key=lambda m: graph.nodes[m.nodes[0]]["order"])  # graph order, whichever rule won
     return result
 
 
 class _CallIndex:
-    """Module calls in the graph: which nodes each call made, and how often each module path was called."""
+    """The graph's nodes in order, and its module calls: which nodes each call made, how often each path was called."""
 
     def __init__(self, graph: nx.DiGraph) -> None:
+        self.ordered: list[str] = sorted(graph.nodes, key=lambda k: graph.nodes[k]["order"])
         self.nodes_of_call: dict[object, list[str]] = {}
         self.path_of_call: dict[object, str] = {}
         self.type_of_call: dict[object, str] = {}
         calls_per_path: dict[str, set[object]] = {}
-        for key in sorted(graph.nodes, key=lambda k: graph.nodes[k]["order"]):
+        for key in self.ordered:
             data = graph.nodes[key]
             if data["op"] in ("placeholder", "output"):
                 continue
@@ -180,12 +182,12 @@ class _CallIndex:
 
 def _candidates(graph: nx.DiGraph, calls: _CallIndex, rule: Rule) -> Iterator[_Candidate]:
     if rule.match.module:
-        yield from _module_candidates(graph, calls, set(rule.match.module))
+        yield from _module_candidates(calls, set(rule.match.module))
     else:
         yield from _chain_candidates(graph, calls, rule)
 
 
-def _module_candidates(graph: nx.DiGraph, calls: _CallIndex, class_names: set[str]) -> Iterator[_Candidate]:
+def _module_candidates(calls: _CallIndex, class_names: set[str]) -> Iterator[_Candidate]:
     for call, nodes in calls.nodes_of_call.items():  # insertion order = graph order of each call's first node
         if calls.type_of_call[call] in class_names:
             yield _Candidate(tuple(nodes), call, calls.path_of_call[call])
@@ -193,7 +195,7 @@ def _module_candidates(graph: nx.DiGraph, calls: _CallIndex, class_names: set[st
 
 def _chain_candidates(graph: nx.DiGraph, calls: _CallIndex, rule: Rule) -> Iterator[_Candidate]:
     steps = rule.match.chain
-    for key in sorted(graph.nodes, key=lambda k: graph.nodes[k]["order"]):
+    for key in calls.ordered:
         chain = _follow_chain(graph, key, steps)
         if chain:
             yield _covering(graph, calls, tuple(chain))
@@ -302,20 +304,20 @@ def _site(graph: nx.DiGraph, calls: _CallIndex, candidate: _Candidate, rule: Rul
         for call in {c for key in candidate.nodes for c in graph.nodes[key]["call_stack"]}
         if set(calls.nodes_of_call[call]) <= own
     )
-    reference = next((p for m in modules for p in m.parameters()), None)
-    spatial_stride = (
-        max(1, round(in_shape[2] / out_shape[2]))
-        if len(in_shape) > 2 and len(out_shape) > 2 and out_shape[2]
-        else 1
-    )
+    if candidate.covering_call is not None:
+        module_type = calls.type_of_call[candidate.covering_call]
+    elif conv is not None:
+        module_type = type(conv).__name__
+    else:
+        module_type = graph.nodes[candidate.nodes[0]]["module_type"]
+    spatial_stride = 1
+    if len(in_shape) > 2 and len(out_shape) > 2 and out_shape[2]:
+        spatial_stride = max(1, round(in_shape[2] / out_shape[2]))
+    weight = next((p for m in modules for p in m.parameters()), None)
     site = Site(
         path=path,
         rule=rule.name,
-        module_type=calls.type_of_call[candidate.covering_call]
-        if candidate.covering_call is not None
-        else type(conv).__name__
-        if conv is not None
-        else graph.nodes[candidate.nodes[0]]["module_type"],
+        module_type=module_type,
         in_channels=in_shape[1],
         out_channels=out_shape[1],
         in_shape=in_shape,
@@ -324,13 +326,14 @@ def _site(graph: nx.DiGraph, calls: _CallIndex, candidate: _Candidate, rule: Rul
         kernel_size=conv.kernel_size if conv is not None else None,
         groups=conv.groups if conv is not None else None,
         dilation=conv.dilation if conv is not None else None,
-        padding=conv.padding if conv is not None and not isinstance(conv.padding, str) else None,
+        padding=conv.padding if conv is not None else None,
         bias=conv.bias is not None if conv is not None else None,
         activation=activation,
         norm=norm,
         counts=dict(counts),
-        device=reference.device if reference is not None else torch.device("cpu"),
-        dtype=reference.dtype if reference is not None else torch.float32,
+        # New blocks go where the replaced weights are; a site without weights follows its input.
+        device=weight.device if weight is not None else torch.device("cpu"),
+        dtype=weight.dtype if weight is not None else graph.nodes[inputs[0]]["dtypes"][0],
     )
     return site, inputs[0], outputs[0]
 
