@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -206,15 +206,27 @@ def _replaced_module(model: nn.Module, path: str) -> nn.Module:
 
 
 def _meta_memo(model: nn.Module) -> dict[int, object]:
-    """A deepcopy memo that turns every tensor the model holds into an empty meta tensor of the same kind."""
+    """A deepcopy memo that turns every tensor the model holds into an empty meta tensor of the same kind.
+
+    Besides parameters and buffers, that covers tensors a forward cached in plain attributes, lists or dicts
+    (anchor grids and the like), which would otherwise stay on the real device beside meta weights.
+    """
     memo: dict[int, object] = {}
     for module in model.modules():
         for value in vars(module).values():
-            tensors = value.values() if isinstance(value, dict) else [value]
-            for tensor in tensors:
+            for tensor in _held(value):
                 if isinstance(tensor, torch.Tensor) and id(tensor) not in memo:
                     memo[id(tensor)] = _meta_like(tensor)
     return memo
+
+
+def _held(value: object) -> Iterable[object]:
+    """What an attribute holds: a dict's values, a list's or tuple's items, or the value itself."""
+    if isinstance(value, dict):
+        return value.values()
+    if isinstance(value, (list, tuple)):
+        return value
+    return (value,)
 
 
 def _meta_like(tensor: torch.Tensor) -> torch.Tensor:

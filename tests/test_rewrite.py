@@ -7,6 +7,7 @@ from torch import fx, nn
 import rewrite
 from rewrite.builders import register_builder
 from rewrite.errors import BuildError, NoMatchError, NoMatchWarning, ScopeError
+from rewrite.rewriter import build_sites, rewrite_model
 from rewrite.rules import parse_rules
 from tests.models import TinyYolo
 
@@ -183,3 +184,32 @@ def test_the_slim_neck_rule_set_works_on_a_yolo_style_model_from_another_package
     raw = new(x)
     sum(r.float().mean() for r in raw).backward()
     assert all(p.grad is not None for p in new.model[11].parameters())
+
+
+class CachesABias(nn.Module):
+    """Keeps a tensor in a plain list attribute, filled by its first forward, as anchor-grid caches do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.cache: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.cache:
+            self.cache.append(torch.ones(1, 8, 1, 1))
+        return self.conv(x) + self.cache[0]
+
+
+def test_a_weight_free_copy_moves_tensors_a_forward_cached_to_meta_too():
+    model = CachesABias().eval()
+    x = torch.rand(1, 3, 8, 8)
+    model(x)  # the cache now holds a CPU tensor, which a weight-free copy must not keep on the CPU
+    plan = rewrite.plan(model, parse_rules(CONV_RULE), x)
+    assert [s.path for s in plan.sites] == ["conv"]
+    assert plan.apply()(x).shape == (1, 8, 8, 8)
+
+    prepared = plan._prepared
+    sites = build_sites(model, prepared.matches, device=torch.device("meta"))
+    copy = rewrite_model(model, prepared.traced, sites, on_meta=True)
+    assert copy.cache[0].is_meta and model.cache[0].device.type == "cpu"
+    assert copy(x.to("meta")).shape == (1, 8, 8, 8)
