@@ -8,10 +8,11 @@ Examples::
     rewrite profile yolov5s --input 1,3,320,320
     rewrite rules check my-rules.toml
 
-Exit codes: 0 ok; 1 a gate failed; 2 bad input (model spec, rules, scope, input shape, option), printed
-as one line ``rewrite: error: ...`` on stderr. Anything else is a bug and keeps its traceback. stdout carries
-only the report; progress goes to stderr (``--quiet`` silences it). With ``GITHUB_STEP_SUMMARY`` set, ``plan``
-and ``profile`` also append their markdown report to that file. See ``docs/cli.md``.
+Exit codes: 0 ok; 1 a gate or the shape check failed; 2 bad input (model spec, rules, scope, input shape,
+option, an ``--output`` that cannot be written), printed as one line ``rewrite: error: ...`` on stderr. Anything
+else is a bug and keeps its traceback. stdout carries only the report; progress goes to stderr (``--quiet``
+silences it). With ``GITHUB_STEP_SUMMARY`` set, ``plan`` and ``profile`` also append their markdown report to
+that file. See ``docs/cli.md``.
 """
 
 from __future__ import annotations
@@ -123,7 +124,9 @@ def _build_parser() -> _Parser:
     gates = plan.add_argument_group(
         "gates (exit code 1 when one fails; they apply to the figures after the rewrite)"
     )
-    gates.add_argument("--fail-on-no-match", action="store_true", help="fail when no site is rewritten")
+    gates.add_argument(
+        "--fail-on-no-match", action="store_true", help="fail when a rule matches nothing in scope"
+    )
     gates.add_argument("--max-params", type=_parse_count, metavar="N", help="at most N params, e.g. 40M")
     gates.add_argument("--max-flops", type=_parse_count, metavar="N", help="at most N FLOPs, e.g. 100G")
     for what in ("params", "flops"):
@@ -366,9 +369,12 @@ def _run_apply(args: argparse.Namespace) -> int:
     say("applying")
     rewritten = result.apply()
     folder = Path(args.output)
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.save(rewritten.state_dict(), folder / "state_dict.pt")
-    (folder / "plan.json").write_text(render(result, "json"), encoding="utf-8")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save(rewritten.state_dict(), folder / "state_dict.pt")
+        (folder / "plan.json").write_text(render(result, "json"), encoding="utf-8")
+    except OSError as error:
+        raise _cannot_write(folder, error) from error
     say(f"wrote {folder / 'state_dict.pt'} and {folder / 'plan.json'}")
     sys.stdout.write(render(result, "text"))
     return 0
@@ -449,9 +455,17 @@ def _write_report(report: str, output: str | None, say: Callable[[str], None]) -
         sys.stdout.write(report)
         return
     path = Path(output)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(report, encoding="utf-8")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(report, encoding="utf-8")
+    except OSError as error:
+        raise _cannot_write(path, error) from error
     say(f"wrote {path}")
+
+
+def _cannot_write(path: Path, error: OSError) -> _UsageError:
+    """An ``--output`` that cannot be written (a folder for a file, a file for a folder, no permission)."""
+    return _UsageError(f"--output {path}: cannot write there: {error.strerror or error}")
 
 
 def _append_step_summary(markdown: Callable[[], str]) -> None:

@@ -44,7 +44,7 @@ from torch import nn
 
 from rewrite.builders import Site
 from rewrite.graph import Scope
-from rewrite.rules import Rule, RuleSet, is_activation
+from rewrite.rules import ChainStep, Rule, RuleSet, is_activation
 
 __all__ = ["Match", "MatchResult", "Rejection", "find_matches"]
 
@@ -201,7 +201,7 @@ def _chain_candidates(graph: nx.DiGraph, calls: _CallIndex, rule: Rule) -> Itera
             yield _covering(graph, calls, tuple(chain))
 
 
-def _follow_chain(graph: nx.DiGraph, start: str, steps) -> list[str] | None:
+def _follow_chain(graph: nx.DiGraph, start: str, steps: tuple[ChainStep, ...]) -> list[str] | None:
     """The longest node chain from ``start`` that the steps accept, each link being its predecessor's sole user."""
     if not _accepts(graph, start, steps[0]):
         return None
@@ -226,7 +226,7 @@ def _follow_chain(graph: nx.DiGraph, start: str, steps) -> list[str] | None:
     return best
 
 
-def _accepts(graph: nx.DiGraph, key: str, step) -> bool:
+def _accepts(graph: nx.DiGraph, key: str, step: ChainStep) -> bool:
     data = graph.nodes[key]
     module = data["module"]
     class_name = type(module).__name__ if module is not None else None

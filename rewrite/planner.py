@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from rewrite.builders import Site
 from rewrite.errors import NoMatchError, NoMatchWarning, RewriteError, ShapeCheckError
 from rewrite.execution import run
 from rewrite.graph import StageMap, resolve_scope, to_networkx
@@ -205,10 +206,10 @@ def plan(
         flops=Delta(before.total.flops, after.total.flops),
         stages={
             name: StageChange(
-                Delta(before.stages[name].params, after.stages.get(name, _ZERO).params),
-                Delta(before.stages[name].flops, after.stages.get(name, _ZERO).flops),
+                Delta(before.stages.get(name, _ZERO).params, after.stages.get(name, _ZERO).params),
+                Delta(before.stages.get(name, _ZERO).flops, after.stages.get(name, _ZERO).flops),
             )
-            for name in before.stages
+            for name in {**before.stages, **after.stages}  # a stage may appear or vanish; both keep the sums
         },
         shape_check=check,
         needed_real_data=list(before.needed_real_data),
@@ -258,7 +259,7 @@ def _measure_site(traced: Traced, built: BuiltSite, stages: StageMap) -> SiteCha
     )
 
 
-def _describe(type_name: str, site, options: dict, *, show_kernel: bool) -> str:
+def _describe(type_name: str, site: Site, options: dict, *, show_kernel: bool) -> str:
     """``Conv(1024→512, k1, s1)``: the block and the figures a reader checks first.
 
     The kernel is shown for conv sites only: a block's first inner conv says nothing about the block.

@@ -114,7 +114,6 @@ class _CallStack:
     """The module-call stack, kept by global forward (pre-)hooks so that the model itself is never touched."""
 
     def __init__(self, modules: dict[str, nn.Module]) -> None:
-        self.modules = modules
         self.paths = {id(module): path for path, module in modules.items()}
         # A tuple, so that the counting mode can use the current stack itself as a dictionary key.
         self.stack: tuple[str, ...] = ()
@@ -156,7 +155,7 @@ class _CountingMode(TorchDispatchMode):
         # FLOPs per module-call stack, the stack (a tuple) being the key: one cheap update per op.
         self.flops: defaultdict[tuple[str, ...], int] = defaultdict(int)
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         if func in _METADATA_QUERIES:
             return NotImplemented
@@ -255,9 +254,8 @@ def _assemble(
 ) -> Profile:
     """Turn FLOPs per call stack and the model's parameters into the hierarchical, per-stage figures."""
     params = dict.fromkeys(named, 0)
-    credited: dict[
-        int, set[str]
-    ] = {}  # a parameter shared by two modules counts once in each common ancestor
+    # A parameter shared by two modules counts once in each common ancestor.
+    credited: dict[int, set[str]] = {}
     for path, module in named.items():
         for p in module.parameters(recurse=False):
             seen = credited.setdefault(id(p), set())
@@ -270,9 +268,8 @@ def _assemble(
     stage_flops: defaultdict[str, int] = defaultdict(int)
     stage_of: dict[str, str] = {}
     for stack, count in flops_by_stack.items():
-        for path in set(
-            stack
-        ):  # a module re-entered recursively is charged once per op, as FlopCounterMode does
+        # A module re-entered recursively is charged once per op, as FlopCounterMode does.
+        for path in set(stack):
             flops[path] += count
         innermost = stack[-1] if stack else ""
         if innermost not in stage_of:

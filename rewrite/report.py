@@ -55,7 +55,7 @@ class GateResult:
     limit: str  # "max" or "min"
     threshold: float
     measured: float
-    unit: str  # "params", "FLOPs", "%" or "sites"
+    unit: str  # "params", "FLOPs", "%" or "rules"
 
     @property
     def margin(self) -> float:

@@ -522,6 +522,13 @@ def _positional(bound: inspect.BoundArguments) -> list[Any]:
 def _split_leaf_modules(
     model: nn.Module, leaf_modules: Iterable[str | type[nn.Module]]
 ) -> tuple[frozenset[str], tuple[type, ...]]:
+    leaf_modules = list(leaf_modules)
+    odd = next((spec for spec in leaf_modules if not isinstance(spec, (str, type))), None)
+    if odd is not None:  # a module object, say: it would otherwise be ignored without a word
+        raise TraceError(
+            f"leaf_modules takes module paths (str) or classes, got {type(odd).__name__}"
+            + (": pass its path or its class instead" if isinstance(odd, nn.Module) else "")
+        )
     paths = {spec for spec in leaf_modules if isinstance(spec, str)}
     types = tuple(spec for spec in leaf_modules if isinstance(spec, type))
     unknown = sorted(paths - {path for path, _ in model.named_modules()})

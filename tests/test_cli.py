@@ -148,6 +148,28 @@ def test_bad_input_is_one_error_line_and_exit_code_2(tmp_path, command, message)
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        f"profile yolov5n {SMALL} --output taken",
+        "apply yolov5n --rules slim-neck --input 1,3,64,64 --output taken.txt",
+    ],
+    ids=["report-file-is-a-folder", "apply-folder-is-a-file"],
+)
+def test_an_unwritable_output_is_one_error_line_and_exit_code_2(tmp_path, monkeypatch, capsys, command):
+    # In-process (main() rather than a subprocess): only the error path is under test.
+    from rewrite.cli import main
+
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken.txt").write_text("not a folder")
+    monkeypatch.chdir(tmp_path)
+    assert main([*shlex.split(command), "--quiet"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("rewrite: error: --output taken") and "cannot write there" in captured.err
+    assert captured.err.count("\n") == 1
+
+
 def test_rules_list_and_check(tmp_path):
     listed = rewrite("rules list", tmp_path)
     assert listed.returncode == 0, listed.stderr

@@ -200,6 +200,16 @@ def test_user_leaves_by_path_and_class_are_not_opened() -> None:
         trace(model, torch.randn(1, 3, 64, 64), leaf_modules=("model.99",))
 
 
+def test_a_module_object_as_leaf_module_is_an_error_not_ignored() -> None:
+    model = TinyYolo().eval()
+    with pytest.raises(
+        TraceError, match=r"leaf_modules takes module paths \(str\) or classes, got Conv: pass"
+    ):
+        trace(model, torch.randn(1, 3, 64, 64), leaf_modules=(model.model[0],))
+    with pytest.raises(TraceError, match=r"got int$"):
+        trace(model, torch.randn(1, 3, 64, 64), leaf_modules=[0])
+
+
 # --- TinyYolo ---------------------------------------------------------------------------------------------
 
 
