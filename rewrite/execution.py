@@ -138,6 +138,8 @@ class Runner:
         try:
             # Dropout draws from the global random generators: forked, so that a run leaves them as they were.
             with attributes_restored(self.model), torch.no_grad(), torch.random.fork_rng(self._cuda_devices):
+                if self.on_meta:
+                    _cached_tensors_to_meta(self.model)
                 return torch.func.functional_call(module, state, args, kwargs)
         except Exception as error:
             path = self._innermost_module_path(error)
@@ -159,6 +161,27 @@ class Runner:
         for frame, _ in traceback.walk_tb(error.__traceback__):  # outermost first
             innermost = paths.get(id(frame.f_locals.get("self")), innermost)
         return innermost
+
+
+def _cached_tensors_to_meta(model: nn.Module) -> None:
+    """Swap the tensors a forward cached outside parameters and buffers (plain attributes, and the items of
+    lists and dicts held in them: anchor grids and the like) for meta ones, so that a meta run does not mix them
+    with meta weights. Only ever called inside :func:`attributes_restored`, which puts the originals back."""
+    for module in model.modules():
+        attributes = module.__dict__
+        for name, value in list(attributes.items()):
+            if name.startswith("_"):  # nn.Module's own tables: parameters and buffers have stand-ins already
+                continue
+            if isinstance(value, torch.Tensor):
+                attributes[name] = torch.empty_like(value, device="meta")
+            elif isinstance(value, list):
+                value[:] = [_meta_if_tensor(item) for item in value]
+            elif isinstance(value, dict):
+                value.update((key, _meta_if_tensor(item)) for key, item in value.items())
+
+
+def _meta_if_tensor(value: Any) -> Any:
+    return torch.empty_like(value, device="meta") if isinstance(value, torch.Tensor) else value
 
 
 def on_meta_else_real(model: nn.Module, inputs: Any, attempt: Callable[[Runner], T]) -> Outcome[T]:
