@@ -24,6 +24,7 @@ import fnmatch
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import networkx as nx
 import torch
@@ -118,7 +119,7 @@ def _stage_glue_code(graph: nx.DiGraph) -> None:
 # --- stages ------------------------------------------------------------------------------------------------
 
 
-def resolve_stages(model: nn.Module, traced: Traced | None = None) -> StageMap:
+def resolve_stages(model: nn.Module, traced: Traced | None = None, *, example_inputs: Any = None) -> StageMap:
     """Find the backbone, neck and head of ``model``; the first of these rules that applies wins.
 
     1. ``"config"``: a module (the model or a submodule) carries a dict ``yaml`` with ``backbone`` and
@@ -134,8 +135,8 @@ def resolve_stages(model: nn.Module, traced: Traced | None = None) -> StageMap:
        a. Names: when the root has a child named ``backbone`` and one whose name contains ``head``, the
           children named ``backbone``, ``neck`` / ``fpn`` and ``*head*`` give those stages (other children get
           none). This covers detectors whose root forward is opaque, such as torchvision's SSD.
-       b. Otherwise, on the root's traced graph with shapes (traced here on a zero 256x256 image batch when
-          ``traced`` is not given):
+       b. Otherwise, on the root's traced graph with shapes (when ``traced`` is not given, traced here on
+          ``example_inputs``, else on a zero 256x256 image batch):
 
           - head: the last parametric layers, those whose outputs reach the model's outputs without passing
             another parametric layer, plus what they feed, plus everything after the last spatial feature map
@@ -150,7 +151,11 @@ def resolve_stages(model: nn.Module, traced: Traced | None = None) -> StageMap:
           Node stages become module-path prefixes at the shallowest modules whose nodes all agree. The
           example inputs must be large enough that the deepest feature map is larger than 1x1.
     """
-    return _stages_from_config(model) or _stages_from_fpn(model) or _stages_from_graph(model, traced)
+    return (
+        _stages_from_config(model)
+        or _stages_from_fpn(model)
+        or _stages_from_graph(model, traced, example_inputs)
+    )
 
 
 def _stages_from_config(model: nn.Module) -> StageMap | None:
@@ -216,20 +221,21 @@ def _is_fpn(module: nn.Module) -> bool:
     return any(cls.__name__ == "FeaturePyramidNetwork" for cls in type(module).__mro__)
 
 
-def _stages_from_graph(model: nn.Module, traced: Traced | None) -> StageMap:
+def _stages_from_graph(model: nn.Module, traced: Traced | None, example_inputs: Any) -> StageMap:
     """Rule 3 of :func:`resolve_stages`."""
     named = _stages_from_names(model)
     if named is not None:
         return named
     if traced is None:
         try:
-            traced = trace(model, _guess_input(model))
+            traced = trace(model, _guess_input(model) if example_inputs is None else example_inputs)
         except (TraceError, ValueError) as error:
             return StageMap(
                 {},
                 "heuristic",
                 f"heuristic: no stages, {type(model).__name__} could not be traced"
-                f" on a guessed input ({error}); pass a traced model",
+                f" on {'its example inputs' if example_inputs is not None else 'a guessed input'} ({error});"
+                " pass a traced model",
             )
     root = next((region for region in traced.regions if region.path == ""), None)
     if root is None:

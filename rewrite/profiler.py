@@ -186,9 +186,9 @@ def profile(model: nn.Module, example_inputs: Any, *, stages: StageMap | None = 
     """Params, FLOPs and MACs of ``model`` on ``example_inputs``: per module, per stage and in total.
 
     ``example_inputs`` are the positional arguments (a tuple; anything else is taken as the only argument).
-    ``stages`` defaults to ``rewrite.graph.resolve_stages(model)``; an op belongs to the stage of the innermost
-    module running it, a parameter to the stage of the module that owns it, and both go to ``"other"`` when that
-    module is in no stage.
+    ``stages`` defaults to ``rewrite.graph.resolve_stages(model, example_inputs=example_inputs)``; an op
+    belongs to the stage of the innermost module running it, a parameter to the stage of the module that owns
+    it, and both go to ``"other"`` when that module is in no stage.
 
     The model runs once, on the meta device when it allows that (a model on a real device is given meta
     stand-ins of its parameters and buffers, never copies of them); when some part of it cannot run on meta, once
@@ -201,11 +201,11 @@ def profile(model: nn.Module, example_inputs: Any, *, stages: StageMap | None = 
     switched off while profiling, and the CPU flash-attention kernel, absent from the registry, is counted with
     the registry's own attention formula, as the meta and CUDA kernels are.
     """
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     if stages is None:
         from rewrite.graph import resolve_stages  # lazily: graph.py pulls in networkx
 
-        stages = resolve_stages(model)
-    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+        stages = resolve_stages(model, example_inputs=args)
     named = dict(model.named_modules())
     calls = _CallStack(named)
     registry = _flop_registry()

@@ -241,3 +241,12 @@ def test_scope_is_a_plain_value() -> None:
 def test_docstring_examples() -> None:
     # By name: the package exports functions that shadow some of its submodules' names.
     assert doctest.testmod(importlib.import_module("rewrite.graph")).failed == 0
+
+
+def test_the_stage_heuristic_traces_on_the_callers_inputs_when_given():
+    # A model that only runs on 1-channel 32x32 inputs: the guessed 3-channel image batch cannot trace it.
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 15 * 15, 2))
+    guessed = resolve_stages(model)
+    assert guessed.prefixes == {} and "could not be traced on a guessed input" in guessed.explanation
+    given = resolve_stages(model, example_inputs=(torch.zeros(1, 1, 32, 32),))
+    assert given.stage_of("0") == "backbone" and given.stage_of("3") == "head"
