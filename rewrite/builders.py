@@ -102,6 +102,8 @@ class Site:
     activation: nn.Module | None = None
     norm: nn.Module | None = None
     counts: Mapping[str, int] = field(default_factory=dict, hash=False)
+    # For a match of one module: how many modules each of its direct children holds directly ({"m": 3}).
+    lengths: Mapping[str, int] = field(default_factory=dict, hash=False)
     device: torch.device | None = None
     dtype: torch.dtype | None = None
 

@@ -353,6 +353,8 @@ def _run_plan(args: argparse.Namespace) -> int:
     _write_report(render(result, args.format, gates=gates), args.output, say)
     _append_step_summary(lambda: render(result, "markdown", gates=gates))
     failed = [gate for gate in gates if not gate.passed]
+    if result.nothing_rewritten:
+        print(f"rewrite: {result.nothing_rewritten}", file=sys.stderr)
     # Also on stderr: the CI log says why the step failed even when the report went to a file.
     for gate in failed:
         print(f"rewrite: gate failed: --{gate.gate}: {gate.detail}", file=sys.stderr)

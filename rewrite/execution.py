@@ -61,9 +61,22 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-__all__ = ["Outcome", "RunFailed", "Runner", "attributes_restored", "on_meta_else_real", "one_line", "run"]
+__all__ = [
+    "Outcome",
+    "RunFailed",
+    "Runner",
+    "attributes_restored",
+    "is_small_constant",
+    "on_meta_else_real",
+    "one_line",
+    "run",
+]
 
 T = TypeVar("T")
+
+_SMALL_CONSTANT = (
+    16  # elements: cached CPU tensors this small are constants read as numbers, kept on meta runs
+)
 
 # The frames one_line looks past to find the model's own line: torch's, and those of this library's modules
 # that trace, run or count a model (errors pass through them on their way up).
@@ -112,9 +125,10 @@ class Runner:
     that the many runs of one model (a traced region at a time) share them.
     """
 
-    def __init__(self, model: nn.Module, *, on_meta: bool) -> None:
+    def __init__(self, model: nn.Module, *, on_meta: bool, keep_small_constants: bool = False) -> None:
         self.model = model
         self.on_meta = on_meta
+        self.keep_small_constants = keep_small_constants  # see is_small_constant
         parameters, buffers = list(model.parameters()), list(model.buffers())
         # Keyed by identity: a region's graph module reaches the model's tensors under other names.
         if on_meta:
@@ -139,7 +153,7 @@ class Runner:
             # Dropout draws from the global random generators: forked, so that a run leaves them as they were.
             with attributes_restored(self.model), torch.no_grad(), torch.random.fork_rng(self._cuda_devices):
                 if self.on_meta:
-                    _cached_tensors_to_meta(self.model)
+                    _cached_tensors_to_meta(self.model, keep_small_constants=self.keep_small_constants)
                 return torch.func.functional_call(module, state, args, kwargs)
         except Exception as error:
             path = self._innermost_module_path(error)
@@ -163,7 +177,7 @@ class Runner:
         return innermost
 
 
-def _cached_tensors_to_meta(model: nn.Module) -> None:
+def _cached_tensors_to_meta(model: nn.Module, *, keep_small_constants: bool) -> None:
     """Swap the tensors a forward cached outside parameters and buffers (plain attributes, and the items of
     lists and dicts held in them: anchor grids and the like) for meta ones, so that a meta run does not mix them
     with meta weights. Only ever called inside :func:`attributes_restored`, which puts the originals back."""
@@ -172,16 +186,42 @@ def _cached_tensors_to_meta(model: nn.Module) -> None:
         for name, value in list(attributes.items()):
             if name.startswith("_"):  # nn.Module's own tables: parameters and buffers have stand-ins already
                 continue
+
+            def to_meta(value: Any) -> Any:
+                if not isinstance(value, torch.Tensor) or (keep_small_constants and is_small_constant(value)):
+                    return value
+                return torch.empty_like(value, device="meta")
+
             if isinstance(value, torch.Tensor):
-                attributes[name] = torch.empty_like(value, device="meta")
+                attributes[name] = to_meta(value)
             elif isinstance(value, list):
-                value[:] = [_meta_if_tensor(item) for item in value]
+                value[:] = [to_meta(item) for item in value]
             elif isinstance(value, dict):
-                value.update((key, _meta_if_tensor(item)) for key, item in value.items())
+                value.update((key, to_meta(item)) for key, item in value.items())
 
 
-def _meta_if_tensor(value: Any) -> Any:
-    return torch.empty_like(value, device="meta") if isinstance(value, torch.Tensor) else value
+def is_small_constant(tensor: torch.Tensor) -> bool:
+    """Whether a tensor that a forward keeps outside parameters and buffers may be a constant read as a number:
+    a small CPU tensor (strides, scales), which code reads with ``.item()`` or ``new_full(..., stride[i])``.
+
+    A meta run first moves every such tensor to meta; when that run fails, it tries again with the small CPU
+    constants left real (an element of one is a 0-d CPU tensor, which goes with tensors on any device), before
+    falling back to real data.
+    """
+    return tensor.device.type == "cpu" and tensor.numel() <= _SMALL_CONSTANT
+
+
+def _has_small_constants(model: nn.Module) -> bool:
+    for module in model.modules():
+        for name, value in vars(module).items():
+            if name.startswith("_"):
+                continue
+            items = (
+                value.values() if isinstance(value, dict) else value if isinstance(value, list) else (value,)
+            )
+            if any(isinstance(item, torch.Tensor) and is_small_constant(item) for item in items):
+                return True
+    return False
 
 
 def on_meta_else_real(model: nn.Module, inputs: Any, attempt: Callable[[Runner], T]) -> Outcome[T]:
@@ -198,6 +238,10 @@ def on_meta_else_real(model: nn.Module, inputs: Any, attempt: Callable[[Runner],
         return Outcome(attempt(Runner(model, on_meta=True)), torch.device("meta"), None)
     except RunFailed as failure:
         meta_failure = failure
+    if _has_small_constants(model):
+        with contextlib.suppress(RunFailed):
+            runner = Runner(model, on_meta=True, keep_small_constants=True)
+            return Outcome(attempt(runner), torch.device("meta"), None)
     device = _real_data_device(model, inputs)
     if device is None:
         raise meta_failure

@@ -73,7 +73,7 @@ def to_networkx(traced: Traced) -> nx.DiGraph:
     else the one its users agree on.
     """
     stages = resolve_stages(traced.model, traced)
-    graph = nx.DiGraph(stages=stages)
+    graph = nx.DiGraph(stages=stages, model=traced.model, opaque_calls=traced.opaque_calls)
     order = 0
     for index, region in enumerate(traced.regions):
         for node in region.graph_module.graph.nodes:

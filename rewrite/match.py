@@ -46,7 +46,7 @@ from rewrite.builders import Site
 from rewrite.graph import Scope
 from rewrite.rules import ChainStep, Rule, RuleSet, is_activation
 
-__all__ = ["Match", "MatchResult", "Rejection", "find_matches"]
+__all__ = ["Match", "MatchResult", "Occurrence", "Rejection", "find_matches"]
 
 # Nodes that carry no computation of their own; a site may contain or drop them freely.
 _STRUCTURAL_OPS = ("get_attr",)
@@ -77,13 +77,28 @@ class Rejection:
 
 
 @dataclass(frozen=True)
+class Occurrence:
+    """One place in the graph where a site's nodes sit: the nodes, the node feeding them, and their output."""
+
+    region: int
+    nodes: tuple[str, ...]  # graph node keys, in graph order
+    input_node: str  # the graph node feeding the site (outside it)
+    output_node: str  # the site node whose value leaves the site
+
+
+@dataclass(frozen=True)
 class Match:
     """One site a rule will rewrite.
 
-    ``kind`` is ``"module"`` when the site is exactly one module call, so the module object can be swapped in
-    its parent (``path`` is that module), and ``"graph"`` when the site's nodes are spread over a forward that
-    is not a single module (``path`` names the module of the site's first op; the rewrite happens in the
-    traced region's fx graph).
+    ``kind`` is ``"module"`` when the site is exactly the calls of one module object, so that object can be
+    swapped wherever it is held (``path`` is the first path it was called through), and ``"graph"`` when the
+    site's nodes are spread over a forward that is not a single module (``path`` names the module of the site's
+    first op; the rewrite happens in the traced region's fx graph).
+
+    A module (or an inline chain of modules) that the forward calls more than once is one match with
+    ``calls`` > 1 when every call matched this rule with the same facts: one new block serves them all, kept
+    shared (``repeats`` are the other calls' places, for graph sites). Otherwise each call is a match of its own
+    and ``untied`` says which modules lose their sharing, since each call then gets a block of its own.
     """
 
     rule: Rule
@@ -94,6 +109,14 @@ class Match:
     input_node: str  # the graph node feeding the site (outside it)
     output_node: str  # the site node whose value leaves the site
     site: Site
+    calls: int = 1  # how many calls of the site's modules the one new block serves
+    repeats: tuple[Occurrence, ...] = ()  # for a shared graph site: where its other calls sit
+    untied: str = ""  # why the site's modules stop being shared, when they do
+
+    @property
+    def occurrences(self) -> tuple[Occurrence, ...]:
+        """Where the site sits: its own place, then each repeat's."""
+        return (Occurrence(self.region, self.nodes, self.input_node, self.output_node), *self.repeats)
 
 
 @dataclass
@@ -105,9 +128,22 @@ class MatchResult:
 
 @dataclass(frozen=True)
 class _Candidate:
-    nodes: tuple[str, ...]
+    nodes: tuple[str, ...]  # every node of the site, for overlap and scope
     covering_call: object | None  # the call id of the module call the nodes make up exactly, if any
     covering_path: str | None
+    boundary: str | None = None  # the covering call's own call_module node, when it is one (a leaf's call)
+
+
+@dataclass(frozen=True)
+class _Found:
+    """A candidate that passed its rule's tests, before module identity settles how it is rewritten."""
+
+    candidate: _Candidate
+    path: str
+    site: Site
+    input_node: str
+    output_node: str
+    region: int
 
 
 def find_matches(graph: nx.DiGraph, rules: RuleSet, scope: Scope) -> MatchResult:
@@ -117,6 +153,7 @@ def find_matches(graph: nx.DiGraph, rules: RuleSet, scope: Scope) -> MatchResult
     result = MatchResult()
     for rule in rules.rules:
         found = False
+        passed: list[_Found] = []
         for candidate in _candidates(graph, calls, rule):
             if taken.intersection(candidate.nodes):
                 continue
@@ -137,40 +174,124 @@ def find_matches(graph: nx.DiGraph, rules: RuleSet, scope: Scope) -> MatchResult
             site, input_node, output_node = site_or_reason
             facts = site.facts()
             reasons = [r for r in (p.check(facts.get(p.key), site.module_type) for p in rule.where) if r]
+            hidden = calls.hidden_calls(graph, candidate)
+            if hidden:
+                reasons.append(hidden)
             if reasons:
                 result.rejected.append(Rejection(path, rule.name, "; ".join(reasons)))
                 continue
             taken.update(candidate.nodes)
-            kind = "module" if _swappable(calls, candidate) else "graph"
             region = graph.nodes[candidate.nodes[0]]["region"]
-            result.matches.append(
-                Match(rule, path, kind, region, candidate.nodes, input_node, output_node, site)
-            )
+            passed.append(_Found(candidate, path, site, input_node, output_node, region))
+        result.matches += _settle_identity(graph, calls, rule, passed)
         if not found:
             result.unmatched_rules.append(rule.name)
     result.matches.sort(key=lambda m: graph.nodes[m.nodes[0]]["order"])  # graph order, whichever rule won
     return result
 
 
+def _settle_identity(graph: nx.DiGraph, calls: _CallIndex, rule: Rule, passed: list[_Found]) -> list[Match]:
+    """Group one rule's sites by the module objects they call, so that a rewrite keeps what was shared.
+
+    Sites that call the same stateful modules (a block called in a loop, one conv used twice) become one
+    shared match when together they are every call of those modules and they have the same facts; otherwise
+    each is rewritten on its own and marked ``untied``.
+    """
+    groups: dict[frozenset[int], list[_Found]] = {}
+    for found in passed:
+        groups.setdefault(calls.identity(graph, found.candidate), []).append(found)
+    matches = []
+    for identity, members in groups.items():
+        first = members[0]
+        all_calls = set().union(*(calls.calls_of_object[key] for key in identity))
+        covered = set().union(*(calls.calls_within(graph, found.candidate) for found in members))
+        same = all(
+            found.site.facts() == first.site.facts() and found.site.counts == first.site.counts
+            for found in members
+        )
+        if all_calls <= covered and same:
+            swappable = all(found.candidate.covering_call is not None for found in members) and bool(
+                first.candidate.covering_path
+            )
+            repeats = (
+                ()
+                if swappable
+                else tuple(
+                    Occurrence(f.region, f.candidate.nodes, f.input_node, f.output_node) for f in members[1:]
+                )
+            )
+            nodes = tuple(key for found in members for key in found.candidate.nodes) if swappable else None
+            matches.append(
+                Match(
+                    rule,
+                    first.path,
+                    "module" if swappable else "graph",
+                    first.region,
+                    nodes or first.candidate.nodes,
+                    first.input_node,
+                    first.output_node,
+                    first.site,
+                    calls=len(members),
+                    repeats=repeats,
+                )
+            )
+            continue
+        shared = sorted(
+            f"{calls.path_of_object[key]} called {len(calls.calls_of_object[key])} times"
+            for key in identity
+            if len(calls.calls_of_object[key]) > 1
+        )
+        note = f"{', '.join(shared)}; this call gets a block of its own" if shared else ""
+        for found in members:
+            matches.append(
+                Match(
+                    rule,
+                    found.path,
+                    "graph",
+                    found.region,
+                    found.candidate.nodes,
+                    found.input_node,
+                    found.output_node,
+                    found.site,
+                    untied=note,
+                )
+            )
+    return matches
+
+
 class _CallIndex:
-    """The graph's nodes in order, and its module calls: which nodes each call made, how often each path was called."""
+    """The graph's nodes in order, and its module calls: which nodes each call made, which module object made it."""
 
     def __init__(self, graph: nx.DiGraph) -> None:
+        model: nn.Module = graph.graph["model"]
+        self.opaque_calls: dict[str, int] = graph.graph.get("opaque_calls", {})
         self.ordered: list[str] = sorted(graph.nodes, key=lambda k: graph.nodes[k]["order"])
         self.nodes_of_call: dict[object, list[str]] = {}
         self.path_of_call: dict[object, str] = {}
         self.type_of_call: dict[object, str] = {}
-        calls_per_path: dict[str, set[object]] = {}
+        self.boundary_of_call: dict[object, str] = {}  # a leaf call's own call_module node
+        self.object_of_call: dict[object, int] = {}  # id() of the module object that made the call
+        self.calls_of_object: dict[int, set[object]] = {}
+        self.path_of_object: dict[int, str] = {}
+        self.stateful: set[int] = set()  # objects holding parameters or buffers
         for key in self.ordered:
             data = graph.nodes[key]
             if data["op"] in ("placeholder", "output"):
                 continue
+            if data["op"] == "call_module":
+                self.boundary_of_call.setdefault(data["call_stack"][-1], key)
             for call, (path, type_name) in zip(data["call_stack"], data["module_stack"]):
                 self.nodes_of_call.setdefault(call, []).append(key)
+                if call in self.path_of_call:
+                    continue
                 self.path_of_call[call] = path
                 self.type_of_call[call] = type_name
-                calls_per_path.setdefault(path, set()).add(call)
-        self.calls_per_path = {path: len(calls) for path, calls in calls_per_path.items()}
+                module = _module_at(model, path)
+                self.object_of_call[call] = id(module)
+                self.calls_of_object.setdefault(id(module), set()).add(call)
+                self.path_of_object.setdefault(id(module), path)
+                if next(module.parameters(), None) is not None or next(module.buffers(), None) is not None:
+                    self.stateful.add(id(module))
         self.size_of_call = {
             call: sum(graph.nodes[key]["op"] not in _STRUCTURAL_OPS for key in nodes)
             for call, nodes in self.nodes_of_call.items()
@@ -178,6 +299,45 @@ class _CallIndex:
 
     def computing_nodes(self, graph: nx.DiGraph, call: object) -> list[str]:
         return [key for key in self.nodes_of_call[call] if graph.nodes[key]["op"] not in _STRUCTURAL_OPS]
+
+    def calls_within(self, graph: nx.DiGraph, candidate: _Candidate) -> set[object]:
+        """The module calls all of whose nodes belong to the candidate."""
+        own = set(candidate.nodes)
+        stacks = {call for key in candidate.nodes for call in graph.nodes[key]["call_stack"]}
+        return {call for call in stacks if set(self.nodes_of_call[call]) <= own}
+
+    def identity(self, graph: nx.DiGraph, candidate: _Candidate) -> frozenset[int]:
+        """The module objects whose sharing a rewrite of the candidate must respect: the stateful ones it calls,
+        and the module it swaps."""
+        within = self.calls_within(graph, candidate)
+        objects = {self.object_of_call[call] for call in within}
+        identity = {obj for obj in objects if obj in self.stateful}
+        if candidate.covering_call is not None and candidate.covering_path:
+            identity.add(self.object_of_call[candidate.covering_call])
+        return frozenset(identity)
+
+    def hidden_calls(self, graph: nx.DiGraph, candidate: _Candidate) -> str | None:
+        """Why the candidate cannot be rewritten safely when an opaque module calls one of its modules (or
+        their region) more often than the graph shows, else None."""
+        data = graph.nodes[candidate.nodes[0]]
+        paths = {graph.nodes[key]["module_path"] for key in candidate.nodes} | {
+            p for p, _ in data["module_stack"]
+        }
+        repeated = sorted(path for path in paths if self.opaque_calls.get(path, 0) > 1)
+        if not repeated:
+            return None
+        return (
+            f"{repeated[0]} is called {self.opaque_calls[repeated[0]]} times by a module fx cannot trace, and only"
+            " its first call could be seen; a rewrite would change the others unchecked"
+        )
+
+
+def _module_at(model: nn.Module, path: str) -> nn.Module:
+    """The module a call path names; a module the model does not hold (made in a forward) stands for itself."""
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return nn.Module()
 
 
 def _candidates(graph: nx.DiGraph, calls: _CallIndex, rule: Rule) -> Iterator[_Candidate]:
@@ -190,7 +350,7 @@ def _candidates(graph: nx.DiGraph, calls: _CallIndex, rule: Rule) -> Iterator[_C
 def _module_candidates(calls: _CallIndex, class_names: set[str]) -> Iterator[_Candidate]:
     for call, nodes in calls.nodes_of_call.items():  # insertion order = graph order of each call's first node
         if calls.type_of_call[call] in class_names:
-            yield _Candidate(tuple(nodes), call, calls.path_of_call[call])
+            yield _Candidate(tuple(nodes), call, calls.path_of_call[call], calls.boundary_of_call.get(call))
 
 
 def _chain_candidates(graph: nx.DiGraph, calls: _CallIndex, rule: Rule) -> Iterator[_Candidate]:
@@ -251,14 +411,7 @@ def _covering(graph: nx.DiGraph, calls: _CallIndex, nodes: tuple[str, ...]) -> _
             covering = call
     if covering is None:
         return _Candidate(nodes, None, None)
-    return _Candidate(nodes, covering, calls.path_of_call[covering])
-
-
-def _swappable(calls: _CallIndex, candidate: _Candidate) -> bool:
-    """A module object can be swapped only when the site is that module's one and only call."""
-    if candidate.covering_call is None or not candidate.covering_path:
-        return False
-    return calls.calls_per_path[candidate.covering_path] == 1
+    return _Candidate(nodes, covering, calls.path_of_call[covering], calls.boundary_of_call.get(covering))
 
 
 def _inside_excluded(graph: nx.DiGraph, calls: _CallIndex, candidate: _Candidate, rule: Rule) -> bool:
@@ -277,8 +430,10 @@ def _inside_excluded(graph: nx.DiGraph, calls: _CallIndex, candidate: _Candidate
 def _site(graph: nx.DiGraph, calls: _CallIndex, candidate: _Candidate, rule: Rule, path: str):
     """The facts builders and ``where`` predicates see, or the reason the candidate cannot be a site."""
     own = set(candidate.nodes)
+    # A leaf's call is one node: its input and output are the call's own, whatever regions show its inside.
+    boundary = (candidate.boundary,) if candidate.boundary is not None else candidate.nodes
     inputs = []
-    for key in candidate.nodes:
+    for key in boundary:
         for source in graph.predecessors(key):
             if (
                 source not in own
@@ -286,7 +441,7 @@ def _site(graph: nx.DiGraph, calls: _CallIndex, candidate: _Candidate, rule: Rul
                 and source not in inputs
             ):
                 inputs.append(source)
-    outputs = [key for key in candidate.nodes if any(user not in own for user in graph.successors(key))]
+    outputs = [key for key in boundary if any(user not in own for user in graph.successors(key))]
     if len(inputs) != 1 or len(outputs) != 1:
         return f"the site has {len(inputs)} inputs and {len(outputs)} outputs; builders take one of each"
     in_shapes, out_shapes = graph.nodes[inputs[0]]["shapes"], graph.nodes[outputs[0]]["shapes"]
@@ -331,11 +486,20 @@ def _site(graph: nx.DiGraph, calls: _CallIndex, candidate: _Candidate, rule: Rul
         activation=activation,
         norm=norm,
         counts=dict(counts),
+        lengths=_lengths(graph, calls, candidate),
         # New blocks go where the replaced weights are; a site without weights follows its input.
         device=weight.device if weight is not None else torch.device("cpu"),
         dtype=weight.dtype if weight is not None else graph.nodes[inputs[0]]["dtypes"][0],
     )
     return site, inputs[0], outputs[0]
+
+
+def _lengths(graph: nx.DiGraph, calls: _CallIndex, candidate: _Candidate) -> dict[str, int]:
+    """For a site that is one module's call: how many modules each of its direct children holds directly."""
+    if candidate.covering_call is None:
+        return {}
+    module = _module_at(graph.graph["model"], calls.path_of_call[candidate.covering_call])
+    return {name: len(child._modules) for name, child in module.named_children()}
 
 
 def _modules_under(graph: nx.DiGraph, candidate: _Candidate) -> Iterator[nn.Module]:

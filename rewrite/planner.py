@@ -59,7 +59,9 @@ class SiteChange:
     before: str  # e.g. "Conv(1024→512, k1, s1)"
     after: str  # e.g. "GSConv(1024→512, k1, s1)"
     params: Delta
-    flops: Delta
+    flops: Delta  # of every call the site's new block serves
+    calls: int = 1  # how many calls of the old modules one new block now serves (kept shared)
+    untied: str = ""  # set when the site's old modules were shared and its new block is not
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,20 @@ class Plan:
     needed_real_data: list = field(default_factory=list)  # rewrite.tracer.Leaf
     unmatched_rules: list[str] = field(default_factory=list)  # rules whose match caught nothing in scope
     _prepared: _Prepared | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def nothing_rewritten(self) -> str | None:
+        """Why the plan rewrites nothing, on one line; ``None`` when it rewrites some site."""
+        if self.sites:
+            return None
+        if self.rejected:
+            first = self.rejected[0]
+            return (
+                f"nothing rewritten: every candidate was rejected ({len(self.rejected)};"
+                f" first: {first.path or '(root)'} by '{first.rule}': {first.reason})"
+            )
+        rules = ", ".join(f"'{name}'" for name in self.unmatched_rules) or "the rules"
+        return f"nothing rewritten: {rules} matched nothing in {self.scope}"
 
     def apply(self) -> nn.Module:
         """The rewritten model: a copy (new blocks freshly initialised), its outputs' shapes checked.
@@ -182,6 +198,10 @@ def plan(
         )
     device = torch.device("meta") if on_meta else None
 
+    for match in found.matches:
+        if match.untied:
+            messages.append(f"{match.path}: untied: {match.untied}")
+
     say(f"building {len(found.matches)} site(s)")
     built = build_sites(model, found.matches, device=device)
     changes = [_measure_site(traced, site, stages) for site in built]
@@ -246,6 +266,8 @@ def _measure_site(traced: Traced, built: BuiltSite, stages: StageMap) -> SiteCha
     old = profile(site_module(traced, match), (x,), stages=StageMap()).total
     new = profile(built.block, (x,), stages=StageMap()).total
     return SiteChange(
+        calls=match.calls,
+        untied=match.untied,
         path=match.path,
         rule=match.rule.name,
         stage=stages.stage_of(match.path),
@@ -255,7 +277,7 @@ def _measure_site(traced: Traced, built: BuiltSite, stages: StageMap) -> SiteCha
             type(built.block).__name__, site, built.options, show_kernel=bool(match.rule.match.chain)
         ),
         params=Delta(old.params, new.params),
-        flops=Delta(old.flops, new.flops),
+        flops=Delta(old.flops * match.calls, new.flops * match.calls),
     )
 
 

@@ -40,7 +40,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from rewrite.errors import TraceError
 from rewrite.execution import RunFailed, Runner, on_meta_else_real
-from rewrite.tracer import Leaf, path_and_ancestors
+from rewrite.tracer import Leaf, held_path, join_path, path_and_ancestors
 
 if TYPE_CHECKING:
     from rewrite.graph import StageMap
@@ -114,21 +114,31 @@ class _CallStack:
     """The module-call stack, kept by global forward (pre-)hooks so that the model itself is never touched."""
 
     def __init__(self, modules: dict[str, nn.Module]) -> None:
-        self.paths = {id(module): path for path, module in modules.items()}
+        self.modules = modules
+        self.paths: dict[int, str] = {}
+        for path, module in modules.items():
+            self.paths.setdefault(id(module), path)
         # A tuple, so that the counting mode can use the current stack itself as a dictionary key.
         self.stack: tuple[str, ...] = ()
 
     def enter(self, module: nn.Module, args: Any) -> None:
         path = self.paths.get(id(module))  # modules outside the model (built inside forward) are not charged
-        if path is not None:
-            self.stack += (path,)
+        if path is None:
+            return
+        if self.stack:  # credited to the path it is called through (see rewrite.tracer.held_path)
+            held = held_path(self.modules[self.stack[-1]], module)
+            path = join_path(self.stack[-1], held) if held is not None else path
+        self.stack += (path,)
 
     def exit(self, module: nn.Module, args: Any, output: Any) -> None:
-        path = self.paths.get(id(module))
-        if path is not None and path in self.stack:
-            # Cut at the last occurrence, not just the top: a child whose exception the parent caught never
-            # ran its exit hook, and must not stay on the stack.
-            self.stack = self.stack[: len(self.stack) - 1 - self.stack[::-1].index(path)]
+        if id(module) not in self.paths:
+            return
+        # Cut at the innermost call of this module, not just the top: a child whose exception the parent caught
+        # never ran its exit hook, and must not stay on the stack.
+        for depth in range(len(self.stack) - 1, -1, -1):
+            if self.modules.get(self.stack[depth]) is module:
+                self.stack = self.stack[:depth]
+                return
 
     @contextmanager
     def hooked(self) -> Iterator[None]:
@@ -206,7 +216,7 @@ def profile(model: nn.Module, example_inputs: Any, *, stages: StageMap | None = 
         from rewrite.graph import resolve_stages  # lazily: graph.py pulls in networkx
 
         stages = resolve_stages(model, example_inputs=args)
-    named = dict(model.named_modules())
+    named = dict(model.named_modules(remove_duplicate=False))  # every name a call may be credited to
     calls = _CallStack(named)
     registry = _flop_registry()
 

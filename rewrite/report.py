@@ -208,6 +208,8 @@ def _plan_json(plan: Plan, gates: Sequence[GateResult]) -> dict[str, Any]:
                 "after": site.after,
                 "params": _delta_json(site.params),
                 "flops": _delta_json(site.flops),
+                "calls": site.calls,
+                "untied": site.untied,
             }
             for site in plan.sites
         ],
@@ -215,6 +217,7 @@ def _plan_json(plan: Plan, gates: Sequence[GateResult]) -> dict[str, Any]:
         "leaves": [_leaf_json(leaf) for leaf in plan.leaves],
         "needed_real_data": [_leaf_json(leaf) for leaf in plan.needed_real_data],
         "warnings": list(plan.warnings),
+        "nothing_rewritten": plan.nothing_rewritten,
         "shape_check": {"passed": plan.shape_check.passed, "detail": plan.shape_check.detail},
     }
     if gates:
@@ -286,6 +289,11 @@ class _Document:
 def _plan_document(plan: Plan, gates: Sequence[GateResult]) -> _Document:
     check = plan.shape_check
     facts = [
+        (
+            "result",
+            plan.nothing_rewritten
+            or f"{len(plan.sites)} site{'' if len(plan.sites) == 1 else 's'} rewritten",
+        ),
         ("model", plan.model_name),
         ("rules", plan.rule_set),
         ("scope", plan.scope or "whole model"),

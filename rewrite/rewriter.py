@@ -27,9 +27,9 @@ from torch import fx, nn
 
 from rewrite.builders import Site, build
 from rewrite.errors import BuildError
-from rewrite.execution import RunFailed, run
-from rewrite.match import Match
-from rewrite.tracer import Traced, join_path
+from rewrite.execution import RunFailed, is_small_constant, run
+from rewrite.match import Match, Occurrence
+from rewrite.tracer import Traced, join_path, relative_path
 
 __all__ = ["BuiltSite", "ShapeCheck", "build_sites", "check_outputs", "rewrite_model", "site_module"]
 
@@ -71,30 +71,40 @@ def build_sites(
 def rewrite_model(
     model: nn.Module, traced: Traced, sites: Sequence[BuiltSite], *, on_meta: bool = False
 ) -> nn.Module:
-    """A copy of ``model`` with every built site in place (weights on meta when ``on_meta``)."""
+    """A copy of ``model`` with every built site in place (weights on meta when ``on_meta``).
+
+    Module sites go first: each new block replaces the old module object under every name that holds it, in the
+    copy and in the copies of the traced graphs. Then each region with graph sites has their nodes replaced, and
+    its graph module takes the region's place.
+    """
     memo = _meta_memo(model) if on_meta else {}
     graph_modules = [region.graph_module for region in traced.regions]
     new_model, new_graph_modules = copy.deepcopy((model, graph_modules), memo)
 
-    graph_regions = {s.match.region for s in sites if s.match.kind == "graph"}
-    by_region: dict[int, list[BuiltSite]] = {}
+    graph_sites: dict[int, list[BuiltSite]] = {}
     for built in sites:
-        by_region.setdefault(built.match.region, []).append(built)
-
-    for region_index, region_sites in by_region.items():
-        region_path = traced.regions[region_index].path
-        if region_index in graph_regions:
-            gm = new_graph_modules[region_index]
-            replaced: dict[str, fx.Node] = {}  # a site's output node, erased, and the node standing in for it
-            for number, built in enumerate(region_sites):
-                _replace_nodes(gm, built, number, region_path, replaced)
-            gm.graph.eliminate_dead_code()
-            gm.delete_all_unused_submodules()
-            gm.recompile()
-            new_model = _install(new_model, region_path, gm, carry_attributes=False)
+        if built.match.kind == "module":
+            old = new_model.get_submodule(built.match.path)
+            _carry_plain_attributes(old, built.block)
+            new_model = _replace_everywhere([new_model, *new_graph_modules], old, built.block)
         else:
-            for built in region_sites:
-                new_model = _install(new_model, built.match.path, built.block, carry_attributes=True)
+            for occurrence in built.match.occurrences:
+                graph_sites.setdefault(occurrence.region, []).append(built)
+
+    for region_index, region_sites in graph_sites.items():
+        region_path = traced.regions[region_index].path
+        gm = new_graph_modules[region_index]
+        replaced: dict[str, fx.Node] = {}  # a site's output node, erased, and the node standing in for it
+        names: dict[int, str] = {}  # one attribute per block, however many places call it
+        for built in region_sites:
+            for occurrence in built.match.occurrences:
+                if occurrence.region == region_index:
+                    _replace_nodes(gm, built, occurrence, names, region_path, replaced)
+        gm.graph.eliminate_dead_code()
+        gm.delete_all_unused_submodules()
+        gm.recompile()
+        old = new_model.get_submodule(region_path) if region_path else new_model
+        new_model = _replace_everywhere([new_model, *new_graph_modules], old, gm)
     return new_model
 
 
@@ -120,21 +130,27 @@ def site_module(traced: Traced, match: Match) -> nn.Module:
 
 
 def _replace_nodes(
-    gm: fx.GraphModule, built: BuiltSite, number: int, region_path: str, replaced: dict[str, fx.Node]
+    gm: fx.GraphModule,
+    built: BuiltSite,
+    occurrence: Occurrence,
+    names: dict[int, str],
+    region_path: str,
+    replaced: dict[str, fx.Node],
 ) -> None:
-    match = built.match
     nodes = {node.name: node for node in gm.graph.nodes}
-    site_nodes = [nodes[key.split(":", 1)[1]] for key in match.nodes]
-    source_name, result = match.input_node.split(":", 1)[1], nodes[match.output_node.split(":", 1)[1]]
+    site_nodes = [nodes[key.split(":", 1)[1]] for key in occurrence.nodes]
+    source_name = occurrence.input_node.split(":", 1)[1]
+    result = nodes[occurrence.output_node.split(":", 1)[1]]
     source = replaced.get(source_name) or nodes[source_name]
-    first = site_nodes[0]
-    owner = _relative(first.meta.get("module_path", ""), region_path)
-    if first.op == "call_module":  # the path is the called module's own: the new one goes beside it
-        owner = owner.rpartition(".")[0]
-    target = _new_module_name(gm, owner, match, number)
-    gm.add_submodule(target, built.block)
+    if id(built.block) not in names:
+        first = site_nodes[0]
+        owner = relative_path(first.meta.get("module_path", ""), region_path)
+        if first.op == "call_module":  # the path is the called module's own: the new one goes beside it
+            owner = owner.rpartition(".")[0]
+        names[id(built.block)] = _new_module_name(gm, owner, built.match, len(names))
+        gm.add_submodule(names[id(built.block)], built.block)
     with gm.graph.inserting_after(result):
-        new_node = gm.graph.call_module(target, (source,))
+        new_node = gm.graph.call_module(names[id(built.block)], (source,))
     new_node.meta = {k: v for k, v in result.meta.items() if k in ("shapes", "dtypes")}
     result.replace_all_uses_with(new_node, delete_user_cb=lambda user: user is not new_node)
     replaced[result.name] = new_node
@@ -158,23 +174,15 @@ def _has_attribute(module: nn.Module, dotted: str) -> bool:
     return True
 
 
-def _relative(path: str, region_path: str) -> str:
-    if not region_path:
-        return path
-    return path[len(region_path) + 1 :] if path.startswith(region_path + ".") else ""
-
-
-def _install(model: nn.Module, path: str, new: nn.Module, *, carry_attributes: bool) -> nn.Module:
-    """Put ``new`` at ``path`` in ``model``; the root path replaces the whole model."""
-    if not path:
-        return new
-    parent_path, _, name = path.rpartition(".")
-    parent = model.get_submodule(parent_path)
-    old = parent.get_submodule(name)
-    if carry_attributes:
-        _carry_plain_attributes(old, new)
-    setattr(parent, name, new)
-    return model
+def _replace_everywhere(roots: list[nn.Module], old: nn.Module, new: nn.Module) -> nn.Module:
+    """Put ``new`` wherever a module under ``roots`` holds ``old``; return the first root (``new`` if it was
+    ``old``), so that every name of an aliased module runs the new one."""
+    for root in roots:
+        for module in root.modules():
+            for name, child in module._modules.items():
+                if child is old:
+                    module._modules[name] = new
+    return new if roots[0] is old else roots[0]
 
 
 def _carry_plain_attributes(old: nn.Module, new: nn.Module) -> None:
@@ -213,9 +221,13 @@ def _meta_memo(model: nn.Module) -> dict[int, object]:
     """
     memo: dict[int, object] = {}
     for module in model.modules():
-        for value in vars(module).values():
+        for name, value in vars(module).items():
+            weights = name in ("_parameters", "_buffers")
             for tensor in _held(value):
-                if isinstance(tensor, torch.Tensor) and id(tensor) not in memo:
+                if not isinstance(tensor, torch.Tensor) or id(tensor) in memo:
+                    continue
+                # Small cached constants stay real, as meta runs keep them when they must (rewrite.execution).
+                if weights or not is_small_constant(tensor):
                     memo[id(tensor)] = _meta_like(tensor)
     return memo
 

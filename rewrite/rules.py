@@ -122,7 +122,7 @@ _RULESET_KEYS = ("name", "description", "scope")
 _RULE_KEYS = ("name", "match", "where", "replace")
 _MATCH_KEYS = ("module", "chain", "not_inside")
 _PREDICATE_KINDS = ("eq", "one_of", "range", "multiple_of")
-_DERIVATION_KINDS = ("count", "fact")
+_DERIVATION_KINDS = ("count", "len", "fact")
 
 # The package the built-in rule sets ship in (the repository's rules/ folder, mapped in pyproject.toml).
 # Not "rewrite.rules": that is this module, and a package of that name would shadow it once installed.
@@ -218,20 +218,26 @@ class Predicate:
 
 @dataclass(frozen=True)
 class Derivation:
-    """An option value computed per site: ``{ count = "Bottleneck" }`` or ``{ fact = "kernel_size" }``.
+    """An option value computed per site: ``{ count = "Bottleneck" }``, ``{ len = "m" }`` or
+    ``{ fact = "kernel_size" }``.
 
     >>> Derivation("count", "Bottleneck").derive(Site("model.13", "csp", "C3", counts={"Bottleneck": 3}))
     3
+    >>> Derivation("len", "m").derive(Site("model.12", "csp", "C2f", lengths={"m": 2, "cv1": 3}))
+    2
     """
 
-    kind: Literal["count", "fact"]
-    name: str  # a class name (count) or a fact name (fact)
+    kind: Literal["count", "len", "fact"]
+    name: str  # a class name (count), an attribute of the matched module (len) or a fact name (fact)
 
     def derive(self, site: Site) -> Any:
-        """The number of modules of class ``name`` inside the match, or the site's fact ``name``.
+        """The number of modules of class ``name`` inside the match, the number of modules directly inside the
+        matched module's attribute ``name`` (a ``Sequential`` / ``ModuleList``, whatever their class), or the
+        site's fact ``name``.
 
-        Raises ``ValueError`` when the fact is unknown for this site, and when the count is zero: a class name
-        cannot be checked when the file loads, and zero most often means a misspelt one.
+        Raises ``ValueError`` when the fact is unknown for this site, when the matched module has no such
+        attribute, and when the count is zero: a class name cannot be checked when the file loads, and zero most
+        often means a misspelt one.
         """
         if self.kind == "count":
             value = site.counts.get(self.name, 0)
@@ -240,6 +246,14 @@ class Derivation:
                     f"{self} found no {self.name} inside {site.module_type}; check the class name"
                 )
             return value
+        if self.kind == "len":
+            if not site.lengths.get(self.name):
+                held = ", ".join(name for name, n in site.lengths.items() if n) or "none"
+                raise ValueError(
+                    f"{self}: {site.module_type} holds no modules in an attribute {self.name!r}"
+                    f" (attributes holding modules: {held})"
+                )
+            return site.lengths[self.name]
         value = site.facts()[self.name]
         if value is None:
             raise ValueError(f"{self}: {self.name} is unknown for {site.module_type}")
@@ -500,7 +514,7 @@ def _option_value(builder: str, parameter: inspect.Parameter, value: Any, at: st
 
 
 def _parse_derivation(table: dict[str, Any], label: str, at: str) -> Derivation:
-    usage = 'a derived value is { count = "ClassName" } or { fact = "name" }'
+    usage = 'a derived value is { count = "ClassName" }, { len = "attribute" } or { fact = "name" }'
     if len(table) != 1:
         _fail(at, f"{label}: {usage}, got {_keys(table)}")
     [(kind, name)] = table.items()
@@ -508,6 +522,12 @@ def _parse_derivation(table: dict[str, Any], label: str, at: str) -> Derivation:
         _fail(at, f"{label}: unknown derivation {kind!r}{_did_you_mean(kind, _DERIVATION_KINDS)}")
     if kind == "count":
         return Derivation(kind, _class_names(name, f"{label}.count", at, single=True)[0])
+    if kind == "len":
+        if not isinstance(name, str) or _CLASS_NAME.fullmatch(name) is None:
+            _fail(
+                at, f'{label}.len: must name an attribute of the matched module (like "m"), got {_got(name)}'
+            )
+        return Derivation(kind, name)
     if not isinstance(name, str) or name not in Site.FACT_TYPES:
         hint = _did_you_mean(name, list(Site.FACT_TYPES)) if isinstance(name, str) else ""
         _fail(at, f"{label}.fact: unknown fact {_got(name)}{hint}")
@@ -569,7 +589,7 @@ def _type_fits(candidate: type, expected: type) -> bool:
 
 
 def _derived_types(derivation: Derivation) -> tuple[type, ...]:
-    return (int,) if derivation.kind == "count" else Site.FACT_TYPES[derivation.name]
+    return (int,) if derivation.kind in ("count", "len") else Site.FACT_TYPES[derivation.name]
 
 
 def _describe(annotation: Any) -> str:

@@ -21,14 +21,19 @@ How a model is cut into graphs
    inputs for the root; for a leaf, what it received when its region ran), while forward pre-hooks record
    the inputs of the first call of every module below it. Each module it calls directly (a child, or one
    held in its ``ModuleList``) is traced as its own :class:`Region` on those inputs, by these same rules, so
-   an opaque module found there is opened in turn. A ``torch.nn`` built-in or user leaf called directly by an
-   opaque module (e.g. the ``Conv2d`` layers of a YOLO ``Detect``) gets a one-node region,
-   ``output(module(*inputs))``, so its ``call_module`` node is still there to match. User leaves are never
-   opened, and a module that is never called gets no region.
+   an opaque module found there is opened in turn. A ``torch.nn`` built-in, user leaf or opaque module called
+   directly by an opaque module (the ``Conv2d`` layers of a YOLO ``Detect``, a ``C2f`` block called by an
+   opaque detector) gets a one-node region, ``output(module(*inputs))``, so its own call is still there to
+   match, with its own input and output. User leaves are never opened, and a module that is never called
+   gets no region. ``Traced.opaque_calls`` counts the calls that opaque modules made of each module: only the
+   first has a region.
 
 Every node carries ``module_path``, ``module_type``, ``module_stack``, ``module_call``, ``call_stack``,
-``shapes`` and ``dtypes`` in ``node.meta`` (see ``docs/design.md``). A call id is ``"{path}@{n}"``: the
-``n``-th call of the module at ``path`` (the root's call is ``"@0"``), so two calls of a shared module differ.
+``shapes`` and ``dtypes`` in ``node.meta`` (see ``docs/design.md``). A module's path is the one *it was
+called through*: its caller's path joined with the name under which the caller holds it (see
+:func:`held_path`), so an activation object that every block shares is ``model.10.act`` in ``model.10``, not
+the path it was first registered under. A call id is ``"{path}@{n}"``: the ``n``-th call of the module at
+``path`` (the root's call is ``"@0"``), so two calls of a shared module differ.
 
 Shapes are found by running each region on its inputs on meta stand-ins of the weights (see
 :mod:`rewrite.execution`). When some part of the model cannot run on meta (``nonzero``, NMS, ``.item()``), the
@@ -76,7 +81,7 @@ import inspect
 import warnings
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
@@ -86,7 +91,16 @@ from torch.utils import _pytree as pytree
 from rewrite.errors import TraceError
 from rewrite.execution import RunFailed, Runner, attributes_restored, on_meta_else_real, one_line
 
-__all__ = ["Leaf", "Region", "Traced", "join_path", "path_and_ancestors", "trace"]
+__all__ = [
+    "Leaf",
+    "Region",
+    "Traced",
+    "held_path",
+    "join_path",
+    "path_and_ancestors",
+    "relative_path",
+    "trace",
+]
 
 _USER_REASON = "user"
 _VARIADIC = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
@@ -128,6 +142,9 @@ class Traced:
     regions: list[Region]
     leaves: list[Leaf]  # modules kept as opaque calls, deepest possible, with the reason
     example_inputs: tuple  # exactly as given (positional args)
+    # How often each module path was called while an opaque module ran. Only the first of those calls has a
+    # region, so a module called more than once there has calls that no graph shows.
+    opaque_calls: dict[str, int] = field(default_factory=dict)
 
 
 def trace(
@@ -229,6 +246,7 @@ class _Session:
         self.calls: Counter[str] = Counter({"": 1})  # the root's call is "@0"
         self.regions: list[Region] = []
         self.leaves: dict[str, Leaf] = {}
+        self.opaque_calls: Counter[str] = Counter()  # calls per path seen while opaque modules ran
 
     def build(self, propagate_shapes: bool) -> Traced:
         queue = deque([_Call("", self.model, self.args, {}, (_Frame("", type(self.model).__name__, "@0"),))])
@@ -243,7 +261,9 @@ class _Session:
                 if opaque.path not in captured:  # else an opened ancestor's run already recorded its subtree
                     captured |= self.capture_calls(opaque)
                 queue += [child for child in captured.values() if child.stack[-2].path == opaque.path]
-        return Traced(self.model, self.regions, list(self.leaves.values()), self.args)
+        return Traced(
+            self.model, self.regions, list(self.leaves.values()), self.args, dict(self.opaque_calls)
+        )
 
     def is_leaf(self, module: nn.Module, path: str) -> bool:
         return (
@@ -266,9 +286,15 @@ class _Session:
             region = _one_node_region(call, bound)
         else:
             region = self.trace_region(call, bound)
+        opened = []
         if region is None:
             self.leaves[call.path] = Leaf(call.path, type(call.module).__name__, self.failures[call.path])
-            return [call] if _has_children(call.module) else []
+            opened = [call] if _has_children(call.module) else []
+            if not call.path:  # the root's own call is the whole model: nothing to match it against
+                return opened
+            # Its call as one node as well, beside the regions of what it calls: a match of the whole module
+            # takes its input and output from this call, not from the pieces fx made of its inside.
+            region = _one_node_region(call, bound)
         self.regions.append(region)
         to_open = set()
         for node in region.graph_module.graph.nodes:
@@ -283,10 +309,10 @@ class _Session:
             elif self.is_user_leaf(module, path):
                 self.leaves[path] = Leaf(path, type(module).__name__, _USER_REASON)
         if not (propagate_shapes or to_open):
-            return []
+            return opened
         recorder = _RegionRun(region.graph_module, record_shapes=propagate_shapes, keep_calls_of=to_open)
         self.runner.run(recorder, _positional(bound))
-        return list(recorder.kept_calls.values())
+        return opened + list(recorder.kept_calls.values())
 
     def trace_region(self, call: _Call, bound: inspect.BoundArguments) -> Region | None:
         """Trace ``call.module``, making failing submodules leaves; None when its own forward fails."""
@@ -313,14 +339,17 @@ class _Session:
     def capture_calls(self, opened: _Call) -> dict[str, _Call]:
         """Run an opened module alone; return the first call of every module it calls, at any depth."""
         stack = list(opened.stack[:-1])
+        callers: list[nn.Module] = []
         calls: Counter[str] = Counter()
         captured: dict[str, _Call] = {}
 
         def before(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-            if module is opened.module:
+            if module is opened.module and not callers:
                 stack.append(opened.stack[-1])
+                callers.append(module)
                 return
-            path = self.paths[module]
+            held = held_path(callers[-1], module)
+            path = join_path(stack[-1].path, held) if held is not None else self.paths[module]
             frame = _Frame(path, type(module).__name__, f"{path}@{calls[path]}")
             calls[path] += 1
             if path not in captured:
@@ -328,9 +357,11 @@ class _Session:
                 args, kwargs = pytree.tree_map(lambda value: value, (args, kwargs))
                 captured[path] = _Call(path, module, args, kwargs, (*stack, frame))
             stack.append(frame)
+            callers.append(module)
 
         def after(module: nn.Module, args: tuple, output: Any) -> None:
             stack.pop()
+            callers.pop()
 
         handles = []
         try:
@@ -341,6 +372,8 @@ class _Session:
         finally:
             for handle in handles:
                 handle.remove()
+        for path, count in calls.items():
+            self.opaque_calls[path] = max(self.opaque_calls[path], count)
         return captured
 
 
@@ -352,8 +385,10 @@ class _Tracer(fx.Tracer):
         self.session = session
         self.region_path = call.path
         self.stack = list(call.stack)
+        self.callers = [call.module]  # the module objects of the calls on the stack, from the region's own
         self.calls = Counter(session.calls)  # handed back to the session only when this trace succeeds
         self._raised_in: dict[int, tuple[BaseException, str]] = {}
+        self._calling: tuple[nn.Module, str] | None = None  # the module being called, and its call path
 
     def raised_in(self, error: BaseException) -> str:
         """Path of the innermost traced-through module whose own code raised ``error`` (else the region)."""
@@ -363,25 +398,71 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return self.session.is_leaf(m, join_path(self.region_path, module_qualified_name))
 
+    def path_of_module(self, mod: nn.Module) -> str:
+        # fx names a module by the first path it was registered under; a call is named by its caller.
+        if self._calling is not None and self._calling[0] is mod:
+            return self._calling[1]
+        return super().path_of_module(mod)
+
     def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
-        relative_path = self.path_of_module(m)
-        path = join_path(self.region_path, relative_path)
+        caller_path = relative_path(self.stack[-1].path, self.region_path)
+        held = held_path(self.callers[-1], m)
+        qualified_name = join_path(caller_path, held) if held is not None else super().path_of_module(m)
+        path = join_path(self.region_path, qualified_name)
         self.stack.append(_Frame(path, type(m).__name__, f"{path}@{self.calls[path]}"))
+        self.callers.append(m)
         self.calls[path] += 1
+        self._calling = (m, qualified_name)
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception as error:
             # The innermost frame sees the error first; a leaf's code never ran, so blame its caller.
-            if not self.is_leaf_module(m, relative_path):
+            if not self.is_leaf_module(m, qualified_name):
                 self._raised_in.setdefault(id(error), (error, path))
             raise
         finally:
             self.stack.pop()
+            self.callers.pop()
 
     def create_node(self, *args: Any, **kwargs: Any) -> fx.Node:
         node = super().create_node(*args, **kwargs)
         _annotate(node, self.stack)
         return node
+
+
+def held_path(holder: nn.Module, module: nn.Module) -> str | None:
+    """The path under which ``holder`` holds ``module``: a direct child's name if it is one, else the first path
+    below ``holder`` (a module held in a ``ModuleList`` and called by the list's owner); None when it is not
+    held at all.
+
+    A call is credited to this path joined to its caller's: a module shared by many parents (an activation kept
+    as a class attribute) is ``model.10.act`` when ``model.10`` calls it, not the path it was first registered
+    under.
+
+    >>> act = nn.SiLU()
+    >>> block = nn.Module(); block.conv = nn.Conv2d(1, 1, 1); block.act = act
+    >>> other = nn.Module(); other.body = nn.ModuleList([nn.Identity(), act])
+    >>> held_path(block, act), held_path(other, act), held_path(block, nn.ReLU())
+    ('act', 'body.1', None)
+    """
+    for name, child in holder._modules.items():
+        if child is module:
+            return name
+    for path, descendant in holder.named_modules():
+        if descendant is module and path:
+            return path
+    return None
+
+
+def relative_path(path: str, region_path: str) -> str:
+    """``path`` relative to the module at ``region_path`` (``""`` when it is not inside it).
+
+    >>> relative_path("model.10.act", "model.10"), relative_path("model.10", "")
+    ('act', 'model.10')
+    """
+    if not region_path:
+        return path
+    return path[len(region_path) + 1 :] if path.startswith(region_path + ".") else ""
 
 
 def _annotate(node: fx.Node, stack: list[_Frame] | tuple[_Frame, ...]) -> None:

@@ -429,3 +429,147 @@ def _parse(cfg: dict[str, Any], ch: int) -> tuple[nn.Sequential, set[int]]:
         channels.append(c2)
         strides.append(stride)
     return nn.Sequential(*layers), save
+
+
+# --- patterns of public detector code (issue: real detectors as users have them) ----------------------------
+
+
+class SharedActivationConv(nn.Module):
+    """The public YOLOv5 / ultralytics ``Conv``: every instance calls one activation object, a class attribute."""
+
+    default_act = nn.SiLU()
+
+    def __init__(self, c1: int, c2: int, k: int = 1, s: int = 1) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c1, c2, k, s, k // 2, bias=False)
+        self.bn = nn.BatchNorm2d(c2)
+        self.act = self.default_act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+
+def share_activations(model: nn.Module) -> nn.Module:
+    """``model`` with the ``SiLU`` of every block that has an ``act`` replaced by one shared object, as
+    ``self.act = self.default_act`` does in the public YOLOv5 code."""
+    for module in model.modules():
+        if isinstance(getattr(module, "act", None), nn.SiLU):
+            module.act = SharedActivationConv.default_act
+    return model
+
+
+def with_opaque_root(model: nn.Module) -> nn.Module:
+    """``model`` whose own forward fx cannot trace (a check of the input's rank, as preprocessing does: fx cannot
+    branch on ``x.dim()``); the layers are then traced one by one."""
+
+    class InputChecked(type(model)):  # type: ignore[misc, valid-type]
+        def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            if x.dim() != 4:
+                raise ValueError(f"expected a batch of images (N, C, H, W), got {x.dim()} dimensions")
+            return super().forward(x, *args, **kwargs)
+
+    InputChecked.__name__ = f"InputChecked{type(model).__name__}"
+    model.__class__ = InputChecked
+    return model
+
+
+class CBA(nn.Module):
+    """conv → BatchNorm → ReLU, 3x3, same size."""
+
+    def __init__(self, c1: int, c2: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c1, c2, 3, 1, 1, bias=False)
+        self.bn = nn.BatchNorm2d(c2)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+
+class AliasBefore(nn.Module):
+    """A block registered under a name of its own first, then placed in the layer list that the forward runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last = CBA(8, 8)
+        self.layers = nn.Sequential(CBA(3, 8), self.last)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class AliasAfter(nn.Module):
+    """A handle on the last layer, registered after the layer list (``self.last = self.layers[-1]``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(CBA(3, 8), CBA(8, 8))
+        self.last = self.layers[-1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class LoopedBlock(nn.Module):
+    """One block called three times in a loop (weights shared across the calls)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = CBA(3, 8)
+        self.block = CBA(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for _ in range(3):
+            x = self.block(x)
+        return x
+
+
+class ReusedConv(nn.Module):
+    """One conv used twice, once followed by BatchNorm and an activation and once alone: a conv-bn-act chain
+    sees the two calls differently, so they cannot share one new block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, 1, 1)
+        self.conv = nn.Conv2d(8, 8, 3, 1, 1)
+        self.bn = nn.BatchNorm2d(8)
+        self.act = nn.ReLU()
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.bn(self.conv(self.stem(x))))
+        return self.conv(self.pool(x))
+
+
+class C2fLike(nn.Module):
+    """The ultralytics ``C2f`` pattern: ``list(self.cv1(x).chunk(2, 1))`` makes its forward untraceable by fx."""
+
+    def __init__(self, c1: int, c2: int, n: int = 1) -> None:
+        super().__init__()
+        self.c = c2 // 2
+        self.cv1 = SharedActivationConv(c1, 2 * self.c)
+        self.cv2 = SharedActivationConv((2 + n) * self.c, c2)
+        self.m = nn.ModuleList(
+            nn.Sequential(SharedActivationConv(self.c, self.c, 3), SharedActivationConv(self.c, self.c, 3))
+            for _ in range(n)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = list(self.cv1(x).chunk(2, 1))
+        y.extend(m(y[-1]) for m in self.m)
+        return self.cv2(torch.cat(y, 1))
+
+
+class C2fNet(nn.Module):
+    """stem → C2f-style block → head conv, with the ultralytics ``i`` / ``f`` routing attributes on the block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = SharedActivationConv(3, 16, 3, 2)
+        self.block = C2fLike(16, 32, n=2)
+        self.block.i, self.block.f = 1, -1
+        self.head = nn.Conv2d(32, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.block(self.stem(x)))

@@ -43,10 +43,10 @@ def load_error(text: str, source: str = "rules/x.toml") -> str:
 
 
 def test_builtin_rule_sets_are_listed():
-    assert builtin_rule_sets() == ["gsconv-only", "slim-neck", "torchvision-fpn-gsconv"]
+    assert builtin_rule_sets() == ["gsconv-only", "slim-neck", "slim-neck-v8", "torchvision-fpn-gsconv"]
 
 
-@pytest.mark.parametrize("name", ["gsconv-only", "slim-neck", "torchvision-fpn-gsconv"])
+@pytest.mark.parametrize("name", ["gsconv-only", "slim-neck", "slim-neck-v8", "torchvision-fpn-gsconv"])
 def test_each_builtin_loads_with_neck_scope(name):
     rule_set = load_rules(name)
     assert rule_set.name == name
@@ -105,7 +105,7 @@ def test_unknown_rule_set_name_lists_the_builtins_and_suggests_one():
     with pytest.raises(RuleError) as caught:
         load_rules("slim_neck")
     message = str(caught.value)
-    assert "gsconv-only, slim-neck, torchvision-fpn-gsconv" in message
+    assert "gsconv-only, slim-neck, slim-neck-v8, torchvision-fpn-gsconv" in message
     assert "did you mean 'slim-neck'?" in message
     assert "\n" not in message
 
@@ -276,7 +276,7 @@ ERRORS = {
     ),
     "derivation with two keys": (
         rule('match.module = "C3"\nreplace.builder = "VoVGSCSP"\nreplace.n = { count = "B", fact = "x" }\n'),
-        ["replace.n", '{ count = "ClassName" } or { fact = "name" }'],
+        ["replace.n", '{ count = "ClassName" }, { len = "attribute" } or { fact = "name" }'],
     ),
     "derivation of an unknown fact": (
         rule('match.module = "C3"\nreplace.builder = "VoVGSCSP"\nreplace.n = { fact = "kernel" }\n'),

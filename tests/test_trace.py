@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import doctest
 import importlib
-import time
 
 import pytest
 import torch
@@ -236,14 +235,9 @@ def test_tiny_yolo_train_traces_through_detect() -> None:
     assert model.training
 
 
-def test_yolov5l_sized_model_traces_in_well_under_a_second() -> None:
-    model, x = TinyYolo(YOLOV5L).eval(), torch.randn(1, 3, 640, 640)
-    timings = []
-    for _ in range(3):  # the best of three, so that a busy machine does not fail the test
-        start = time.perf_counter()
-        traced = trace(model, x)
-        timings.append(time.perf_counter() - start)
-    assert min(timings) < 1.0, timings
+def test_yolov5l_sized_model_traces_to_its_output_shapes() -> None:
+    # How fast: bench/profile_speed.py (no timing asserts in tests).
+    traced = trace(TinyYolo(YOLOV5L).eval(), torch.randn(1, 3, 640, 640))
     assert nodes(traced)[-1].meta["shapes"][0] == (1, 25200, 85)
 
 
@@ -389,11 +383,15 @@ def test_torchvision_detectors_trace_with_leaves(
     traced = trace(model, detector_inputs(training))
     assert {leaf.path for leaf in traced.leaves} == DETECTORS[name]
     assert all(leaf.reason != "user" and "\n" not in leaf.reason for leaf in traced.leaves)
-    assert traced.regions[0].path == "backbone"
+    assert [r.path for r in traced.regions][:2] == ["transform", "backbone"]
+    # Each opaque module but the root also keeps its own call, as one node (its inside is in other regions).
+    regions = {r.path: r for r in traced.regions}
+    for path in DETECTORS[name] - {""}:
+        ops = [n.op for n in regions[path].graph_module.graph.nodes if n.op not in ("placeholder", "output")]
+        assert ops == ["call_module"], path
     convs = {path for path, module in model.backbone.named_modules() if isinstance(module, nn.Conv2d)}
     assert {f"backbone.{path}" for path in convs} <= called_modules(traced)
     if hasattr(model.backbone, "fpn"):
         assert any(path.startswith("backbone.fpn.") for path in called_modules(traced))
-    assert "transform" not in {r.path for r in traced.regions}
     assert_well_formed(traced)
     assert model.training is training

@@ -66,4 +66,4 @@ def create_model(name: str, **kwargs: object) -> nn.Module:
 
 
 # Imported last, for its side effect: its builders use register_model, defined above.
-from rewrite.zoo import yolov5  # noqa: E402,F401
+from rewrite.zoo import yolov5  # noqa: F401
