@@ -18,6 +18,9 @@ builds the :class:`Site`; the caller turns the rule's derived options into value
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import dataclasses
 import inspect
 import typing
 from collections.abc import Callable, Mapping
@@ -200,8 +203,13 @@ def build(replace: Replace, site: Site, options: Mapping[str, Any]) -> nn.Module
     Anything the builder raises (an odd channel count for GSConv, say) becomes a one-line
     :class:`~rewrite.errors.BuildError` naming the site and the rule.
     """
+    # The new block must never hold the user's own modules: ``.to()`` below would move them, and training the
+    # block would train them. The builder gets copies of the matched activation and norm.
+    site = dataclasses.replace(site, activation=copy.deepcopy(site.activation), norm=copy.deepcopy(site.norm))
     try:
-        module = get_builder(replace.builder)(site, **options)
+        # Made where it will live: on meta, no weights are drawn (and no random numbers).
+        with torch.device(site.device) if site.device is not None else contextlib.nullcontext():
+            module = get_builder(replace.builder)(site, **options)
         if not isinstance(module, nn.Module):
             raise TypeError(f"the builder returned {type(module).__name__}, not an nn.Module")
         placement = {"device": site.device, "dtype": site.dtype}

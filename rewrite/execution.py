@@ -66,6 +66,7 @@ __all__ = [
     "RunFailed",
     "Runner",
     "attributes_restored",
+    "buffer_values_restored",
     "is_small_constant",
     "on_meta_else_real",
     "one_line",
@@ -306,6 +307,31 @@ def attributes_restored(model: nn.Module) -> Iterator[None]:
                 else:
                     container.clear()
                     container.update(items)
+
+
+@contextlib.contextmanager
+def buffer_values_restored(model: nn.Module) -> Iterator[None]:
+    """Put back the values of ``model``'s buffers that code inside changed in place.
+
+    fx runs the non-traced parts of a forward for real while it traces: a forward that counts its calls in a
+    buffer (``self.calls += 1``), or a hand-written BatchNorm updating its statistics in train mode, writes into
+    the real buffers. Only buffers whose version counter moved are copied back.
+
+    >>> counter = nn.Module()
+    >>> counter.register_buffer("calls", torch.zeros((), dtype=torch.long))
+    >>> with buffer_values_restored(counter):
+    ...     counter.calls += 1
+    >>> int(counter.calls)
+    0
+    """
+    saved = [(buffer, buffer._version, buffer.clone()) for buffer in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, version, value in saved:
+                if buffer._version != version:
+                    buffer.copy_(value)
 
 
 def one_line(error: BaseException) -> str:

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from rewrite.builders import Site
-from rewrite.errors import NoMatchError, NoMatchWarning, RewriteError, ShapeCheckError
-from rewrite.execution import run
+from rewrite.errors import BuildError, NoMatchError, NoMatchWarning, RewriteError, ShapeCheckError
+from rewrite.execution import RunFailed, run
 from rewrite.graph import StageMap, resolve_scope, to_networkx
 from rewrite.match import Match, Rejection, find_matches
 from rewrite.profiler import Cost, profile
@@ -118,6 +118,11 @@ class Plan:
         if self._prepared is None:
             raise RewriteError("this plan was not made by rewrite.plan(); it holds nothing to apply")
         prepared = self._prepared
+        changed = _structure_change(prepared.structure, _structure(prepared.model))
+        if changed:
+            raise RewriteError(
+                f"{self.model_name} changed after it was planned ({changed}); plan it again before applying"
+            )
         built = build_sites(prepared.model, prepared.matches)
         rewritten = rewrite_model(prepared.model, prepared.traced, built)
         check = check_outputs(prepared.model, rewritten, prepared.example_inputs)
@@ -134,6 +139,7 @@ class _Prepared:
     traced: Traced
     matches: list[Match]
     example_inputs: tuple
+    structure: dict[str, tuple[str, int, tuple]]  # the model's modules when planned, see _structure
 
 
 def plan(
@@ -166,7 +172,23 @@ def plan(
     ['model.10', 'model.13', 'model.14']
     >>> new_model = p.apply()  # the rewritten copy; ``model`` is unchanged
     """
-    say = progress or (lambda message: None)
+    cuda_devices = sorted({t.device.index or 0 for t in [*model.parameters(), *model.buffers()] if t.is_cuda})
+    # Blocks built on a real device draw their initial weights: the caller's random numbers stay as they were.
+    with torch.random.fork_rng(cuda_devices):
+        return _plan(
+            model, rules, example_inputs, scope, model_name, strict, progress or (lambda message: None)
+        )
+
+
+def _plan(
+    model: nn.Module,
+    rules: str | Path | RuleSet,
+    example_inputs: Any,
+    scope: str | Sequence[str] | None,
+    model_name: str | None,
+    strict: bool,
+    say: Callable[[str], None],
+) -> Plan:
     rule_set = load_rules(rules)
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
 
@@ -184,7 +206,7 @@ def plan(
         message = f"{rule_set.source}: rule '{rule_name}' matched nothing in {resolved_scope.description}"
         if strict:
             raise NoMatchError(message)
-        warnings.warn(message, NoMatchWarning, stacklevel=2)
+        warnings.warn(message, NoMatchWarning, stacklevel=3)
         messages.append(message)
 
     say("measuring the original")
@@ -203,8 +225,14 @@ def plan(
             messages.append(f"{match.path}: untied: {match.untied}")
 
     say(f"building {len(found.matches)} site(s)")
-    built = build_sites(model, found.matches, device=device)
-    changes = [_measure_site(traced, site, stages) for site in built]
+    built, changes, rejected = [], [], list(found.rejected)
+    for candidate in build_sites(model, found.matches, device=device):
+        measured = _measure_site(traced, candidate, stages)
+        if isinstance(measured, Rejection):  # the builder cannot reproduce this site: the others go on
+            rejected.append(measured)
+            continue
+        built.append(candidate)
+        changes.append(measured)
 
     say("measuring the rewritten copy")
     rewritten = rewrite_model(model, traced, built, on_meta=on_meta)
@@ -219,7 +247,7 @@ def plan(
         input_shapes=[tuple(t.shape) for t in _tensors(inputs)],
         device="meta" if on_meta else before.device,
         sites=changes,
-        rejected=found.rejected,
+        rejected=rejected,
         leaves=list(traced.leaves),
         warnings=messages,
         params=Delta(before.total.params, after.total.params),
@@ -234,7 +262,7 @@ def plan(
         shape_check=check,
         needed_real_data=list(before.needed_real_data),
         unmatched_rules=list(found.unmatched_rules),
-        _prepared=_Prepared(model, traced, found.matches, inputs),
+        _prepared=_Prepared(model, traced, [site.match for site in built], inputs, _structure(model)),
     )
 
 
@@ -253,15 +281,61 @@ def apply(
 _ZERO = Cost(params=0, flops=0)
 
 
-def _measure_site(traced: Traced, built: BuiltSite, stages: StageMap) -> SiteChange:
-    """Measure a site alone, old and new, on its traced input shape; a new block of the wrong shape is an error."""
+def _structure(model: nn.Module) -> dict[str, tuple[str, int, tuple]]:
+    """Every module under every name: its class, its identity and its own weights' shapes."""
+    return {
+        path: (
+            type(module).__name__,
+            id(module),
+            tuple(
+                (name, tuple(t.shape))
+                for name, t in [*module._parameters.items(), *module._buffers.items()]
+                if t is not None
+            ),
+        )
+        for path, module in model.named_modules(remove_duplicate=False)
+    }
+
+
+def _structure_change(planned: dict[str, tuple], now: dict[str, tuple]) -> str | None:
+    """What differs between two structures, on one line (the first difference), or None."""
+    for path in sorted(planned.keys() | now.keys()):
+        before, after = planned.get(path), now.get(path)
+        if before == after:
+            continue
+        where = path or "the root"
+        if before is None:
+            return f"{where} ({after[0]}) was added"
+        if after is None:
+            return f"{where} ({before[0]}) was removed"
+        if before[0] != after[0] or before[1] != after[1]:
+            return f"{where} is now {after[0]}, was {before[0]}"
+        return f"the weights of {where} changed shape"
+    return None
+
+
+def _measure_site(traced: Traced, built: BuiltSite, stages: StageMap) -> SiteChange | Rejection:
+    """Measure a site alone, old and new, on its traced input shape.
+
+    A new block whose output has another shape than the site's cannot stand in for it: that site is rejected
+    (the others go on). A block that fails to run, or does not return one tensor, is a builder's bug: an error
+    naming the site and the rule.
+    """
     match, site = built.match, built.match.site
+    block_name = type(built.block).__name__
+    at = f"site {match.path!r}: rule {match.rule.name!r}: {block_name}"
     x = torch.empty(site.in_shape, dtype=site.dtype, device="meta")
-    out = run(built.block, (x,)).value
+    try:
+        out = run(built.block, (x,)).value
+    except RunFailed as failure:
+        raise BuildError(f"{at} fails on the site's input {site.in_shape}: {failure.reason}") from None
+    if not isinstance(out, torch.Tensor):
+        raise ShapeCheckError(f"{at} returns {type(out).__name__}, not one tensor as the site does")
     if tuple(out.shape) != site.out_shape:
-        raise ShapeCheckError(
-            f"{match.path}: rule '{match.rule.name}' built {type(built.block).__name__} giving "
-            f"{tuple(out.shape)} for input {site.in_shape}, but the site gives {site.out_shape}"
+        return Rejection(
+            match.path,
+            match.rule.name,
+            f"{block_name} gives {tuple(out.shape)} for input {site.in_shape}, but the site gives {site.out_shape}",
         )
     old = profile(site_module(traced, match), (x,), stages=StageMap()).total
     new = profile(built.block, (x,), stages=StageMap()).total

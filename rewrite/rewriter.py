@@ -104,6 +104,7 @@ def rewrite_model(
         gm.delete_all_unused_submodules()
         gm.recompile()
         old = new_model.get_submodule(region_path) if region_path else new_model
+        _carry_hooks(old, gm)
         new_model = _replace_everywhere([new_model, *new_graph_modules], old, gm)
     return new_model
 
@@ -183,6 +184,24 @@ def _replace_everywhere(roots: list[nn.Module], old: nn.Module, new: nn.Module) 
                 if child is old:
                     module._modules[name] = new
     return new if roots[0] is old else roots[0]
+
+
+# nn.Module's hook tables: a graph module that takes a module's place runs the hooks the user put on it.
+_HOOK_TABLES = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+)
+
+
+def _carry_hooks(old: nn.Module, new: nn.Module) -> None:
+    for table in _HOOK_TABLES:
+        if getattr(old, table, None):
+            getattr(new, table).update(getattr(old, table))
 
 
 def _carry_plain_attributes(old: nn.Module, new: nn.Module) -> None:

@@ -89,7 +89,14 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from rewrite.errors import TraceError
-from rewrite.execution import RunFailed, Runner, attributes_restored, on_meta_else_real, one_line
+from rewrite.execution import (
+    RunFailed,
+    Runner,
+    attributes_restored,
+    buffer_values_restored,
+    on_meta_else_real,
+    one_line,
+)
 
 __all__ = [
     "Leaf",
@@ -172,7 +179,8 @@ def trace(
         return _Session(model, args, leaf_paths, leaf_types, failures, runner).build(propagate_shapes)
 
     try:
-        return on_meta_else_real(model, args, build).value
+        with buffer_values_restored(model):
+            return on_meta_else_real(model, args, build).value
     except RunFailed as failure:
         if failure.on_meta:  # the model or its inputs are on meta: there was nothing real to fall back to
             raise TraceError(

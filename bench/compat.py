@@ -1,0 +1,183 @@
+"""The compatibility table: the built-in rule sets on third-party detectors, as a new user would run them.
+
+For each detector (built from its library's code, no weights): plan with the rule set its family calls for,
+apply, run the copy in eval mode, run one training step with backward, and print one row: family, model, rule
+set, sites rewritten, candidates rejected, params and FLOPs before → after, eval / train status. Small scales
+(n) at 320×320, so that the whole table takes a few minutes on a 2-core CPU.
+
+    python bench/compat.py [--format github|plain] [--only NAME ...]
+
+Needs the ``test`` extra (torchvision, ultralytics). Progress goes to stderr, the table to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from tabulate import tabulate
+from torch import nn
+from torch.utils import _pytree as pytree
+
+import rewrite
+
+SIZE = 320
+
+
+@dataclass(frozen=True)
+class Case:
+    family: str
+    name: str
+    rules: str
+    build: Callable[[], nn.Module]
+    inputs: Callable[[bool], tuple]  # the example inputs, for training (True) or eval
+
+
+def _ultralytics(config: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        from ultralytics.nn import tasks
+
+        task = tasks.guess_model_task(config)
+        if "rtdetr" in config:
+            model_class = tasks.RTDETRDetectionModel
+        else:
+            model_class = {
+                "detect": tasks.DetectionModel,
+                "segment": tasks.SegmentationModel,
+                "pose": tasks.PoseModel,
+                "obb": tasks.OBBModel,
+            }[task]
+        return model_class(config, verbose=False)
+
+    return build
+
+
+def _torchvision(name: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        from torchvision.models import detection
+
+        small = {} if name.startswith("ssd") else {"min_size": SIZE, "max_size": SIZE}
+        return getattr(detection, name)(weights=None, weights_backbone=None, **small)
+
+    return build
+
+
+def _image_batch(training: bool) -> tuple:
+    return (torch.rand(2 if training else 1, 3, SIZE, SIZE),)
+
+
+def _image_list(training: bool) -> tuple:
+    images = [torch.rand(3, SIZE, SIZE)]
+    if not training:
+        return (images,)
+    return (images, [{"boxes": torch.tensor([[20.0, 30.0, 120.0, 160.0]]), "labels": torch.tensor([1])}])
+
+
+CASES = [
+    Case("torchvision", "fasterrcnn_resnet50_fpn", "torchvision-fpn-gsconv", _torchvision("fasterrcnn_resnet50_fpn"), _image_list),
+    Case("torchvision", "retinanet_resnet50_fpn", "torchvision-fpn-gsconv", _torchvision("retinanet_resnet50_fpn"), _image_list),
+    Case("torchvision", "fcos_resnet50_fpn", "torchvision-fpn-gsconv", _torchvision("fcos_resnet50_fpn"), _image_list),
+    Case("torchvision", "ssdlite320_mobilenet_v3_large", "gsconv-only", _torchvision("ssdlite320_mobilenet_v3_large"), _image_list),
+    Case("ultralytics", "yolov3u", "slim-neck", _ultralytics("yolov3u.yaml"), _image_batch),
+    Case("ultralytics", "yolov5nu", "slim-neck", _ultralytics("yolov5nu.yaml"), _image_batch),
+    Case("ultralytics", "yolov6n", "slim-neck-v8", _ultralytics("yolov6n.yaml"), _image_batch),
+    Case("ultralytics", "yolov8n", "slim-neck-v8", _ultralytics("yolov8n.yaml"), _image_batch),
+    Case("ultralytics", "yolov8n-seg", "slim-neck-v8", _ultralytics("yolov8n-seg.yaml"), _image_batch),
+    Case("ultralytics", "yolov8n-pose", "slim-neck-v8", _ultralytics("yolov8n-pose.yaml"), _image_batch),
+    Case("ultralytics", "yolov8n-obb", "slim-neck-v8", _ultralytics("yolov8n-obb.yaml"), _image_batch),
+    Case("ultralytics", "yolov8n-p2", "slim-neck-v8", _ultralytics("yolov8n-p2.yaml"), _image_batch),
+    Case("ultralytics", "yolov8n-p6", "slim-neck-v8", _ultralytics("yolov8n-p6.yaml"), _image_batch),
+    Case("ultralytics", "yolov10n", "slim-neck-v8", _ultralytics("yolov10n.yaml"), _image_batch),
+    Case("ultralytics", "yolo11n", "slim-neck-v8", _ultralytics("yolo11n.yaml"), _image_batch),
+    Case("ultralytics", "yolo11n-seg", "slim-neck-v8", _ultralytics("yolo11n-seg.yaml"), _image_batch),
+    Case("ultralytics", "yolo12n", "slim-neck-v8", _ultralytics("yolo12n.yaml"), _image_batch),
+    Case("ultralytics", "yolo26n", "slim-neck-v8", _ultralytics("yolo26n.yaml"), _image_batch),
+    Case("ultralytics", "rtdetr-l", "slim-neck-v8", _ultralytics("rtdetr-l.yaml"), _image_batch),
+]
+
+
+def _status(step: Callable[[], object]) -> str:
+    try:
+        step()
+    except Exception as error:  # a row of the table, not a crash of the table
+        return f"FAIL: {type(error).__name__}: {str(error).splitlines()[0][:80]}"
+    return "ok"
+
+
+def _train_step(model: nn.Module, inputs: tuple) -> None:
+    model.train()
+    out = model(*inputs)
+    tensors = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    loss = sum(t.float().pow(2).mean() for t in tensors)
+    loss.backward()
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"loss {float(loss)}")
+
+
+def run_case(case: Case) -> list[str]:
+    torch.manual_seed(0)
+    model = case.build().eval()
+    plan = rewrite.plan(model, case.rules, case.inputs(False), model_name=case.name)
+    slim = plan.apply()
+
+    def evaluate() -> None:
+        with torch.no_grad():
+            slim.eval()(*case.inputs(False))
+
+    eval_status = _status(evaluate)
+    train_status = _status(lambda: _train_step(slim, case.inputs(True)))
+    kinds = f"{sum(s.kind == 'module' for s in plan.sites)}/{sum(s.kind == 'graph' for s in plan.sites)}"
+    return [
+        case.family,
+        case.name,
+        case.rules,
+        len(plan.sites),
+        kinds,
+        len(plan.rejected),
+        f"{plan.params.before / 1e6:.2f} M → {plan.params.after / 1e6:.2f} M ({plan.params.percent:+.1f}%)",
+        f"{plan.flops.before / 1e9:.2f} G → {plan.flops.after / 1e9:.2f} G ({plan.flops.percent:+.1f}%)",
+        eval_status,
+        train_status,
+    ]
+
+
+HEADERS = [
+    "family", "model", "rules", "sites", "module/graph", "rejected", "params", "FLOPs", "eval", "train step",
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--format", default="github", help="a tabulate format (github, plain, ...)")
+    parser.add_argument("--only", nargs="*", default=None, help="model names to run (default: all)")
+    args = parser.parse_args(argv)
+    warnings.simplefilter("ignore")  # NoMatchWarning and friends: the table says what matched
+    rows, failed = [], 0
+    for case in CASES:
+        if args.only and case.name not in args.only:
+            continue
+        start = time.perf_counter()
+        print(f"[{len(rows) + 1}/{len(CASES)}] {case.name} with {case.rules} ...", file=sys.stderr, flush=True)
+        try:
+            row = run_case(case)
+        except Exception as error:
+            row = [case.family, case.name, case.rules, "-", "-", "-", "-", "-", f"FAIL: {rewrite_error(error)}", "-"]
+        failed += any(str(cell).startswith("FAIL") for cell in row)
+        rows.append(row)
+        print(f"    {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+    print(tabulate(rows, HEADERS, tablefmt=args.format))
+    print(f"\n{SIZE}x{SIZE}, torch {torch.__version__}, {torch.get_num_threads()} threads", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def rewrite_error(error: Exception) -> str:
+    return f"{type(error).__name__}: {str(error).splitlines()[0][:100]}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
