@@ -113,6 +113,12 @@ def _build_parser() -> _Parser:
     rules.add_argument(
         "--scope", metavar="S", help="stage name, module path or glob; several comma-separated"
     )
+    rules.add_argument(
+        "--allow-frozen",
+        action="store_true",
+        help="rewrite sites that only a traced graph can express even where that forward runs other code in"
+        " train than in eval mode (the report says which code paths were frozen)",
+    )
 
     report = _Parser(add_help=False)
     report.add_argument("--format", choices=FORMATS, default="text", help="report format (default text)")
@@ -431,7 +437,15 @@ def _make_plan(args: argparse.Namespace, say: Callable[[str], None]) -> Plan:
     with warnings.catch_warnings():
         # A rule that matched nothing is in the report's warnings; Python's own warning line would repeat it.
         warnings.simplefilter("ignore", NoMatchWarning)
-        result = plan(model, rule_set, (example,), scope=args.scope, model_name=name, progress=say)
+        result = plan(
+            model,
+            rule_set,
+            (example,),
+            scope=args.scope,
+            model_name=name,
+            allow_frozen=args.allow_frozen,
+            progress=say,
+        )
     for message in result.warnings:
         say(f"warning: {message}")
     return result

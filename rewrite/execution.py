@@ -53,7 +53,7 @@ import contextlib
 import itertools
 import os
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -68,6 +68,7 @@ __all__ = [
     "attributes_restored",
     "buffer_values_restored",
     "is_small_constant",
+    "meta_memo",
     "on_meta_else_real",
     "one_line",
     "run",
@@ -307,6 +308,42 @@ def attributes_restored(model: nn.Module) -> Iterator[None]:
                 else:
                     container.clear()
                     container.update(items)
+
+
+def meta_memo(model: nn.Module) -> dict[int, object]:
+    """A ``copy.deepcopy`` memo that turns every tensor the model holds into an empty meta tensor of the same kind:
+    ``copy.deepcopy(model, meta_memo(model))`` is a weight-free copy.
+
+    Besides parameters and buffers, that covers tensors a forward cached in plain attributes, lists or dicts
+    (anchor grids and the like), which would otherwise stay on the real device beside meta weights.
+    """
+    memo: dict[int, object] = {}
+    for module in model.modules():
+        for name, value in vars(module).items():
+            weights = name in ("_parameters", "_buffers")
+            for tensor in _held(value):
+                if not isinstance(tensor, torch.Tensor) or id(tensor) in memo:
+                    continue
+                # Small cached constants stay real, as meta runs keep them when they must (rewrite.execution).
+                if weights or not is_small_constant(tensor):
+                    memo[id(tensor)] = _meta_like(tensor)
+    return memo
+
+
+def _held(value: object) -> Iterable[object]:
+    """What an attribute holds: a dict's values, a list's or tuple's items, or the value itself."""
+    if isinstance(value, dict):
+        return value.values()
+    if isinstance(value, (list, tuple)):
+        return value
+    return (value,)
+
+
+def _meta_like(tensor: torch.Tensor) -> torch.Tensor:
+    empty = torch.empty_like(tensor, device="meta")
+    if isinstance(tensor, nn.Parameter):
+        return nn.Parameter(empty, requires_grad=tensor.requires_grad)
+    return empty
 
 
 @contextlib.contextmanager

@@ -40,13 +40,16 @@ from dataclasses import dataclass, field
 
 import networkx as nx
 import torch
-from torch import nn
+from torch import fx, nn
 
 from rewrite.builders import Site
 from rewrite.graph import Scope
 from rewrite.rules import ChainStep, Rule, RuleSet, is_activation
 
 __all__ = ["Match", "MatchResult", "Occurrence", "Rejection", "find_matches"]
+
+# Activations for which f(f(x)) = f(x): a new block ending in one may be followed by it again.
+_IDEMPOTENT_ACTIVATIONS = (nn.ReLU, nn.Hardtanh)  # nn.ReLU6 is a Hardtanh
 
 # Nodes that carry no computation of their own; a site may contain or drop them freely.
 _STRUCTURAL_OPS = ("get_attr",)
@@ -90,10 +93,17 @@ class Occurrence:
 class Match:
     """One site a rule will rewrite.
 
-    ``kind`` is ``"module"`` when the site is exactly the calls of one module object, so that object can be
-    swapped wherever it is held (``path`` is the first path it was called through), and ``"graph"`` when the
-    site's nodes are spread over a forward that is not a single module (``path`` names the module of the site's
-    first op; the rewrite happens in the traced region's fx graph).
+    ``kind`` says how the rewrite is made, the first that applies:
+
+    * ``"module"``: the site is exactly the calls of one module object, so that object is swapped wherever it is
+      held (``path`` is the first path it was called through);
+    * ``"modules"``: the site is a chain of module calls written in a larger forward (``act(bn(conv(x)))``), each
+      module called only there: the first module is swapped for the new block and the others for
+      ``nn.Identity``, so the forward that calls them is kept, with its training branches (``path`` is the first
+      module's);
+    * ``"graph"``: anything else (functional ops, modules called elsewhere too): the site's nodes are replaced in
+      the traced region's fx graph, which takes the region module's place (``path`` names the module of the
+      site's first op). The trace fixed every Python-level decision of that forward.
 
     A module (or an inline chain of modules) that the forward calls more than once is one match with
     ``calls`` > 1 when every call matched this rule with the same facts: one new block serves them all, kept
@@ -112,6 +122,7 @@ class Match:
     calls: int = 1  # how many calls of the site's modules the one new block serves
     repeats: tuple[Occurrence, ...] = ()  # for a shared graph site: where its other calls sit
     untied: str = ""  # why the site's modules stop being shared, when they do
+    kept_activation: str = ""  # "modules" sites: a trailing shared activation left in place (see _editable)
 
     @property
     def occurrences(self) -> tuple[Occurrence, ...]:
@@ -221,11 +232,13 @@ def _settle_identity(graph: nx.DiGraph, calls: _CallIndex, rule: Rule, passed: l
                 )
             )
             nodes = tuple(key for found in members for key in found.candidate.nodes) if swappable else None
+            editable, kept = _editable(graph, calls, first) if len(members) == 1 else (False, "")
+            kind = "module" if swappable else "modules" if editable else "graph"
             matches.append(
                 Match(
                     rule,
                     first.path,
-                    "module" if swappable else "graph",
+                    kind,
                     first.region,
                     nodes or first.candidate.nodes,
                     first.input_node,
@@ -233,6 +246,7 @@ def _settle_identity(graph: nx.DiGraph, calls: _CallIndex, rule: Rule, passed: l
                     first.site,
                     calls=len(members),
                     repeats=repeats,
+                    kept_activation=kept if kind == "modules" else "",
                 )
             )
             continue
@@ -257,6 +271,40 @@ def _settle_identity(graph: nx.DiGraph, calls: _CallIndex, rule: Rule, passed: l
                 )
             )
     return matches
+
+
+def _editable(graph: nx.DiGraph, calls: _CallIndex, found: _Found) -> tuple[bool, str]:
+    """Whether the site can be rewritten on its modules, keeping the forward that calls them, and the path of a
+    trailing activation to keep in place.
+
+    The site must be a chain of module calls, each taking the one before as its only argument, each module
+    called here and nowhere else; the first module then becomes the new block and the others ``nn.Identity``.
+    One exception: a trailing activation that the forward also calls elsewhere (a ResNet block's one ``relu``)
+    stays where it is when applying it twice is applying it once (ReLU, ReLU6, Hardtanh); the new block must then
+    end in that activation (checked once it is built).
+    """
+    previous, kept = found.input_node, ""
+    keys = found.candidate.nodes
+    for index, key in enumerate(keys):
+        data = graph.nodes[key]
+        node = data["fx_node"]
+        if data["op"] != "call_module" or node.kwargs or len(node.args) != 1:
+            return False, ""
+        if not isinstance(node.args[0], fx.Node) or _key_in_region(key, node.args[0]) != previous:
+            return False, ""
+        shared = len(calls.calls_of_object[calls.object_of_call[data["call_stack"][-1]]]) != 1
+        if shared or calls.opaque_calls.get(data["module_path"], 0) > 1:
+            if index == len(keys) - 1 and index > 0 and isinstance(data["module"], _IDEMPOTENT_ACTIVATIONS):
+                kept = data["module_path"]
+            else:
+                return False, ""
+        previous = key
+    return True, kept
+
+
+def _key_in_region(key: str, node: fx.Node) -> str:
+    """The graph key of ``node``, which sits in the region of the node keyed ``key``."""
+    return f"{key.split(':', 1)[0]}:{node.name}"
 
 
 class _CallIndex:

@@ -21,9 +21,17 @@ from rewrite.execution import RunFailed, run
 from rewrite.graph import StageMap, resolve_scope, to_networkx
 from rewrite.match import Match, Rejection, find_matches
 from rewrite.profiler import Cost, profile
-from rewrite.rewriter import BuiltSite, ShapeCheck, build_sites, check_outputs, rewrite_model, site_module
+from rewrite.rewriter import (
+    BuiltSite,
+    ShapeCheck,
+    absorb_into_graph_regions,
+    build_sites,
+    check_outputs,
+    rewrite_model,
+    site_module,
+)
 from rewrite.rules import RuleSet, load_rules
-from rewrite.tracer import Traced, trace
+from rewrite.tracer import Traced, mode_dependent_regions, trace
 
 __all__ = ["Delta", "Plan", "Rejection", "ShapeCheck", "SiteChange", "StageChange", "apply", "plan"]
 
@@ -150,6 +158,7 @@ def plan(
     scope: str | Sequence[str] | None = None,
     model_name: str | None = None,
     strict: bool = False,
+    allow_frozen: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> Plan:
     """Work out what ``rules`` would do to ``model`` and measure it, without touching ``model``.
@@ -158,6 +167,11 @@ def plan(
     ``example_inputs`` is what the model's forward takes (a tensor, or a tuple of positional arguments);
     ``scope`` overrides the rule set's default scope (a stage name, module path, glob, or a list of them).
     A rule that matches nothing is a warning, or a :class:`~rewrite.errors.NoMatchError` when ``strict``.
+
+    A site is rewritten on the modules wherever that can express it, keeping the user's ``forward``; otherwise
+    in the traced graph of the module around it, which fixes that forward's Python-level decisions. When that
+    forward runs other code in the other train/eval mode, the site is rejected (with why), unless
+    ``allow_frozen``: then it is rewritten anyway and the plan's warnings say which code paths were frozen.
 
     The measuring runs on a weight-free copy on the meta device whenever the model allows it, so planning a
     large model costs little more than tracing it.
@@ -175,9 +189,8 @@ def plan(
     cuda_devices = sorted({t.device.index or 0 for t in [*model.parameters(), *model.buffers()] if t.is_cuda})
     # Blocks built on a real device draw their initial weights: the caller's random numbers stay as they were.
     with torch.random.fork_rng(cuda_devices):
-        return _plan(
-            model, rules, example_inputs, scope, model_name, strict, progress or (lambda message: None)
-        )
+        say = progress or (lambda message: None)
+        return _plan(model, rules, example_inputs, scope, model_name, strict, allow_frozen, say)
 
 
 def _plan(
@@ -187,6 +200,7 @@ def _plan(
     scope: str | Sequence[str] | None,
     model_name: str | None,
     strict: bool,
+    allow_frozen: bool,
     say: Callable[[str], None],
 ) -> Plan:
     rule_set = load_rules(rules)
@@ -226,7 +240,9 @@ def _plan(
 
     say(f"building {len(found.matches)} site(s)")
     built, changes, rejected = [], [], list(found.rejected)
-    for candidate in build_sites(model, found.matches, device=device):
+    candidates = build_sites(model, found.matches, device=device)
+    candidates = _refuse_frozen(traced, candidates, allow_frozen, rejected, messages)
+    for candidate in absorb_into_graph_regions(candidates):
         measured = _measure_site(traced, candidate, stages)
         if isinstance(measured, Rejection):  # the builder cannot reproduce this site: the others go on
             rejected.append(measured)
@@ -273,9 +289,10 @@ def apply(
     *,
     scope: str | Sequence[str] | None = None,
     strict: bool = False,
+    allow_frozen: bool = False,
 ) -> nn.Module:
     """Plan and apply in one step: the rewritten copy of ``model`` (``model`` itself is untouched)."""
-    return plan(model, rules, example_inputs, scope=scope, strict=strict).apply()
+    return plan(model, rules, example_inputs, scope=scope, strict=strict, allow_frozen=allow_frozen).apply()
 
 
 _ZERO = Cost(params=0, flops=0)
@@ -312,6 +329,44 @@ def _structure_change(planned: dict[str, tuple], now: dict[str, tuple]) -> str |
             return f"{where} is now {after[0]}, was {before[0]}"
         return f"the weights of {where} changed shape"
     return None
+
+
+def _refuse_frozen(
+    traced: Traced, sites: list[BuiltSite], allow_frozen: bool, rejected: list[Rejection], messages: list[str]
+) -> list[BuiltSite]:
+    """The sites whose rewrite does not freeze a mode-dependent forward; the others become rejections, or, with
+    ``allow_frozen``, stay and get a warning that says which code paths were frozen."""
+    regions = {
+        occurrence.region
+        for site in sites
+        if site.match.kind == "graph"
+        for occurrence in site.match.occurrences
+    }
+    dependent = mode_dependent_regions(traced, sorted(regions))
+    kept = []
+    for site in sites:
+        match = site.match
+        reasons = [
+            dependent[o.region] for o in match.occurrences if match.kind == "graph" and o.region in dependent
+        ]
+        if not reasons:
+            kept.append(site)
+        elif allow_frozen:
+            mode = "training" if traced.model.training else "eval"
+            messages.append(
+                f"{match.path}: frozen: {reasons[0]}; the rewritten copy runs its {mode}-mode code in both modes"
+            )
+            kept.append(site)
+        else:
+            rejected.append(
+                Rejection(
+                    match.path,
+                    match.rule.name,
+                    f"{reasons[0]}, and only a rewrite of its traced graph can express this site, which would fix"
+                    " that code for both modes (allow_frozen=True, or --allow-frozen, rewrites it anyway)",
+                )
+            )
+    return kept
 
 
 def _measure_site(traced: Traced, built: BuiltSite, stages: StageMap) -> SiteChange | Rejection:

@@ -18,8 +18,9 @@ when planning), so an error at any step leaves the input untouched.
 from __future__ import annotations
 
 import copy
+import operator
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -27,11 +28,19 @@ from torch import fx, nn
 
 from rewrite.builders import Site, build
 from rewrite.errors import BuildError
-from rewrite.execution import RunFailed, is_small_constant, run
+from rewrite.execution import RunFailed, meta_memo, run
 from rewrite.match import Match, Occurrence
 from rewrite.tracer import Traced, join_path, relative_path
 
-__all__ = ["BuiltSite", "ShapeCheck", "build_sites", "check_outputs", "rewrite_model", "site_module"]
+__all__ = [
+    "BuiltSite",
+    "ShapeCheck",
+    "absorb_into_graph_regions",
+    "build_sites",
+    "check_outputs",
+    "rewrite_model",
+    "site_module",
+]
 
 
 @dataclass(frozen=True)
@@ -64,8 +73,81 @@ def build_sites(
         options = {name: _resolve(value, site, match) for name, value in match.rule.replace.options.items()}
         block = build(match.rule.replace, site, options)
         block.train(_replaced_module(model, match.path).training)
+        if match.kept_activation and not _ends_in(block, type(model.get_submodule(match.kept_activation))):
+            # The activation left in place would apply again to what the block gives: rewrite the graph instead.
+            match = replace(match, kind="graph", kept_activation="")
         built.append(BuiltSite(match, options, block))
     return built
+
+
+def absorb_into_graph_regions(sites: Sequence[BuiltSite]) -> list[BuiltSite]:
+    """The sites, with module swaps in a region whose graph is rewritten turned into graph rewrites.
+
+    Such a region's module is replaced by its graph module, which calls leaf modules only: the swap of a module
+    the trace went through would not reach it.
+    """
+    graph_regions = {site.match.region for site in sites if site.match.kind == "graph"}
+    return [
+        replace(site, match=replace(site.match, kind="graph"))
+        if site.match.kind == "module" and site.match.region in graph_regions and site.match.calls == 1
+        else site
+        for site in sites
+    ]
+
+
+# Ops that move or select values without changing them: what comes out of them came out of an op before.
+_VALUE_PRESERVING_FUNCTIONS = {
+    torch.cat,
+    torch.flatten,
+    torch.transpose,
+    torch.permute,
+    torch.index_select,
+    torch.reshape,
+    operator.getitem,
+}
+_VALUE_PRESERVING_METHODS = {
+    "view",
+    "reshape",
+    "transpose",
+    "permute",
+    "contiguous",
+    "flatten",
+    "unflatten",
+    "index_select",
+    "chunk",
+    "split",
+}
+
+
+def _ends_in(block: nn.Module, activation: type[nn.Module]) -> bool:
+    """Whether every value ``block`` outputs comes out of an ``activation`` module, through ops that only move
+    values (concatenation, slicing, reshapes, transposes)."""
+    try:
+        graph_module = fx.symbolic_trace(block)
+    except Exception:  # noqa: BLE001 -- a block fx cannot trace: nothing can be said about its output
+        return False
+    [output] = [node for node in graph_module.graph.nodes if node.op == "output"]
+    pending, seen = list(output.all_input_nodes), set()
+    while pending:
+        node = pending.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.op == "call_module":
+            if not isinstance(graph_module.get_submodule(node.target), activation):
+                return False
+        elif (node.op == "call_function" and node.target in _VALUE_PRESERVING_FUNCTIONS) or (
+            node.op == "call_method" and node.target in _VALUE_PRESERVING_METHODS
+        ):
+            # only the tensor argument carries values; indices and sizes do not
+            pending += [
+                arg
+                for arg in node.all_input_nodes
+                if arg is node.all_input_nodes[0] or node.target is torch.cat
+            ]
+        else:
+            return False
+    return bool(seen)
 
 
 def rewrite_model(
@@ -77,7 +159,7 @@ def rewrite_model(
     copy and in the copies of the traced graphs. Then each region with graph sites has their nodes replaced, and
     its graph module takes the region's place.
     """
-    memo = _meta_memo(model) if on_meta else {}
+    memo = meta_memo(model) if on_meta else {}
     graph_modules = [region.graph_module for region in traced.regions]
     new_model, new_graph_modules = copy.deepcopy((model, graph_modules), memo)
 
@@ -87,6 +169,15 @@ def rewrite_model(
             old = new_model.get_submodule(built.match.path)
             _carry_plain_attributes(old, built.block)
             new_model = _replace_everywhere([new_model, *new_graph_modules], old, built.block)
+        elif (
+            built.match.kind == "modules"
+        ):  # the forward stays; its calls now reach the block, then Identities
+            paths = _module_paths(traced, built.match)
+            olds = [new_model.get_submodule(path) for path in paths]
+            new_model = _replace_everywhere([new_model, *new_graph_modules], olds[0], built.block)
+            for path, old in zip(paths[1:], olds[1:], strict=True):
+                if path != built.match.kept_activation:
+                    new_model = _replace_everywhere([new_model, *new_graph_modules], old, nn.Identity())
         else:
             for occurrence in built.match.occurrences:
                 graph_sites.setdefault(occurrence.region, []).append(built)
@@ -128,6 +219,12 @@ def site_module(traced: Traced, match: Match) -> nn.Module:
         env[node] = graph.node_copy(node, lambda n: env[n])
     graph.output(env[nodes[match.output_node.split(":", 1)[1]]])
     return fx.GraphModule(gm, graph)
+
+
+def _module_paths(traced: Traced, match: Match) -> list[str]:
+    """The paths of the modules that a site's nodes call, in order."""
+    nodes = {node.name: node for node in traced.regions[match.region].graph_module.graph.nodes}
+    return [nodes[key.split(":", 1)[1]].meta["module_path"] for key in match.nodes]
 
 
 def _replace_nodes(
@@ -230,41 +327,6 @@ def _replaced_module(model: nn.Module, path: str) -> nn.Module:
         return model.get_submodule(path)
     except AttributeError:  # a graph site named after an op in a forward, not after a module
         return model
-
-
-def _meta_memo(model: nn.Module) -> dict[int, object]:
-    """A deepcopy memo that turns every tensor the model holds into an empty meta tensor of the same kind.
-
-    Besides parameters and buffers, that covers tensors a forward cached in plain attributes, lists or dicts
-    (anchor grids and the like), which would otherwise stay on the real device beside meta weights.
-    """
-    memo: dict[int, object] = {}
-    for module in model.modules():
-        for name, value in vars(module).items():
-            weights = name in ("_parameters", "_buffers")
-            for tensor in _held(value):
-                if not isinstance(tensor, torch.Tensor) or id(tensor) in memo:
-                    continue
-                # Small cached constants stay real, as meta runs keep them when they must (rewrite.execution).
-                if weights or not is_small_constant(tensor):
-                    memo[id(tensor)] = _meta_like(tensor)
-    return memo
-
-
-def _held(value: object) -> Iterable[object]:
-    """What an attribute holds: a dict's values, a list's or tuple's items, or the value itself."""
-    if isinstance(value, dict):
-        return value.values()
-    if isinstance(value, (list, tuple)):
-        return value
-    return (value,)
-
-
-def _meta_like(tensor: torch.Tensor) -> torch.Tensor:
-    empty = torch.empty_like(tensor, device="meta")
-    if isinstance(tensor, nn.Parameter):
-        return nn.Parameter(empty, requires_grad=tensor.requires_grad)
-    return empty
 
 
 def check_outputs(original: nn.Module, rewritten: nn.Module, example_inputs: tuple) -> ShapeCheck:

@@ -77,6 +77,7 @@ When the root's own forward is opaque, the modules it calls become the regions:
 
 from __future__ import annotations
 
+import copy
 import inspect
 import warnings
 from collections import Counter, deque
@@ -94,6 +95,7 @@ from rewrite.execution import (
     Runner,
     attributes_restored,
     buffer_values_restored,
+    meta_memo,
     on_meta_else_real,
     one_line,
 )
@@ -190,6 +192,37 @@ def trace(
         raise TraceError(
             f"{type(model).__name__} does not run on the example inputs: {failure.reason}"
         ) from failure.error
+
+
+def mode_dependent_regions(traced: Traced, regions: Iterable[int]) -> dict[int, str]:
+    """Which of the given regions trace to other code in the other train/eval mode, each with a one-line why.
+
+    A region's graph fixed every Python-level decision of its forward at the values seen when tracing, among
+    them ``self.training`` (a training-only branch, ``F.dropout(x, p, self.training)``). A rewrite of that graph
+    would compute the traced mode's code in both modes. The model is traced again in the other mode, on a
+    weight-free copy (so the model itself is never switched), and the regions' code compared.
+    """
+    wanted = list(regions)
+    if not wanted:
+        return {}
+    model = traced.model
+    other = copy.deepcopy(model, meta_memo(model)).train(not model.training)
+    mode, other_mode = ("training", "eval") if model.training else ("eval", "training")
+    inputs = pytree.tree_map_only(
+        torch.Tensor, lambda t: torch.empty_like(t, device="meta"), traced.example_inputs
+    )
+    try:
+        twins = {region.path: region for region in trace(other, inputs, propagate_shapes=False).regions}
+    except TraceError as error:
+        return {index: f"it cannot be traced in {other_mode} mode to compare ({error})" for index in wanted}
+    found = {}
+    for index in wanted:
+        region = traced.regions[index]
+        twin = twins.get(region.path)
+        if twin is None or twin.graph_module.code != region.graph_module.code:
+            where = f"{type(region.graph_module).__name__} at {region.path or '(root)'}"
+            found[index] = f"the forward of {where} runs other code in {other_mode} mode than in {mode} mode"
+    return found
 
 
 def join_path(*parts: str) -> str:

@@ -1,0 +1,143 @@
+"""A rewrite keeps the user's forward wherever the modules can express it, and never silently freezes a code
+path of another train/eval mode."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import rewrite
+from rewrite.blocks import GSConv
+
+CHAIN = """
+[ruleset]
+name = "chain"
+[[rule]]
+name = "conv-bn-act"
+match.chain = ["{first}", "BatchNorm2d", "activation"]
+where.in_channels = 8
+replace.builder = "GSConv"
+"""
+GENERIC = """
+[ruleset]
+name = "generic"
+[[rule]]
+name = "conv-norm-act"
+match.chain = ["conv", "norm", "activation?"]
+where.groups = 1
+where.same_size = true
+where.out_channels = { multiple_of = 2 }
+replace.builder = "GSConv"
+"""
+
+
+def rules(text: str = CHAIN, first: str = "Conv2d") -> rewrite.RuleSet:
+    return rewrite.parse_rules(text.replace("{first}", first))
+
+
+class TrainingBranch(nn.Module):
+    """The issue's block: an inline conv-bn-act chain, then a branch on ``self.training``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, 1, 1)
+        self.conv = nn.Conv2d(8, 8, 3, 1, 1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.act = nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self.bn(self.conv(self.stem(x))))
+        if self.training:
+            y = y * 0 + 7.0
+        return y
+
+    def describe(self) -> str:
+        return "a block with a training branch"
+
+
+class DropoutAfterChain(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, 1, 1)
+        self.conv = nn.Conv2d(8, 8, 3, 1, 1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(self.act(self.bn(self.conv(self.stem(x)))), 0.5, self.training)
+
+
+class FunctionalActivationBranch(nn.Module):
+    """The chain ends in a functional activation: only the traced graph can express the rewrite."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, 1, 1)
+        self.conv = nn.Conv2d(8, 8, 3, 1, 1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn(self.conv(self.stem(x))))
+        if self.training:
+            y = y * 0 + 7.0
+        return y
+
+
+def test_an_inline_chain_is_rewritten_on_the_modules_and_the_forward_kept():
+    model, x = TrainingBranch().eval(), torch.randn(2, 3, 8, 8)
+    plan = rewrite.plan(model, rules(), x)
+    assert [(s.path, s.kind) for s in plan.sites] == [("conv", "modules")]
+    new = plan.apply()
+    assert type(new) is TrainingBranch and new.describe() == "a block with a training branch"
+    assert (
+        isinstance(new.conv, GSConv) and isinstance(new.bn, nn.Identity) and isinstance(new.act, nn.Identity)
+    )
+    assert torch.equal(new(x), new.conv(new.stem(x)))  # eval: the new block's output
+    assert torch.equal(new.train()(x), torch.full((2, 8, 8, 8), 7.0))  # train: the user's branch, as before
+    assert torch.equal(model.train()(x), torch.full((2, 8, 8, 8), 7.0))
+
+
+def test_dropout_after_an_inline_chain_still_drops_in_training():
+    model, x = DropoutAfterChain().eval(), torch.randn(2, 3, 8, 8)
+    new = rewrite.plan(model, rules(), x).apply()
+    assert type(new) is DropoutAfterChain
+    eval_out = new(x)
+    assert torch.equal(eval_out, new(x))
+    torch.manual_seed(0)
+    train_out = new.train()(x)
+    assert (train_out == 0).float().mean() > 0.3  # dropout is live again in training
+
+
+def test_a_site_only_a_frozen_graph_can_express_is_refused_with_why():
+    model, x = FunctionalActivationBranch().eval(), torch.randn(2, 3, 8, 8)
+    plan = rewrite.plan(model, rules(), x)
+    assert plan.sites == []
+    [rejection] = plan.rejected
+    assert rejection.reason == (
+        "the forward of FunctionalActivationBranch at (root) runs other code in training mode than in eval mode,"
+        " and only a rewrite of its traced graph can express this site, which would fix that code for both modes"
+        " (allow_frozen=True, or --allow-frozen, rewrites it anyway)"
+    )
+    assert plan.nothing_rewritten.startswith("nothing rewritten: every candidate was rejected")
+
+    frozen = rewrite.plan(model, rules(), x, allow_frozen=True)
+    assert [(s.path, s.kind) for s in frozen.sites] == [("conv", "graph")]
+    assert any(
+        w.startswith("conv: frozen: the forward of FunctionalActivationBranch") for w in frozen.warnings
+    )
+
+
+def test_resnet18_keeps_its_classes_where_module_edits_express_the_rewrite():
+    model, x = torchvision.models.resnet18(weights=None).eval(), torch.randn(1, 3, 64, 64)
+    plan = rewrite.plan(model, rules(GENERIC), x)
+    kinds = {s.kind for s in plan.sites}
+    assert len(plan.sites) == 20 and kinds <= {"module", "modules"}
+    # each BasicBlock calls one relu twice: it stays in place, since the new block already ends in a ReLU
+    assert plan.params.after == plan.params.before + sum(s.params.change for s in plan.sites) == 6_166_056
+    new = plan.apply()
+    assert type(new) is torchvision.models.ResNet
+    assert type(new.layer1[0]) is torchvision.models.resnet.BasicBlock
+    assert isinstance(new.layer1[0].relu, nn.ReLU) and isinstance(new.layer1[0].bn1, nn.Identity)
+    assert sum(p.numel() for p in new.parameters()) == plan.params.after
+    assert new(x).shape == (1, 1000)
