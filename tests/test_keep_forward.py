@@ -1,7 +1,6 @@
 """A rewrite keeps the user's forward wherever the modules can express it, and never silently freezes a code
 path of another train/eval mode."""
 
-import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
