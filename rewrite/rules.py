@@ -20,7 +20,7 @@ registry of :mod:`rewrite.builders`. The full reference is ``docs/rules.md``.
 >>> rule.where[0].check(255)
 'out_channels 255 is not a multiple of 2'
 >>> load_rules("slim-neck").scope, builtin_rule_sets()
-('neck', ['gsconv-only', 'slim-neck', 'torchvision-fpn-gsconv'])
+('neck', ['gsconv-only', 'slim-neck', 'slim-neck-v8', 'torchvision-fpn-gsconv'])
 
 Every problem raises :class:`~rewrite.errors.RuleError` with a one-line message naming the file, the rule, the
 key and what to do:
