@@ -52,7 +52,9 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import threading
 import traceback
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -69,6 +71,7 @@ __all__ = [
     "buffer_values_restored",
     "is_small_constant",
     "meta_memo",
+    "model_lock",
     "on_meta_else_real",
     "one_line",
     "run",
@@ -153,7 +156,13 @@ class Runner:
         args, kwargs = self._inputs(tuple(args)), self._inputs(kwargs or {})
         try:
             # Dropout draws from the global random generators: forked, so that a run leaves them as they were.
-            with attributes_restored(self.model), torch.no_grad(), torch.random.fork_rng(self._cuda_devices):
+            # The stand-ins are swapped into the model's own modules: one run at a time per model.
+            with (
+                model_lock(self.model),
+                attributes_restored(self.model),
+                torch.no_grad(),
+                torch.random.fork_rng(self._cuda_devices),
+            ):
                 if self.on_meta:
                     _cached_tensors_to_meta(self.model, keep_small_constants=self.keep_small_constants)
                 return torch.func.functional_call(module, state, args, kwargs)
@@ -297,17 +306,40 @@ def attributes_restored(model: nn.Module) -> Iterator[None]:
     try:
         yield
     finally:
+        # Entry by entry, never emptied first: another thread reading the module meanwhile sees each entry
+        # either before or after, never missing.
         for attributes, bindings, containers in saved:
-            attributes.clear()
-            attributes.update(bindings)
+            _restore_dict(attributes, bindings)
             for container, items in containers:
-                if items is None:
-                    container.clear()
-                elif isinstance(container, list):
-                    container[:] = items
+                if isinstance(container, list):
+                    container[:] = items or []
                 else:
-                    container.clear()
-                    container.update(items)
+                    _restore_dict(container, items or {})
+
+
+_MODEL_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_MODEL_LOCKS_LOCK = threading.Lock()
+
+
+def model_lock(model: nn.Module) -> threading.RLock:
+    """The lock that this library's runs and traces of ``model`` hold while they swap stand-ins or attributes into
+    its modules, so that two threads planning the same model do not see each other's stand-ins."""
+    with _MODEL_LOCKS_LOCK:
+        lock = _MODEL_LOCKS.get(model)
+        if lock is None:
+            lock = _MODEL_LOCKS[model] = threading.RLock()
+        return lock
+
+
+def _restore_dict(target: dict, saved: dict) -> None:
+    for key in [key for key in target if key not in saved]:
+        del target[key]
+    for key, value in saved.items():
+        if target.get(key, _MISSING) is not value:
+            target[key] = value
+
+
+_MISSING = object()
 
 
 def meta_memo(model: nn.Module) -> dict[int, object]:

@@ -17,7 +17,7 @@ from torch import nn
 
 from rewrite.builders import Site
 from rewrite.errors import BuildError, NoMatchError, NoMatchWarning, RewriteError, ShapeCheckError
-from rewrite.execution import RunFailed, run
+from rewrite.execution import RunFailed, model_lock, run
 from rewrite.graph import StageMap, resolve_scope, to_networkx
 from rewrite.match import Match, Rejection, find_matches
 from rewrite.profiler import Cost, profile
@@ -126,6 +126,10 @@ class Plan:
         if self._prepared is None:
             raise RewriteError("this plan was not made by rewrite.plan(); it holds nothing to apply")
         prepared = self._prepared
+        with model_lock(prepared.model):
+            return self._apply(prepared)
+
+    def _apply(self, prepared: _Prepared) -> nn.Module:
         changed = _structure_change(prepared.structure, _structure(prepared.model))
         if changed:
             raise RewriteError(
@@ -188,7 +192,8 @@ def plan(
     """
     cuda_devices = sorted({t.device.index or 0 for t in [*model.parameters(), *model.buffers()] if t.is_cuda})
     # Blocks built on a real device draw their initial weights: the caller's random numbers stay as they were.
-    with torch.random.fork_rng(cuda_devices):
+    # One plan of a model at a time: its runs swap stand-ins into the model's modules.
+    with model_lock(model), torch.random.fork_rng(cuda_devices):
         say = progress or (lambda message: None)
         return _plan(model, rules, example_inputs, scope, model_name, strict, allow_frozen, say)
 

@@ -27,6 +27,7 @@ Worked example (a convolution on 8x8 -> 6x6: 8 * 6 * 6 * 3 * 3 * 3 = 7,776 MACs;
 
 from __future__ import annotations
 
+import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -39,7 +40,7 @@ from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from rewrite.errors import TraceError
-from rewrite.execution import RunFailed, Runner, on_meta_else_real
+from rewrite.execution import RunFailed, Runner, model_lock, on_meta_else_real
 from rewrite.tracer import Leaf, held_path, join_path, path_and_ancestors
 
 if TYPE_CHECKING:
@@ -120,10 +121,11 @@ class _CallStack:
             self.paths.setdefault(id(module), path)
         # A tuple, so that the counting mode can use the current stack itself as a dictionary key.
         self.stack: tuple[str, ...] = ()
+        self.thread = threading.get_ident()  # the thread whose calls are counted
 
     def enter(self, module: nn.Module, args: Any) -> None:
         path = self.paths.get(id(module))  # modules outside the model (built inside forward) are not charged
-        if path is None:
+        if path is None or threading.get_ident() != self.thread:  # the hooks are global; the count is ours
             return
         if self.stack:  # credited to the path it is called through (see rewrite.tracer.held_path)
             held = held_path(self.modules[self.stack[-1]], module)
@@ -131,7 +133,7 @@ class _CallStack:
         self.stack += (path,)
 
     def exit(self, module: nn.Module, args: Any, output: Any) -> None:
-        if id(module) not in self.paths:
+        if id(module) not in self.paths or threading.get_ident() != self.thread:
             return
         # Cut at the innermost call of this module, not just the top: a child whose exception the parent caught
         # never ran its exit hook, and must not stay on the stack.
@@ -143,6 +145,7 @@ class _CallStack:
     @contextmanager
     def hooked(self) -> Iterator[None]:
         self.stack = ()
+        self.thread = threading.get_ident()
         handles = [
             nn.modules.module.register_module_forward_pre_hook(self.enter),
             nn.modules.module.register_module_forward_hook(self.exit),
@@ -227,7 +230,8 @@ def profile(model: nn.Module, example_inputs: Any, *, stages: StageMap | None = 
         return mode
 
     try:
-        counted = on_meta_else_real(model, args, count)
+        with model_lock(model):
+            counted = on_meta_else_real(model, args, count)
     except RunFailed as failure:
         if failure.on_meta:
             raise TraceError(

@@ -79,6 +79,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import threading
 import warnings
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
@@ -96,6 +97,7 @@ from rewrite.execution import (
     attributes_restored,
     buffer_values_restored,
     meta_memo,
+    model_lock,
     on_meta_else_real,
     one_line,
 )
@@ -112,6 +114,10 @@ __all__ = [
 ]
 
 _USER_REASON = "user"
+# While it traces, fx patches nn.Module.__call__ and __getattr__ for the whole process, and restores them when it
+# is done: two traces at once, in two threads, would restore each other's patches. One at a time; and the
+# tracer lets other threads' module calls pass by (_Tracer.call_module, _Tracer.getattr).
+_FX_PATCHES = threading.RLock()
 _VARIADIC = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
 # fx's own notion of a leaf (torch.nn built-ins except containers); the method only looks at the module.
 _FX_DEFAULTS = fx.Tracer()
@@ -181,7 +187,7 @@ def trace(
         return _Session(model, args, leaf_paths, leaf_types, failures, runner).build(propagate_shapes)
 
     try:
-        with buffer_values_restored(model):
+        with model_lock(model), buffer_values_restored(model):
             return on_meta_else_real(model, args, build).value
     except RunFailed as failure:
         if failure.on_meta:  # the model or its inputs are on meta: there was nothing real to fall back to
@@ -361,7 +367,12 @@ class _Session:
         while call.path not in self.failures:
             tracer = _Tracer(self, call)
             try:
-                with attributes_restored(self.model), warnings.catch_warnings():
+                with (
+                    _FX_PATCHES,
+                    model_lock(self.model),
+                    attributes_restored(self.model),
+                    warnings.catch_warnings(),
+                ):
                     # fx warns for each fixed input it cannot guard with an assert; fixing them is the point.
                     warnings.filterwarnings("ignore", message="Was not able to add assertion")
                     graph = tracer.trace(call.module, concrete_args)
@@ -430,6 +441,7 @@ class _Tracer(fx.Tracer):
         self.calls = Counter(session.calls)  # handed back to the session only when this trace succeeds
         self._raised_in: dict[int, tuple[BaseException, str]] = {}
         self._calling: tuple[nn.Module, str] | None = None  # the module being called, and its call path
+        self.thread = threading.get_ident()
 
     def raised_in(self, error: BaseException) -> str:
         """Path of the innermost traced-through module whose own code raised ``error`` (else the region)."""
@@ -439,6 +451,11 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return self.session.is_leaf(m, join_path(self.region_path, module_qualified_name))
 
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        if threading.get_ident() != self.thread:  # fx's patch of nn.Module is global: other threads pass by
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
     def path_of_module(self, mod: nn.Module) -> str:
         # fx names a module by the first path it was registered under; a call is named by its caller.
         if self._calling is not None and self._calling[0] is mod:
@@ -446,6 +463,8 @@ class _Tracer(fx.Tracer):
         return super().path_of_module(mod)
 
     def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
+        if threading.get_ident() != self.thread:
+            return forward(*args, **kwargs)
         caller_path = relative_path(self.stack[-1].path, self.region_path)
         held = held_path(self.callers[-1], m)
         qualified_name = join_path(caller_path, held) if held is not None else super().path_of_module(m)
