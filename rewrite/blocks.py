@@ -80,7 +80,7 @@ class ConvBNAct(nn.Module):
         self,
         in_channels: int,
         out_channels: int,
-        kernel_size: int = 1,
+        kernel_size: int | tuple[int, int] = 1,
         stride: int = 1,
         groups: int = 1,
         act: Activation = True,
@@ -89,9 +89,9 @@ class ConvBNAct(nn.Module):
         bn_momentum: float = BN_MOMENTUM,
     ) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(
-            in_channels, out_channels, kernel_size, stride, kernel_size // 2, groups=groups, bias=False
-        )
+        # "same" padding per dimension, so that a (1, 7) kernel keeps the size too
+        padding = tuple(k // 2 for k in kernel_size) if isinstance(kernel_size, tuple) else kernel_size // 2
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=False)
         self.bn = nn.BatchNorm2d(out_channels, eps=bn_eps, momentum=bn_momentum)
         self.act = _make_activation(act)
 
@@ -118,7 +118,7 @@ class GSConv(nn.Module):
         self,
         in_channels: int,
         out_channels: int,
-        kernel_size: int = 1,
+        kernel_size: int | tuple[int, int] = 1,
         stride: int = 1,
         groups: int = 1,
         act: Activation = True,

@@ -140,3 +140,15 @@ def test_resnet18_keeps_its_classes_where_module_edits_express_the_rewrite():
     assert isinstance(new.layer1[0].relu, nn.ReLU) and isinstance(new.layer1[0].bn1, nn.Identity)
     assert sum(p.numel() for p in new.parameters()) == plan.params.after
     assert new(x).shape == (1, 1000)
+
+
+def test_a_segmentation_model_keeps_its_class_and_its_ordered_dict_output():
+    model = torchvision.models.segmentation.deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None)
+    x = torch.randn(1, 3, 64, 64)
+    generic = rules(GENERIC.replace("where.groups = 1", "where.groups = 1\nwhere.dilation = 1"))
+    plan = rewrite.plan(model.eval(), generic, x)
+    assert plan.sites and {s.kind for s in plan.sites} <= {"module", "modules"} and plan.shape_check.passed
+    new = plan.apply()
+    assert type(new) is type(model)
+    out = new(x)
+    assert type(out) is type(model(x)) and list(out) == ["out"]
