@@ -1,6 +1,7 @@
 """A rewrite keeps the user's forward wherever the modules can express it, and never silently freezes a code
 path of another train/eval mode."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -152,3 +153,20 @@ def test_a_segmentation_model_keeps_its_class_and_its_ordered_dict_output():
     assert type(new) is type(model)
     out = new(x)
     assert type(out) is type(model(x)) and list(out) == ["out"]
+
+
+@pytest.mark.parametrize("name", ["resnet18", "rexnet_100"])
+def test_timm_models_keep_their_class_and_methods(name):
+    import timm
+
+    model = timm.create_model(name, pretrained=False).eval()
+    plan = rewrite.plan(model, rules(GENERIC), torch.randn(1, 3, 64, 64))
+    assert plan.sites and {s.kind for s in plan.sites} <= {"module", "modules"}
+    new = plan.apply()
+    assert type(new) is type(model) and new.pretrained_cfg == model.pretrained_cfg
+    new.reset_classifier(7)
+    assert new(torch.randn(1, 3, 64, 64)).shape == (1, 7)
+    assert (
+        new.forward_features(torch.randn(1, 3, 64, 64)).shape
+        == model.forward_features(torch.randn(1, 3, 64, 64)).shape
+    )
