@@ -118,6 +118,8 @@ class _Prepared:
     traced: Traced
     matches: list[Match]
     example_inputs: tuple
+    rule_set: RuleSet  # with the scope the caller asked for, what rewrite.save records to redo the rewrite
+    scope: str | Sequence[str] | None
 
 
 def plan(
@@ -214,7 +216,7 @@ def plan(
         shape_check=check,
         needed_real_data=list(before.needed_real_data),
         unmatched_rules=list(found.unmatched_rules),
-        _prepared=_Prepared(model, traced, found.matches, inputs),
+        _prepared=_Prepared(model, traced, found.matches, inputs, rule_set, scope),
     )
 
 
