@@ -32,6 +32,7 @@ def write_atomically(files: Mapping[Path, Content]) -> None:
     their old contents, and the error (an ``OSError``, or whatever a writer function raised) propagates.
     """
     written: list[tuple[Path, Path]] = []
+    mode = _new_file_mode()
     try:
         for target, content in files.items():
             target = Path(target)
@@ -43,6 +44,7 @@ def write_atomically(files: Mapping[Path, Content]) -> None:
             temporary = Path(name)
             written.append((temporary, target))
             _write(temporary, content)
+            os.chmod(temporary, mode)  # mkstemp makes it private; the file gets what open() would give it
     except BaseException:
         for temporary, _ in written:
             with contextlib.suppress(OSError):
@@ -50,6 +52,13 @@ def write_atomically(files: Mapping[Path, Content]) -> None:
         raise
     for temporary, target in written:
         os.replace(temporary, target)  # atomic on one file system; the temporary file sits beside its target
+
+
+def _new_file_mode() -> int:
+    """The permissions a new file gets from ``open()``: 0o666 less the process's umask."""
+    umask = os.umask(0o022)  # reading the umask means setting it; it is put back at once
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _write(path: Path, content: Content) -> None:
