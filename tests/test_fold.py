@@ -89,7 +89,9 @@ def test_fold_is_idempotent_and_never_touches_its_input(yolov5n_pair):
         assert all(
             torch.equal(a, b)
             for a, b in zip(
-                torch.utils._pytree.tree_leaves(again(X)), torch.utils._pytree.tree_leaves(folded(X)), strict=True
+                torch.utils._pytree.tree_leaves(again(X)),
+                torch.utils._pytree.tree_leaves(folded(X)),
+                strict=True,
             )
         )
     slim.eval()
@@ -142,7 +144,9 @@ def test_torchvision_fpn_rewrite_folds_exactly():
     # The detector's backbone + FPN (the part the rule set rewrites): the whole detector takes a minute to plan.
     backbone = detection.retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=5).backbone
     x = torch.rand(1, 3, 128, 128)
-    slim = with_batch_norm_statistics(rewrite.apply(backbone.eval(), "torchvision-fpn-gsconv", x, scope="fpn"))
+    slim = with_batch_norm_statistics(
+        rewrite.apply(backbone.eval(), "torchvision-fpn-gsconv", x, scope="fpn")
+    )
     assert sum(isinstance(m, GSConv) for m in slim.modules()) == 5  # 3 layer_blocks, P6 and P7
     folded = rewrite.fold(slim, x)
     with torch.no_grad():
