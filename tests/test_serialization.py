@@ -183,8 +183,10 @@ BAD = {
         lambda f: rewrite_weights(
             f, lambda t: t.update({"model.10.cv2.conv.weight": torch.zeros(64, 1, 3, 3)})
         ),
-        r"weights.safetensors: model.10.cv2.conv.weight is \(64, 1, 3, 3\) torch.float32, the model needs "
-        r"\(64, 1, 5, 5\) torch.float32",
+        (
+            r"weights.safetensors: model.10.cv2.conv.weight is \(64, 1, 3, 3\) torch.float32, the model needs "
+            r"\(64, 1, 5, 5\) torch.float32"
+        ),
     ),
     "corrupted": (
         flip_a_byte,
