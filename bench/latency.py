@@ -7,9 +7,13 @@ repetitions are interleaved — base, slim, base, slim, … — so that a slower
 both alike; the table shows medians and the ratio slim / base, next to the FLOPs ratio. Goal: slim / base <= 0.89
 (the FLOPs ratio) in at least one mode and <= 0.93 in every one.
 
-    python bench/latency.py [--model yolov5l] [--size 640] [--repetitions 11] [--threads N] [--profile]
+    python bench/latency.py [--model yolov5l] [--size 640] [--repetitions 11] [--threads N] [--clock cpu]
+                            [--profile]
 
 ``--threads`` sets torch's and ONNX Runtime's thread count (default: torch's default, one per core).
+``--clock cpu`` times each run by the process's CPU time instead of the wall clock: with ``--threads 1`` on a
+machine that other work keeps busy, that leaves out the time the process waited for a core (with more threads
+it would add up the threads' time, spinning included, so it is no latency).
 ``--profile`` also prints where the time goes per op kind in eager fp32 (convolutions split by kernel, depthwise
 apart; SiLU, concatenation, addition, copies), for both models.
 """
@@ -38,6 +42,7 @@ def main() -> None:
     parser.add_argument("--repetitions", type=int, default=11)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--modes", default="eager,channels_last,onnxruntime")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -51,7 +56,8 @@ def main() -> None:
     load_before = os.getloadavg()
     print(
         f"{args.model} slim-neck vs base, 1x3x{args.size}x{args.size}, folded, {args.repetitions} interleaved "
-        f"repetitions, medians; {os.cpu_count()} cores, {args.threads} threads; torch {torch.__version__}; "
+        f"repetitions, medians of {args.clock} time; {os.cpu_count()} cores, {args.threads} threads; "
+        f"torch {torch.__version__}; "
         f"load average {load_before[0]:.1f} at the start"
     )
     print(f"FLOPs ratio slim / base: {plan.flops.after / plan.flops.before:.3f}")
@@ -59,7 +65,8 @@ def main() -> None:
     rows = []
     for mode in args.modes.split(","):
         runners = {name: _runner(mode, model, x, args.threads) for name, model in models.items()}
-        medians = _interleaved(runners, args.repetitions)
+        clock = time.perf_counter if args.clock == "wall" else time.process_time
+        medians = _interleaved(runners, args.repetitions, clock)
         rows.append((mode, medians["base"], medians["slim"], medians["slim"] / medians["base"]))
         print(f"  {mode:<14} base {medians['base'] * 1e3:8.1f} ms   slim {medians['slim'] * 1e3:8.1f} ms   "
               f"ratio {medians['slim'] / medians['base']:.3f}", flush=True)  # fmt: skip
@@ -97,7 +104,9 @@ def _runner(mode: str, model: torch.nn.Module, x: torch.Tensor, threads: int) ->
     raise SystemExit(f"unknown mode {mode!r}: eager, channels_last or onnxruntime")
 
 
-def _interleaved(runners: dict[str, Callable[[], object]], repetitions: int) -> dict[str, float]:
+def _interleaved(
+    runners: dict[str, Callable[[], object]], repetitions: int, clock: Callable[[], float]
+) -> dict[str, float]:
     times: dict[str, list[float]] = {name: [] for name in runners}
     with torch.inference_mode():
         for run in runners.values():  # warm-up: one-off allocations and kernel choices
@@ -105,9 +114,9 @@ def _interleaved(runners: dict[str, Callable[[], object]], repetitions: int) -> 
             run()
         for _ in range(repetitions):
             for name, run in runners.items():
-                start = time.perf_counter()
+                start = clock()
                 run()
-                times[name].append(time.perf_counter() - start)
+                times[name].append(clock() - start)
     return {name: statistics.median(values) for name, values in times.items()}
 
 

@@ -243,6 +243,8 @@ class _Builder:
         self.origin: dict[fx.Node, list[fx.Node]] = {}  # new node -> the old nodes whose value it is
         self.applied: dict[tuple[fx.Node, Perm], fx.Node] = {}
         self.changed = False
+        # Where the region's weights live: an applied channel order must be there too.
+        self.device = next(iter([*gm.parameters(), *gm.buffers()]), torch.empty(0)).device
 
     def build(self) -> fx.GraphModule | None:
         shuffles = _find_shuffles(self.gm)
@@ -339,7 +341,8 @@ class _Builder:
         key = (value, perm)
         if key not in self.applied:
             self.changed = True
-            buffer = self.fresh_module("_fold_channel_order", torch.tensor(perm, dtype=torch.int64))
+            order = torch.tensor(perm, dtype=torch.int64, device=self.device)
+            buffer = self.fresh_module("_fold_channel_order", order)
             index = self.graph.get_attr(buffer)
             self.applied[key] = self.graph.call_function(torch.index_select, (value, 1, index))
         return self.applied[key]
