@@ -271,10 +271,14 @@ def test_a_failed_apply_leaves_the_previous_outputs_intact(tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize("output", ["reports/", "existing"])
-def test_a_report_output_naming_a_folder_gets_report_dot_ext(tmp_path, output):
+def test_a_report_output_naming_a_folder_gets_report_dot_ext(tmp_path, monkeypatch, output):
+    from rewrite.cli import main
+
     (tmp_path / "existing").mkdir()
-    result = rewrite(f"profile yolov5n {SMALL} --format json --output {output} --quiet", tmp_path)
-    assert result.returncode == 0, result.stderr
+    monkeypatch.chdir(tmp_path)
+    assert (
+        main(["profile", "yolov5n", *shlex.split(SMALL), "--format", "json", "--output", output, "-q"]) == 0
+    )
     folder = tmp_path / output.rstrip("/")
     assert [p.name for p in folder.iterdir()] == ["report.json"]
     assert json.loads((folder / "report.json").read_text())["report"] == "profile"
