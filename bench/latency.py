@@ -142,7 +142,10 @@ def _profile(model: torch.nn.Module, x: torch.Tensor) -> str:
 
 def _kind(event: object) -> str:
     name = event.name.removeprefix("aten::")
-    if name.endswith("convolution") and name != "convolution" and len(event.input_shapes) > 1:
+    # The kernel that ran (mkldnn_convolution, or _slow_conv2d_forward for some 1x1 convs on one thread), not
+    # the dispatching calls above it, which would count the same time twice.
+    kernel = "conv" in name and name not in ("conv2d", "convolution", "_convolution")
+    if kernel and len(event.input_shapes) > 1:
         weight = event.input_shapes[1]
         if len(weight) == 4:
             return f"conv {weight[2]}x{weight[3]}" + (" depthwise" if weight[1] == 1 else "")
