@@ -13,27 +13,35 @@ them behind two calls:
 >>> slim = plan.apply()                                                    # the rewritten copy
 >>> print(rewrite.render(plan, "markdown").splitlines()[0])
 ## rewrite plan: DetectionModel with slim-neck
+
+To deploy: :func:`fold` (an inference copy with BatchNorms and channel shuffles folded away), :func:`save` /
+:func:`load` (a recipe and safetensors weights, no pickles) and :func:`export_onnx`.
 """
 
 from rewrite.blocks import GSBottleneck, GSConv, VoVGSCSP
 from rewrite.builders import Site, register_builder
 from rewrite.errors import (
     BuildError,
+    ExportError,
     InputSpecError,
     ModelSpecError,
     NoMatchError,
     NoMatchWarning,
+    RecipeError,
     RewriteError,
     RuleError,
     ScopeError,
     ShapeCheckError,
     TraceError,
 )
+from rewrite.export import export_onnx
+from rewrite.fold import fold
 from rewrite.graph import resolve_scope, resolve_stages, to_networkx
 from rewrite.planner import Plan, apply, plan
 from rewrite.profiler import Cost, Profile, profile
 from rewrite.report import render, render_profile
 from rewrite.rules import RuleSet, builtin_rule_sets, load_rules, parse_rules
+from rewrite.serialization import load, save
 from rewrite.tracer import Leaf, Traced, trace
 
 __version__ = "0.1.0"
@@ -41,6 +49,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BuildError",
     "Cost",
+    "ExportError",
     "GSBottleneck",
     "GSConv",
     "InputSpecError",
@@ -50,6 +59,7 @@ __all__ = [
     "NoMatchWarning",
     "Plan",
     "Profile",
+    "RecipeError",
     "RewriteError",
     "RuleError",
     "RuleSet",
@@ -61,6 +71,9 @@ __all__ = [
     "VoVGSCSP",
     "apply",
     "builtin_rule_sets",
+    "export_onnx",
+    "fold",
+    "load",
     "load_rules",
     "parse_rules",
     "plan",
@@ -70,6 +83,7 @@ __all__ = [
     "render_profile",
     "resolve_scope",
     "resolve_stages",
+    "save",
     "to_networkx",
     "trace",
 ]

@@ -1,18 +1,20 @@
-"""The ``rewrite`` command: ``plan`` (a dry run), ``apply``, ``profile`` and ``rules list`` / ``rules check``.
+"""The ``rewrite`` command: ``plan`` (a dry run), ``apply``, ``export``, ``profile``, ``rules list`` / ``check``.
 
 Examples::
 
     rewrite plan yolov5l --rules slim-neck --device meta --format markdown --min-flops-reduction 10
     rewrite plan models.py:build --model-arg nc=3 --rules my-rules.toml --format json --output plan.json
-    rewrite apply yolov5n --rules slim-neck --output out/      # out/state_dict.pt and out/plan.json
+    rewrite apply yolov5n --rules slim-neck --output out/      # out/recipe.json, weights.safetensors, plan.json
+    rewrite export yolov5n --rules slim-neck --output yolov5n-slim.onnx --dynamic-batch
     rewrite profile yolov5s --input 1,3,320,320
     rewrite rules check my-rules.toml
 
-Exit codes: 0 ok; 1 a gate or the shape check failed; 2 bad input (model spec, rules, scope, input shape,
-option, an ``--output`` that cannot be written), printed as one line ``rewrite: error: ...`` on stderr. Anything
-else is a bug and keeps its traceback. stdout carries only the report; progress goes to stderr (``--quiet``
-silences it). With ``GITHUB_STEP_SUMMARY`` set, ``plan`` and ``profile`` also append their markdown report to
-that file. See ``docs/cli.md``.
+Exit codes: 0 ok; 1 a gate, the shape check or the ONNX parity check failed; 2 bad input (model spec, rules,
+scope, input shape, option, an ``--output`` that cannot be written, a bad recipe), printed as one line
+``rewrite: error: ...`` on stderr. Anything else is a bug and keeps its traceback. stdout carries only the
+report; progress goes to stderr (``--quiet`` silences it). Every file is written under a temporary name and
+renamed into place once complete. With ``GITHUB_STEP_SUMMARY`` set, ``plan`` and ``profile`` also append their
+markdown report to that file. See ``docs/cli.md``.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from rewrite.errors import InputSpecError, ModelSpecError, NoMatchWarning, RewriteError
+from rewrite.files import write_atomically
 from rewrite.report import FORMATS, check_gates, render, render_profile
 
 if TYPE_CHECKING:  # torch is imported by the commands that need it: --help and usage errors answer at once
@@ -44,6 +47,9 @@ if TYPE_CHECKING:  # torch is imported by the commands that need it: --help and 
 __all__ = ["load_model", "main"]
 
 DEFAULT_INPUT = "1,3,640,640"
+DEFAULT_TOLERANCE = 1e-4
+# A report's file name when --output names a folder.
+_REPORT_SUFFIXES = {"text": "txt", "markdown": "md", "json": "json", "html": "html"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -51,9 +57,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     try:
         args = parser.parse_args(argv)
-        if args.command == "apply" and args.device == "meta":
+        if args.command in ("apply", "export") and args.device == "meta":
             raise _UsageError(
-                "apply needs real weights; use --device cpu (meta builds the model without them)"
+                f"{args.command} needs real weights; use --device cpu (meta builds the model without them)"
             )
         return args.run(args)
     except (_UsageError, RewriteError) as error:
@@ -83,7 +89,8 @@ def _build_parser() -> _Parser:
     model.add_argument(
         "model",
         metavar="MODEL",
-        help="zoo name (yolov5n … yolov5x), package.module:callable or file.py:callable",
+        help="zoo name (yolov5n … yolov5x), package.module:callable or file.py:callable"
+        " (export: also a folder written by apply)",
     )
     model.add_argument(
         "--model-arg",
@@ -122,7 +129,11 @@ def _build_parser() -> _Parser:
 
     report = _Parser(add_help=False)
     report.add_argument("--format", choices=FORMATS, default="text", help="report format (default text)")
-    report.add_argument("--output", metavar="FILE", help="write the report to FILE instead of stdout")
+    report.add_argument(
+        "--output",
+        metavar="FILE",
+        help="write the report to FILE instead of stdout (a folder, or a path ending in /: FOLDER/report.EXT)",
+    )
 
     plan = commands.add_parser(
         "plan", parents=[model, rules, report], help="dry run: what the rules would change"
@@ -145,12 +156,39 @@ def _build_parser() -> _Parser:
     plan.set_defaults(run=_run_plan)
 
     apply = commands.add_parser(
-        "apply", parents=[model, rules], help="write the rewritten model's state_dict"
+        "apply", parents=[model, rules], help="write the rewritten model: recipe, weights and report"
     )
     apply.add_argument(
-        "--output", required=True, metavar="DIR", help="folder for state_dict.pt and plan.json"
+        "--output",
+        required=True,
+        metavar="DIR",
+        help="folder for recipe.json, weights.safetensors and plan.json (rewrite.load reads it back)",
     )
     apply.set_defaults(run=_run_apply)
+
+    export = commands.add_parser(
+        "export", parents=[model], help="fold and export to ONNX, checked against PyTorch with ONNX Runtime"
+    )
+    export.add_argument(
+        "--rules", metavar="RULES", help="rewrite with these rules first (default: export the model as it is)"
+    )
+    export.add_argument("--scope", metavar="S", help="as for plan")
+    export.add_argument(
+        "--output", required=True, metavar="FILE", help="the .onnx file (a folder: FOLDER/model.onnx)"
+    )
+    export.add_argument(
+        "--dynamic-batch",
+        action="store_true",
+        help="leave the batch size free (checked at 1x and 2x --input)",
+    )
+    export.add_argument(
+        "--tolerance",
+        type=float,
+        default=DEFAULT_TOLERANCE,
+        metavar="REL",
+        help=f"exit code 1 when ONNX Runtime differs from PyTorch by more (default {DEFAULT_TOLERANCE:g})",
+    )
+    export.set_defaults(run=_run_export)
 
     profile = commands.add_parser("profile", parents=[model, report], help="params / FLOPs / MACs per stage")
     profile.set_defaults(run=_run_profile)
@@ -328,18 +366,28 @@ def _model_and_input(
     args: argparse.Namespace, say: Callable[[str], None]
 ) -> tuple[nn.Module, torch.Tensor, str]:
     """The model, its example input and the name that reports give it, from the options shared by commands."""
-    import torch
 
     kwargs = dict(args.model_arg)
     name = args.model + (f"({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})" if kwargs else "")
     say(f"building {name} on {args.device}")
     model = load_model(args.model, kwargs, device=args.device)
+    return model, _example_input(args), name
+
+
+def _example_input(args: argparse.Namespace) -> torch.Tensor:
+    import torch
+
     if args.device == "meta":
-        example = torch.empty(args.input, device="meta")
-    else:
-        # Seeded images in [0, 1]: runs are repeatable and look like what a detector is fed.
-        example = torch.rand(args.input, generator=torch.Generator().manual_seed(0))
-    return model, example, name
+        return torch.empty(args.input, device="meta")
+    # Seeded images in [0, 1]: runs are repeatable and look like what a detector is fed.
+    return torch.rand(args.input, generator=torch.Generator().manual_seed(0))
+
+
+def _is_recipe(model: str) -> bool:
+    """Whether MODEL names a folder written by ``rewrite apply`` / ``rewrite.save``."""
+    from rewrite.serialization import RECIPE_FILE
+
+    return (Path(model) / RECIPE_FILE).is_file()
 
 
 # Commands
@@ -356,7 +404,7 @@ def _run_plan(args: argparse.Namespace) -> int:
         min_params_reduction=args.min_params_reduction,
         min_flops_reduction=args.min_flops_reduction,
     )
-    _write_report(render(result, args.format, gates=gates), args.output, say)
+    _write_report(render(result, args.format, gates=gates), args.output, args.format, say)
     _append_step_summary(lambda: render(result, "markdown", gates=gates))
     failed = [gate for gate in gates if not gate.passed]
     if result.nothing_rewritten:
@@ -370,21 +418,62 @@ def _run_plan(args: argparse.Namespace) -> int:
 
 
 def _run_apply(args: argparse.Namespace) -> int:
-    import torch
+    from rewrite.serialization import recipe_files
 
     say = _progress(args)
     result = _make_plan(args, say)
     say("applying")
     rewritten = result.apply()
-    folder = Path(args.output)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        torch.save(rewritten.state_dict(), folder / "state_dict.pt")
-        (folder / "plan.json").write_text(render(result, "json"), encoding="utf-8")
-    except OSError as error:
-        raise _cannot_write(folder, error) from error
-    say(f"wrote {folder / 'state_dict.pt'} and {folder / 'plan.json'}")
+    folder = _output_folder(args.output)
+    files = recipe_files(rewritten, result, model_spec=args.model, model_args=dict(args.model_arg))
+    files["plan.json"] = render(result, "json").encode("utf-8")
+    _write(folder, {folder / name: content for name, content in files.items()})
+    say(f"wrote {', '.join(str(folder / name) for name in files)}")
     sys.stdout.write(render(result, "text"))
+    return 0
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from rewrite.export import export_onnx
+
+    say = _progress(args)
+    if _is_recipe(args.model):
+        from rewrite.serialization import load
+
+        if args.rules:
+            raise _UsageError(f"{args.model} holds a rewrite already; leave out --rules")
+        say(f"loading the rewrite saved in {args.model}")
+        model = load(args.model)
+    elif args.rules:
+        result = _make_plan(args, say)
+        say("applying")
+        model = result.apply()
+    else:
+        model, _, _ = _model_and_input(args, say)
+    example = _example_input(args)
+    path = Path(args.output)
+    if _names_a_folder(args.output):
+        path = path / "model.onnx"
+    say(f"folding and exporting to {path}")
+    try:
+        exported = export_onnx(model, (example,), path, dynamic_batch=args.dynamic_batch)
+    except RewriteError as error:
+        cause = error.__cause__
+        if isinstance(cause, OSError):
+            raise _cannot_write(path, cause) from error
+        raise
+    size = path.stat().st_size / 1e6
+    if not exported.differences:
+        print(f"wrote {path} ({size:.1f} MB); not checked: onnxruntime is not installed")
+        return 0
+    figures = ", ".join(f"batch {batch}: {value:.2e}" for batch, value in exported.differences.items())
+    print(f"wrote {path} ({size:.1f} MB); largest relative difference from PyTorch: {figures}")
+    if exported.max_difference > args.tolerance:
+        print(
+            f"rewrite: ONNX parity check failed: {exported.max_difference:.2e} > --tolerance {args.tolerance:g}",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
@@ -399,7 +488,7 @@ def _run_profile(args: argparse.Namespace) -> int:
     def rendered(fmt: str) -> str:
         return render_profile(result, fmt, model_name=name, input_shapes=[tuple(example.shape)])
 
-    _write_report(rendered(args.format), args.output, say)
+    _write_report(rendered(args.format), args.output, args.format, say)
     _append_step_summary(lambda: rendered("markdown"))
     return 0
 
@@ -466,17 +555,35 @@ def _progress(args: argparse.Namespace) -> Callable[[str], None]:
     return say
 
 
-def _write_report(report: str, output: str | None, say: Callable[[str], None]) -> None:
+def _write_report(report: str, output: str | None, fmt: str, say: Callable[[str], None]) -> None:
+    """The report on stdout, or in the file ``output``; a folder (or a path ending in /) gets report.EXT."""
     if output is None:
         sys.stdout.write(report)
         return
     path = Path(output)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(report, encoding="utf-8")
-    except OSError as error:
-        raise _cannot_write(path, error) from error
+    if _names_a_folder(output):
+        path = path / f"report.{_REPORT_SUFFIXES[fmt]}"
+    _write(path, {path: report})
     say(f"wrote {path}")
+
+
+def _names_a_folder(output: str) -> bool:
+    return output.endswith(("/", os.sep)) or Path(output).is_dir()
+
+
+def _output_folder(output: str) -> Path:
+    folder = Path(output)
+    if folder.exists() and not folder.is_dir():
+        raise _UsageError(f"--output {folder}: cannot write there: it is a file, and apply writes a folder")
+    return folder
+
+
+def _write(shown: Path, files: dict[Path, Any]) -> None:
+    """All of ``files`` or none of them (see :func:`rewrite.files.write_atomically`); errors name ``shown``."""
+    try:
+        write_atomically(files)
+    except OSError as error:
+        raise _cannot_write(shown, error) from error
 
 
 def _cannot_write(path: Path, error: OSError) -> _UsageError:

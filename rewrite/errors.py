@@ -8,10 +8,12 @@ from __future__ import annotations
 
 __all__ = [
     "BuildError",
+    "ExportError",
     "InputSpecError",
     "ModelSpecError",
     "NoMatchError",
     "NoMatchWarning",
+    "RecipeError",
     "RewriteError",
     "RuleError",
     "ScopeError",
@@ -58,3 +60,11 @@ class NoMatchError(RewriteError):
 
 class NoMatchWarning(UserWarning):
     """A rule matched nothing (the default is to warn, not fail)."""
+
+
+class RecipeError(RewriteError):
+    """A saved rewrite (recipe.json and weights.safetensors) cannot be written, read or rebuilt as recorded."""
+
+
+class ExportError(RewriteError):
+    """A model cannot be exported to ONNX, or the exported file does not compute what the model does."""

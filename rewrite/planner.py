@@ -151,6 +151,8 @@ class _Prepared:
     traced: Traced
     matches: list[Match]
     example_inputs: tuple
+    rule_set: RuleSet  # with the scope the caller asked for, what rewrite.save records to redo the rewrite
+    scope: str | Sequence[str] | None
     structure: dict[str, tuple[str, int, tuple]]  # the model's modules when planned, see _structure
 
 
@@ -283,7 +285,9 @@ def _plan(
         shape_check=check,
         needed_real_data=list(before.needed_real_data),
         unmatched_rules=list(found.unmatched_rules),
-        _prepared=_Prepared(model, traced, [site.match for site in built], inputs, _structure(model)),
+        _prepared=_Prepared(
+            model, traced, [site.match for site in built], inputs, rule_set, scope, _structure(model)
+        ),
     )
 
 

@@ -296,6 +296,8 @@ class RuleSet:
     description: str = ""
     scope: str | tuple[str, ...] | None = None
     source: str = "<string>"
+    # The TOML it was parsed from ("" when built in Python): a saved recipe keeps it, to redo the rewrite.
+    text: str = field(default="", repr=False, compare=False)
 
 
 def builtin_rule_sets() -> list[str]:
@@ -368,7 +370,7 @@ def parse_rules(text: str, source: str = "<string>") -> RuleSet:
             )
         first_index[rule.name] = index
         rules.append(rule)
-    return RuleSet(name, tuple(rules), description, scope, source)
+    return RuleSet(name, tuple(rules), description, scope, source, text)
 
 
 # --- parsing: each function takes `at`, the "file: rule 'x'" prefix that its error messages start with ---

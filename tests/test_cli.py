@@ -151,10 +151,10 @@ def test_bad_input_is_one_error_line_and_exit_code_2(tmp_path, command, message)
 @pytest.mark.parametrize(
     "command",
     [
-        f"profile yolov5n {SMALL} --output taken",
+        f"profile yolov5n {SMALL} --output taken.txt/report.txt",
         "apply yolov5n --rules slim-neck --input 1,3,64,64 --output taken.txt",
     ],
-    ids=["report-file-is-a-folder", "apply-folder-is-a-file"],
+    ids=["report-folder-is-a-file", "apply-folder-is-a-file"],
 )
 def test_an_unwritable_output_is_one_error_line_and_exit_code_2(tmp_path, monkeypatch, capsys, command):
     # In-process (main() rather than a subprocess): only the error path is under test.
@@ -217,17 +217,71 @@ def test_profile_of_a_model_file_with_model_args(tmp_path):
     assert summary.read_text().startswith("## rewrite profile: models/det.py:build(")
 
 
-def test_apply_writes_the_state_dict_and_the_plan(tmp_path):
+def test_apply_writes_recipe_weights_and_plan_that_load_back(tmp_path):
+    from safetensors.torch import load_file
+
+    import rewrite as library
+
     result = rewrite("apply yolov5n --rules slim-neck --input 1,3,64,64 --output out", tmp_path)
     assert result.returncode == 0, result.stderr
     assert "Rewritten sites (8)" in result.stdout
-    state = torch.load(tmp_path / "out" / "state_dict.pt", weights_only=True)
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["plan.json", "recipe.json", "weights.safetensors"]
+    state = load_file(out / "weights.safetensors")
     assert len(state) == 445  # REFERENCE.md §3b, slim-neck yolov5n
     assert state["model.10.cv2.conv.weight"].shape == (64, 1, 5, 5)
     params = [t for key, t in state.items() if not re.search(r"running_|num_batches|anchors", key)]
     assert sum(t.numel() for t in params) == 1_669_693
-    plan = json.loads((tmp_path / "out" / "plan.json").read_text())
+    plan = json.loads((out / "plan.json").read_text())
     assert plan["totals"]["params"]["after"] == 1_669_693 and plan["device"] == "meta"
+    recipe = json.loads((out / "recipe.json").read_text())
+    assert recipe["model"] == {"spec": "yolov5n", "args": {}} and recipe["input_shape"] == [1, 3, 64, 64]
+    loaded = library.load(out)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())
+
+
+def test_a_failed_apply_leaves_the_previous_outputs_intact(tmp_path, monkeypatch, capsys):
+    from rewrite import files
+    from rewrite.cli import main
+
+    out = tmp_path / "out"
+    out.mkdir()
+    old = {name: f"old {name}" for name in ("recipe.json", "weights.safetensors", "plan.json")}
+    for name, text in old.items():
+        (out / name).write_text(text)
+    real_write, calls = files._write, []
+
+    def full_disk_on_the_third_file(path, content):
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        real_write(path, content)
+
+    monkeypatch.setattr(files, "_write", full_disk_on_the_third_file)
+    monkeypatch.chdir(tmp_path)
+    assert (
+        main(["apply", "yolov5n", "--rules", "slim-neck", "--input", "1,3,64,64", "--output", "out", "-q"])
+        == 2
+    )
+    assert (
+        capsys.readouterr().err
+        == "rewrite: error: --output out: cannot write there: No space left on device\n"
+    )
+    assert {p.name: p.read_text() for p in out.iterdir()} == old  # the old set, and no temporary file
+
+
+@pytest.mark.parametrize("output", ["reports/", "existing"])
+def test_a_report_output_naming_a_folder_gets_report_dot_ext(tmp_path, monkeypatch, output):
+    from rewrite.cli import main
+
+    (tmp_path / "existing").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert (
+        main(["profile", "yolov5n", *shlex.split(SMALL), "--format", "json", "--output", output, "-q"]) == 0
+    )
+    folder = tmp_path / output.rstrip("/")
+    assert [p.name for p in folder.iterdir()] == ["report.json"]
+    assert json.loads((folder / "report.json").read_text())["report"] == "profile"
 
 
 @pytest.mark.parametrize("device", ["cpu", "meta"])

@@ -1,0 +1,55 @@
+"""rewrite.export_onnx and `rewrite export`: folded, exported, and checked against PyTorch with ONNX Runtime."""
+
+import textwrap
+
+import onnx
+import pytest
+import torch
+
+import rewrite
+from rewrite.cli import main
+from rewrite.zoo import create_model
+
+pytest.importorskip("onnxruntime")
+
+
+def test_yolov5n_slim_neck_matches_pytorch_at_batch_1_and_2(tmp_path):
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    slim = rewrite.apply(create_model("yolov5n").eval(), "slim-neck", x)
+    exported = rewrite.export_onnx(slim, x, tmp_path / "slim.onnx", dynamic_batch=True)
+    assert sorted(exported.differences) == [1, 2]
+    assert exported.max_difference < 1e-4
+    graph = onnx.load(str(tmp_path / "slim.onnx")).graph
+    ops = {node.op_type for node in graph.node}
+    assert "BatchNormalization" not in ops and "Gather" not in ops  # folded: no BN, no shuffle left
+    assert graph.input[0].type.tensor_type.shape.dim[0].dim_param  # the batch is a named free dimension
+    assert [p.name for p in tmp_path.iterdir()] == ["slim.onnx"]  # no temporary file left behind
+
+
+def test_export_command_on_a_model_file(tmp_path, monkeypatch, capsys):
+    (tmp_path / "tiny.py").write_text(
+        textwrap.dedent(
+            """\
+            from torch import nn
+            from rewrite.blocks import GSConv
+
+            def build(width=16):
+                return nn.Sequential(GSConv(3, width, 3, 2), GSConv(width, width), nn.Conv2d(width, 4, 1))
+            """
+        )
+    )
+    monkeypatch.chdir(tmp_path)
+    code = main(
+        ["export", "tiny.py:build", "--input", "1,3,32,32", "--output", "out/", "--dynamic-batch", "-q"]
+    )
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert captured.out.startswith("wrote out/model.onnx (") and "batch 1: " in captured.out
+    assert "batch 2: " in captured.out
+    assert (tmp_path / "out" / "model.onnx").is_file()
+
+    monkeypatch.setattr("rewrite.export._difference", lambda *args: 3e-4)  # as if ONNX Runtime were off
+    code = main(["export", "tiny.py:build", "--input", "1,3,32,32", "--output", "m.onnx", "-q"])
+    assert code == 1  # the parity gate fails; the file is still written
+    assert "ONNX parity check failed: 3.00e-04 > --tolerance 0.0001" in capsys.readouterr().err
+    assert (tmp_path / "m.onnx").is_file()

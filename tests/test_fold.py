@@ -1,0 +1,156 @@
+"""rewrite.fold: BatchNorms and channel shuffles folded away, the same outputs, the input model untouched."""
+
+import copy
+import operator
+
+import pytest
+import torch
+from torch import fx, nn
+
+import rewrite
+from rewrite.blocks import GSConv, VoVGSCSP
+from rewrite.zoo import create_model
+
+X = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+
+
+def with_batch_norm_statistics(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Fresh BatchNorms fold to almost nothing: give them statistics and affine weights like trained ones."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                n = module.num_features
+                module.running_mean.copy_(torch.randn(n, generator=generator) * 0.2)
+                module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+                module.weight.copy_(torch.rand(n, generator=generator) + 0.5)
+                module.bias.copy_(torch.randn(n, generator=generator) * 0.2)
+    return model.eval()
+
+
+def relative_error(got, expected) -> float:
+    """Per output tensor max|got - expected| / max|expected|; the largest over outputs."""
+    pairs = zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(expected), strict=True)
+    return max(((a - b).abs().max() / b.abs().max()).item() for a, b in pairs)
+
+
+def shuffles_left(model: nn.Module) -> int:
+    """Strided channel slices and index_selects in the graph: what a channel shuffle is made of."""
+    count = 0
+    for node in model.graph.nodes:
+        if node.target is torch.index_select:
+            count += 1
+        elif node.target is operator.getitem and isinstance(node.args[1], tuple):
+            count += any(isinstance(s, slice) and s.step not in (None, 1) for s in node.args[1])
+    return count
+
+
+@pytest.fixture(scope="module")
+def yolov5n_pair():
+    base = with_batch_norm_statistics(create_model("yolov5n"))
+    slim = with_batch_norm_statistics(rewrite.apply(base, "slim-neck", X), seed=1)
+    return base, slim
+
+
+@pytest.mark.parametrize("which", ["base", "slim"])
+def test_yolov5n_folds_exactly_with_no_batch_norm_shuffle_or_identity_left(yolov5n_pair, which):
+    model = yolov5n_pair[which == "slim"]
+    folded = rewrite.fold(model, X)
+    with torch.no_grad():
+        assert relative_error(folded(X), model(X)) < 1e-5
+    kinds = {type(m) for m in folded.modules()}
+    assert not kinds & {nn.BatchNorm2d, nn.Identity}
+    assert shuffles_left(folded) == 0
+    assert folded.stride.tolist() == model.stride.tolist()  # the model's own attributes stay readable
+
+
+def test_yolov5s_slim_neck_folds_exactly():
+    base = with_batch_norm_statistics(create_model("yolov5s"))
+    slim = with_batch_norm_statistics(rewrite.apply(base, "slim-neck", X), seed=2)
+    with torch.no_grad():
+        assert relative_error(rewrite.fold(slim, X)(X), slim(X)) < 1e-5
+
+
+def test_fold_is_idempotent_and_never_touches_its_input(yolov5n_pair):
+    slim = yolov5n_pair[1].train()
+    before = copy.deepcopy(slim.state_dict())
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in slim.modules())
+    rng = torch.get_rng_state()
+
+    folded = rewrite.fold(slim, X)
+    again = rewrite.fold(folded, X)
+
+    assert slim.training and all(m.training for m in slim.modules())
+    assert all(torch.equal(before[k], v) for k, v in slim.state_dict().items())
+    assert hooks == sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in slim.modules())
+    assert torch.equal(rng, torch.get_rng_state())
+    assert [n.format_node() for n in again.graph.nodes] == [n.format_node() for n in folded.graph.nodes]
+    with torch.no_grad():
+        assert all(
+            torch.equal(a, b)
+            for a, b in zip(
+                torch.utils._pytree.tree_leaves(again(X)),
+                torch.utils._pytree.tree_leaves(folded(X)),
+                strict=True,
+            )
+        )
+    slim.eval()
+
+
+class ShuffleAtTheOutputs(nn.Module):
+    """A GSConv whose shuffled output is a model output, another read by an index_select and an add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = GSConv(8, 16, shuffle="interleave")
+        self.b = GSConv(16, 16)
+
+    def forward(self, x):
+        y = self.a(x)
+        return self.b(y), y.index_select(1, torch.arange(15, -1, -1)) + 1
+
+
+def test_a_shuffle_that_no_consumer_can_absorb_is_kept_once_and_exact():
+    model = with_batch_norm_statistics(ShuffleAtTheOutputs())
+    x = torch.randn(2, 8, 10, 10)
+    folded = rewrite.fold(model, x)
+    with torch.no_grad():
+        assert relative_error(folded(x), model(x)) < 1e-5
+    # Both shuffles of `a` and the reversal compose into one order per output; `b`'s conv absorbs its input's.
+    assert shuffles_left(folded) == 2
+
+
+def test_graph_module_input_and_grouped_consumers_fold_exactly():
+    body = nn.Sequential(
+        GSConv(8, 32, 3),
+        nn.Conv2d(32, 32, 3, padding=1, groups=32),  # depthwise: the permutation passes through it
+        nn.BatchNorm2d(32),
+        nn.SiLU(),
+        nn.Upsample(scale_factor=2),
+        VoVGSCSP(32, 32, n=2, shuffle="interleave"),
+        nn.Conv2d(32, 16, 1, groups=4),  # grouped: takes whole groups, else the order is applied first
+    )
+    model = fx.symbolic_trace(with_batch_norm_statistics(body))
+    x = torch.randn(1, 8, 12, 12)
+    folded = rewrite.fold(model, x)
+    with torch.no_grad():
+        assert relative_error(folded(x), model(x)) < 1e-5
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+
+
+def test_torchvision_fpn_rewrite_folds_exactly():
+    detection = pytest.importorskip("torchvision").models.detection
+    torch.manual_seed(0)
+    # The detector's backbone + FPN (the part the rule set rewrites): the whole detector takes a minute to plan.
+    backbone = detection.retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=5).backbone
+    x = torch.rand(1, 3, 128, 128)
+    slim = with_batch_norm_statistics(
+        rewrite.apply(backbone.eval(), "torchvision-fpn-gsconv", x, scope="fpn")
+    )
+    assert sum(isinstance(m, GSConv) for m in slim.modules()) == 5  # 3 layer_blocks, P6 and P7
+    folded = rewrite.fold(slim, x)
+    with torch.no_grad():
+        assert relative_error(folded(x), slim(x)) < 1e-5
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    # The five FPN levels are model outputs: each keeps its order, applied once (P7's conv absorbs P6's too).
+    assert shuffles_left(folded) == 5
