@@ -2,7 +2,8 @@
 
 For every generated network (:mod:`tests.netgen`: chains, branches, residual adds, concats, strided, grouped and
 dilated convs, optional BN, module / functional / method / shared activations, a unit called twice, nesting
-into submodules, mixed train/eval flags, a forward hook) and two rule sets — the built-in ``gsconv-only`` and
+into submodules, a module whose forward branches on data, mixed train/eval flags, a forward hook) and two rule
+sets — the built-in ``gsconv-only`` and
 a generic chain rule over the whole model —
 
 - ``plan()`` and ``apply()`` either succeed or raise a :class:`rewrite.RewriteError` subclass;
