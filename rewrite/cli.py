@@ -399,20 +399,21 @@ def _factory(spec: str) -> Callable[..., Any]:
         raise ModelSpecError(
             f"model spec {spec!r}: expected a zoo name, package.module:callable or file.py:callable"
         )
-    module = _import(target, f"model spec {spec!r}")
+    module = _import(target, f"model spec {spec!r}", "model file")
     factory = getattr(module, attribute, None)
     if not callable(factory):
         raise ModelSpecError(f"model spec {spec!r}: {target} has no callable named {attribute!r}")
     return factory
 
 
-def _import(target: str, what: str) -> Any:
+def _import(target: str, what: str, file_label: str) -> Any:
     """The module ``target`` names: a file (``models/det.py``) or a dotted module name (``mypkg.models``).
 
-    ``what`` starts the error messages (``model spec 'x.py:build'``, ``--import x.py``).
+    Error messages start with ``what`` (``model spec 'pkg.mod:build'``), or for a file with ``file_label`` and
+    the path (``model file models/det.py``).
     """
     if target.endswith(".py") or "/" in target or os.sep in target:
-        return _import_file(target, what)
+        return _import_file(target, file_label)
     # The console script leaves the working directory off sys.path and `python -m` puts it on: agree.
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
@@ -422,10 +423,10 @@ def _import(target: str, what: str) -> Any:
         raise ModelSpecError(f"{what}: cannot import {target}: {error}") from None
 
 
-def _import_file(path_text: str, what: str) -> Any:
+def _import_file(path_text: str, label: str) -> Any:
     path = Path(path_text)
     if not path.is_file():
-        raise ModelSpecError(f"{what}: file {path_text} does not exist")
+        raise ModelSpecError(f"{label} {path_text} does not exist")
     # A private module name: a user file called e.g. "rewrite.py" or "torch.py" must not shadow the real ones.
     name = f"_rewrite_model_{path.stem}"
     loaded = sys.modules.get(name)
@@ -433,7 +434,7 @@ def _import_file(path_text: str, what: str) -> Any:
         return loaded  # named twice (--import and MODEL): running it again would register its builders twice
     module_spec = importlib.util.spec_from_file_location(name, path.resolve())
     if module_spec is None or module_spec.loader is None:
-        raise ModelSpecError(f"{what}: file {path_text} cannot be imported as Python")
+        raise ModelSpecError(f"{label} {path_text} cannot be imported as Python")
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[name] = module
     # So that the file imports its neighbours, as `python file.py` would.
@@ -442,7 +443,7 @@ def _import_file(path_text: str, what: str) -> Any:
         module_spec.loader.exec_module(module)
     except (ImportError, SyntaxError) as error:
         raise ModelSpecError(
-            f"{what}: file {path_text} cannot be imported: {type(error).__name__}: {error}"
+            f"{label} {path_text} cannot be imported: {type(error).__name__}: {error}"
         ) from None
     return module
 
@@ -577,7 +578,7 @@ def _run_rules_check(args: argparse.Namespace) -> int:
 def _import_all(targets: Sequence[str]) -> None:
     """The ``--import`` modules or files, imported for what they register (builders), in order."""
     for target in targets:
-        _import(target, f"--import {target}")
+        _import(target, f"--import {target}", f"--import {target}: file")
 
 
 def _rule_count(rule_set: Any) -> str:

@@ -126,11 +126,3 @@ def _name(rules: object) -> str:
 @given(nets())
 def test_plan_and_apply_leave_the_model_untouched_and_keep_its_outputs(spec: Net) -> None:
     check_rewrite(spec)
-
-
-@pytest.mark.parametrize(
-    "spec",
-    [],
-)
-def test_examples_hypothesis_found(spec: Net) -> None:
-    check_rewrite(spec)
