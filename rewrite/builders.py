@@ -22,11 +22,12 @@ import contextlib
 import copy
 import dataclasses
 import inspect
+import math
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, TypeVar
 
 import torch
 from torch import nn
@@ -37,7 +38,16 @@ from rewrite.errors import BuildError
 if TYPE_CHECKING:
     from rewrite.rules import Replace
 
-__all__ = ["Site", "build", "builder_options", "get_builder", "list_builders", "register_builder"]
+__all__ = [
+    "Site",
+    "Valid",
+    "build",
+    "builder_options",
+    "check_option",
+    "get_builder",
+    "list_builders",
+    "register_builder",
+]
 
 Builder = TypeVar("Builder", bound=Callable[..., nn.Module])
 
@@ -146,9 +156,56 @@ class Site:
 
 
 @dataclass(frozen=True)
+class Valid:
+    """The values a numeric builder option can work with, declared on the builder with ``Annotated``.
+
+    Rule files are checked against it when they load, and derived values (``{ fact = ... }``) when a site is
+    built, so a value that cannot work fails early in one line instead of deep inside a block. A number must
+    also be finite: NaN and infinity never make a layer.
+
+    >>> @register_builder("Blur")
+    ... def blur(site: Site, *, size: Annotated[int, Valid(ge=1, odd=True)] = 3) -> nn.Module:
+    ...     return nn.AvgPool2d(size, 1, size // 2)
+    >>> check_option("Blur", "size", 4)
+    'Blur expects an odd integer >= 1, got 4'
+    >>> check_option("Blur", "size", 5) is None
+    True
+    """
+
+    ge: float | None = None  # value >= ge
+    gt: float | None = None  # value > gt
+    le: float | None = None  # value <= le
+    odd: bool = False  # odd integers only (a "same"-padded kernel: k // 2 keeps the size only when k is odd)
+
+    def admits(self, value: Any) -> bool:
+        """Whether ``value`` is in range; a value that is not a number is left to the type check."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return True
+        return (
+            math.isfinite(value)
+            and (self.ge is None or value >= self.ge)
+            and (self.gt is None or value > self.gt)
+            and (self.le is None or value <= self.le)
+            and (not self.odd or value % 2 == 1)
+        )
+
+    def describe(self, kind: str) -> str:
+        """The valid values in words, ``kind`` naming the type: ``an odd integer >= 1``, ``a number > 0``."""
+        if self.odd:
+            kind = kind.replace("an integer", "an odd integer")
+        bounds = [
+            f"{op} {bound:g}"
+            for op, bound in ((">=", self.ge), (">", self.gt), ("<=", self.le))
+            if bound is not None
+        ]
+        return " and ".join([f"{kind} {bounds[0]}", *bounds[1:]]) if bounds else kind
+
+
+@dataclass(frozen=True)
 class _Registered:
     builder: Callable[..., nn.Module]
     options: Mapping[str, inspect.Parameter]
+    valid: Mapping[str, tuple[Valid, ...]]  # declared ranges, by option
 
 
 _REGISTRY: dict[str, _Registered] = {}
@@ -171,7 +228,8 @@ def register_builder(name: str, *, override: bool = False) -> Callable[[Builder]
             raise ValueError(
                 f"a builder named {name!r} is already registered; pass override=True to replace it"
             )
-        _REGISTRY[name] = _Registered(builder, MappingProxyType(_options_of(name, builder)))
+        options, valid = _options_of(name, builder)
+        _REGISTRY[name] = _Registered(builder, MappingProxyType(options), MappingProxyType(valid))
         return builder
 
     return register
@@ -196,6 +254,22 @@ def builder_options(name: str) -> Mapping[str, inspect.Parameter]:
     return _REGISTRY[name].options
 
 
+def check_option(builder: str, option: str, value: Any) -> str | None:
+    """``None`` when ``value`` is in the range that ``builder`` declares for ``option`` (see :class:`Valid`),
+    else the reason, as ``"GSConv expects an odd integer >= 1, got -3"``.
+
+    >>> check_option("VoVGSCSP", "n", -2)
+    'VoVGSCSP expects an integer >= 1, got -2'
+    """
+    get_builder(builder)  # the same KeyError for an unknown name
+    registered = _REGISTRY[builder]
+    for valid in registered.valid.get(option, ()):
+        if not valid.admits(value):
+            kind = "an integer" if registered.options[option].annotation is int else "a number"
+            return f"{builder} expects {valid.describe(kind)}, got {value}"
+    return None
+
+
 def build(replace: Replace, site: Site, options: Mapping[str, Any]) -> nn.Module:
     """Build ``replace.builder`` for ``site`` with ``options`` (derivations already resolved), on the site's
     device and dtype.
@@ -207,6 +281,11 @@ def build(replace: Replace, site: Site, options: Mapping[str, Any]) -> nn.Module
     # block would train them. The builder gets copies of the matched activation and norm.
     site = dataclasses.replace(site, activation=copy.deepcopy(site.activation), norm=copy.deepcopy(site.norm))
     try:
+        # Derived values are only known per site: check them against the declared ranges as rule values were.
+        for option, value in options.items():
+            problem = check_option(replace.builder, option, value)
+            if problem:
+                raise ValueError(f"{problem} (replace.{option})")
         # Made where it will live: on meta, no weights are drawn (and no random numbers).
         with torch.device(site.device) if site.device is not None else contextlib.nullcontext():
             module = get_builder(replace.builder)(site, **options)
@@ -221,7 +300,10 @@ def build(replace: Replace, site: Site, options: Mapping[str, Any]) -> nn.Module
         ) from exc
 
 
-def _options_of(name: str, builder: Callable[..., nn.Module]) -> dict[str, inspect.Parameter]:
+def _options_of(
+    name: str, builder: Callable[..., nn.Module]
+) -> tuple[dict[str, inspect.Parameter], dict[str, tuple[Valid, ...]]]:
+    """The options with their annotations resolved (``Annotated`` stripped), and the ranges declared on them."""
     parameters = list(inspect.signature(builder).parameters.values())
     positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     if not parameters or parameters[0].kind not in positional:
@@ -233,10 +315,16 @@ def _options_of(name: str, builder: Callable[..., nn.Module]) -> dict[str, inspe
                 f"builder {name!r}: option {parameter.name!r} must be a named parameter, passable by keyword"
             )
     try:
-        hints = typing.get_type_hints(builder)
+        hints = typing.get_type_hints(builder, include_extras=True)
     except (NameError, TypeError):  # a forward reference we cannot resolve: fall back to the defaults' types
         hints = {}
-    return {p.name: p.replace(annotation=_option_type(p, hints)) for p in parameters[1:]}
+    valid = {}
+    for option, hint in hints.items():
+        if typing.get_origin(hint) is Annotated:
+            hints[option] = hint.__origin__
+            valid[option] = tuple(item for item in hint.__metadata__ if isinstance(item, Valid))
+    options = {p.name: p.replace(annotation=_option_type(p, hints)) for p in parameters[1:]}
+    return options, {option: checks for option, checks in valid.items() if option in options and checks}
 
 
 def _option_type(parameter: inspect.Parameter, hints: Mapping[str, Any]) -> Any:
@@ -284,12 +372,18 @@ def _same_size(site: Site, block: str) -> None:
         raise ValueError(f"{block} keeps the spatial size, but the site has stride {site.stride}")
 
 
+# The ranges of the built-in blocks' options. The GS blocks pad their convs by kernel // 2, which keeps the
+# spatial size only for odd kernels; a width of expansion * channels needs expansion > 0.
+Kernel = Annotated[int, Valid(ge=1, odd=True)]
+Expansion = Annotated[float, Valid(gt=0)]
+
+
 @register_builder("GSConv")
 def _gsconv(
     site: Site,
     *,
     shuffle: ShuffleVariant = "split",
-    dw_kernel: int = 5,
+    dw_kernel: Kernel = 5,
     activation: ActivationName = "inherit",
 ) -> nn.Module:
     """GSConv(in_channels, out_channels, kernel_size, stride) for a conv site.
@@ -312,10 +406,10 @@ def _gsconv(
 def _gs_bottleneck(
     site: Site,
     *,
-    kernel_size: int = 3,
-    expansion: float = 0.5,
+    kernel_size: Kernel = 3,
+    expansion: Expansion = 0.5,
     shuffle: ShuffleVariant = "split",
-    dw_kernel: int = 5,
+    dw_kernel: Kernel = 5,
     activation: ActivationName = "inherit",
 ) -> nn.Module:
     """GSBottleneck(in_channels, out_channels, kernel_size, expansion) for a bottleneck-like site."""
@@ -333,10 +427,10 @@ def _gs_bottleneck(
 def _vovgscsp(
     site: Site,
     *,
-    n: int = 1,
-    expansion: float = 0.5,
+    n: Annotated[int, Valid(ge=1)] = 1,
+    expansion: Expansion = 0.5,
     shuffle: ShuffleVariant = "split",
-    dw_kernel: int = 5,
+    dw_kernel: Kernel = 5,
     activation: ActivationName = "inherit",
 ) -> nn.Module:
     """VoVGSCSP(in_channels, out_channels, n, expansion) for a CSP-like site of stride 1."""

@@ -9,12 +9,13 @@ Examples::
     rewrite profile yolov5s --input 1,3,320,320
     rewrite rules check my-rules.toml
 
-Exit codes: 0 ok; 1 a gate, the shape check or the ONNX parity check failed; 2 bad input (model spec, rules,
-scope, input shape, option, an ``--output`` that cannot be written, a bad recipe), printed as one line
-``rewrite: error: ...`` on stderr. Anything else is a bug and keeps its traceback. stdout carries only the
-report; progress goes to stderr (``--quiet`` silences it). Every file is written under a temporary name and
-renamed into place once complete. With ``GITHUB_STEP_SUMMARY`` set, ``plan`` and ``profile`` also append their
-markdown report to that file. See ``docs/cli.md``.
+Exit codes (``docs/cli.md`` has the table): 0 ok; 1 a gate, the shape check or the ONNX parity check failed;
+2 bad input (model spec, rules, scope, input shape, option, an ``--output`` that cannot be written, a bad
+recipe), printed as one line ``rewrite: error: ...`` on stderr; 3 an unexpected error, a bug in rewrite or in the
+model's own code, with its traceback; 4 stdout could not take the report (a full disk); 141 stdout was closed
+early (``| head``). stdout carries only the report; progress goes to stderr (``--quiet`` silences it). Every
+file is written under a temporary name and renamed into place once complete. With ``GITHUB_STEP_SUMMARY`` set,
+``plan`` and ``profile`` also append their markdown report to that file.
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ import inspect
 import math
 import os
 import re
+import signal
 import sys
 import time
+import traceback
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -44,16 +47,52 @@ if TYPE_CHECKING:  # torch is imported by the commands that need it: --help and 
 
     from rewrite.planner import Plan
 
-__all__ = ["load_model", "main"]
+__all__ = [
+    "EXIT_BAD_INPUT",
+    "EXIT_BROKEN_PIPE",
+    "EXIT_GATE_FAILED",
+    "EXIT_INTERNAL_ERROR",
+    "EXIT_OK",
+    "EXIT_OUTPUT_FAILED",
+    "load_model",
+    "main",
+]
 
 DEFAULT_INPUT = "1,3,640,640"
 DEFAULT_TOLERANCE = 1e-4
 # A report's file name when --output names a folder.
 _REPORT_SUFFIXES = {"text": "txt", "markdown": "md", "json": "json", "html": "html"}
 
+# Exit codes, one per outcome that CI may want to tell apart (the table is in docs/cli.md).
+EXIT_OK = 0
+EXIT_GATE_FAILED = 1  # a gate or the shape check failed; the report was written
+EXIT_BAD_INPUT = 2  # one line "rewrite: error: ..."
+EXIT_INTERNAL_ERROR = 3  # a surprise: a bug in rewrite or in the model's code; traceback kept
+EXIT_OUTPUT_FAILED = 4  # stdout could not take the report (a full disk, an I/O error)
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # stdout closed early (`| head`): what a shell shows for SIGPIPE
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default: ``sys.argv[1:]``) and return the exit code."""
+    stdout = sys.stdout
+    sys.stdout = _GuardedStdout(stdout)
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # the report is complete only once it left the buffer
+        return code
+    except _StdoutFailed as failure:
+        # Whatever is still buffered must not reach the real stdout at exit (Python would complain again).
+        _silence(stdout)
+        if isinstance(failure.error, BrokenPipeError):
+            return EXIT_BROKEN_PIPE  # the reader went away on purpose (`| head`): nothing to say
+        reason = failure.error.strerror or failure.error
+        print(f"rewrite: error: cannot write the report to stdout: {reason}", file=sys.stderr)
+        return EXIT_OUTPUT_FAILED
+    finally:
+        sys.stdout = stdout
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = _build_parser()
     try:
         args = parser.parse_args(argv)
@@ -64,7 +103,60 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.run(args)
     except (_UsageError, RewriteError) as error:
         print(f"rewrite: error: {' '.join(str(error).split())}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
+    except _StdoutFailed:
+        raise
+    except Exception as error:  # noqa: BLE001 - the one place that turns any surprise into exit code 3
+        # A bug, ours or in the model's code: the traceback is what a bug report needs; the last line is for CI.
+        traceback.print_exc()
+        detail = " ".join(str(error).split()) or "(no message)"
+        print(
+            f"rewrite: internal error: {type(error).__name__}: {detail} (exit code {EXIT_INTERNAL_ERROR}: a bug in "
+            "rewrite or in the model's code; the traceback above says where)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL_ERROR
+
+
+class _StdoutFailed(Exception):
+    """Writing the report to stdout failed: ``error`` says why (a closed pipe, a full disk)."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class _GuardedStdout:
+    """stdout, except that a failed write says it came from stdout, so it is not mistaken for a bug."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError as error:
+            raise _StdoutFailed(error) from error
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError as error:
+            raise _StdoutFailed(error) from error
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _silence(stdout: Any) -> None:
+    """Point file descriptor 1 at the null device, as Python's docs advise after a broken pipe."""
+    try:
+        descriptor = stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return  # not a real file (a test's capture): nothing is flushed to it at exit
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, descriptor)
+    os.close(devnull)
 
 
 # Parsing
@@ -126,6 +218,15 @@ def _build_parser() -> _Parser:
         help="rewrite sites that only a traced graph can express even where that forward runs other code in"
         " train than in eval mode (the report says which code paths were frozen)",
     )
+    importing = _Parser(add_help=False)
+    importing.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE_OR_FILE",
+        help="import a module (pkg.mod) or file (path/x.py) first, for the builders it registers (repeatable)",
+    )
 
     report = _Parser(add_help=False)
     report.add_argument("--format", choices=FORMATS, default="text", help="report format (default text)")
@@ -136,7 +237,7 @@ def _build_parser() -> _Parser:
     )
 
     plan = commands.add_parser(
-        "plan", parents=[model, rules, report], help="dry run: what the rules would change"
+        "plan", parents=[model, rules, importing, report], help="dry run: what the rules would change"
     )
     gates = plan.add_argument_group(
         "gates (exit code 1 when one fails; they apply to the figures after the rewrite)"
@@ -156,7 +257,9 @@ def _build_parser() -> _Parser:
     plan.set_defaults(run=_run_plan)
 
     apply = commands.add_parser(
-        "apply", parents=[model, rules], help="write the rewritten model: recipe, weights and report"
+        "apply",
+        parents=[model, rules, importing],
+        help="write the rewritten model: recipe, weights and report",
     )
     apply.add_argument(
         "--output",
@@ -167,12 +270,15 @@ def _build_parser() -> _Parser:
     apply.set_defaults(run=_run_apply)
 
     export = commands.add_parser(
-        "export", parents=[model], help="fold and export to ONNX, checked against PyTorch with ONNX Runtime"
+        "export",
+        parents=[model, importing],
+        help="fold and export to ONNX, checked against PyTorch with ONNX Runtime",
     )
     export.add_argument(
         "--rules", metavar="RULES", help="rewrite with these rules first (default: export the model as it is)"
     )
     export.add_argument("--scope", metavar="S", help="as for plan")
+    export.add_argument("--allow-frozen", action="store_true", help="as for plan")
     export.add_argument(
         "--output", required=True, metavar="FILE", help="the .onnx file (a folder: FOLDER/model.onnx)"
     )
@@ -196,7 +302,7 @@ def _build_parser() -> _Parser:
     rule_commands = commands.add_parser("rules", help="list built-in rule sets, or check a rule file")
     rule_actions = rule_commands.add_subparsers(dest="action", required=True, metavar="ACTION")
     rule_actions.add_parser("list", help="the built-in rule sets").set_defaults(run=_run_rules_list)
-    check = rule_actions.add_parser("check", help="validate a rule file")
+    check = rule_actions.add_parser("check", parents=[importing], help="validate a rule file")
     check.add_argument("file", metavar="FILE")
     check.set_defaults(run=_run_rules_check)
     return parser
@@ -212,11 +318,21 @@ def _parse_input_shape(text: str) -> tuple[int, ...]:
     rewrite.errors.InputSpecError: --input '1,3,x': expected comma-separated positive integers such as ...
     """
     parts = [part.strip() for part in text.split(",")]
-    if not all(part.isdigit() and int(part) > 0 for part in parts):
+    if not all(part.isascii() and part.isdigit() and int(part) > 0 for part in parts):
         raise InputSpecError(
             f"--input {text!r}: expected comma-separated positive integers such as {DEFAULT_INPUT}"
         )
-    return tuple(int(part) for part in parts)
+    shape = tuple(int(part) for part in parts)
+    # torch counts elements in 64-bit integers; a larger tensor cannot even be described on meta.
+    if math.prod(shape) > _MAX_ELEMENTS:
+        raise InputSpecError(
+            f"--input {text!r}: {math.prod(shape):.3g} elements, more than a tensor can hold (at most "
+            f"{_MAX_ELEMENTS:.3g}); use a shape such as {DEFAULT_INPUT}"
+        )
+    return shape
+
+
+_MAX_ELEMENTS = 2**63 - 1
 
 
 def _parse_model_arg(text: str) -> tuple[str, object]:
@@ -260,23 +376,29 @@ def _parse_count(text: str) -> int:
     match = re.fullmatch(
         r"\s*(\d+(?:\.\d*)?)\s*([KMGT]?)\s*", text.replace("_", "").replace(",", ""), re.IGNORECASE
     )
-    if not match:
+    value = float(match.group(1)) * _SUFFIXES[match.group(2).upper()] if match else math.nan
+    if not math.isfinite(value):  # not a count, or too many digits for a float
         raise argparse.ArgumentTypeError(f"expected a count such as 40M or 100G, got {text!r}")
-    return round(float(match.group(1)) * _SUFFIXES[match.group(2).upper()])
+    return round(value)
 
 
 def _parse_percent(text: str) -> float:
-    """A reduction threshold in percent; a trailing ``%`` is allowed.
+    """A reduction threshold in percent, from 0 to 100 (more could never pass); a trailing ``%`` is allowed.
 
     >>> _parse_percent("10"), _parse_percent("12.5%")
     (10.0, 12.5)
+    >>> _parse_percent("150")
+    Traceback (most recent call last):
+    argparse.ArgumentTypeError: expected a percentage from 0 to 100 such as 10 or 12.5, got '150'
     """
     try:
         value = float(text.strip().removesuffix("%"))
     except ValueError:
         value = math.nan
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a percentage such as 10 or 12.5, got {text!r}")
+    if not 0 <= value <= 100:  # NaN fails too
+        raise argparse.ArgumentTypeError(
+            f"expected a percentage from 0 to 100 such as 10 or 12.5, got {text!r}"
+        )
     return value
 
 
@@ -292,11 +414,13 @@ def load_model(spec: str, kwargs: dict[str, object] | None = None, *, device: st
     raises :class:`~rewrite.errors.ModelSpecError`; an error raised by the user's own code while building is
     theirs and keeps its traceback.
     """
+    return _build_model(spec, _factory(spec), kwargs or {}, device)
+
+
+def _build_model(spec: str, factory: Callable[..., Any], kwargs: dict[str, object], device: str) -> nn.Module:
     import torch
     from torch import nn
 
-    kwargs = kwargs or {}
-    factory = _factory(spec)
     try:
         inspect.signature(factory).bind(**kwargs)
     except TypeError as error:
@@ -324,31 +448,42 @@ def _factory(spec: str) -> Callable[..., Any]:
         raise ModelSpecError(
             f"model spec {spec!r}: expected a zoo name, package.module:callable or file.py:callable"
         )
-    if target.endswith(".py") or "/" in target or os.sep in target:
-        module = _import_file(target)
-    else:
-        # The console script leaves the working directory off sys.path and `python -m` puts it on: agree.
-        if os.getcwd() not in sys.path:
-            sys.path.insert(0, os.getcwd())
-        try:
-            module = importlib.import_module(target)
-        except ImportError as error:
-            raise ModelSpecError(f"model spec {spec!r}: cannot import {target}: {error}") from None
+    module = _import(target, f"model spec {spec!r}", "model file")
     factory = getattr(module, attribute, None)
     if not callable(factory):
         raise ModelSpecError(f"model spec {spec!r}: {target} has no callable named {attribute!r}")
     return factory
 
 
-def _import_file(path_text: str) -> Any:
+def _import(target: str, what: str, file_label: str) -> Any:
+    """The module ``target`` names: a file (``models/det.py``) or a dotted module name (``mypkg.models``).
+
+    Error messages start with ``what`` (``model spec 'pkg.mod:build'``), or for a file with ``file_label`` and
+    the path (``model file models/det.py``).
+    """
+    if target.endswith(".py") or "/" in target or os.sep in target:
+        return _import_file(target, file_label)
+    # The console script leaves the working directory off sys.path and `python -m` puts it on: agree.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        return importlib.import_module(target)
+    except ImportError as error:
+        raise ModelSpecError(f"{what}: cannot import {target}: {error}") from None
+
+
+def _import_file(path_text: str, label: str) -> Any:
     path = Path(path_text)
     if not path.is_file():
-        raise ModelSpecError(f"model file {path_text} does not exist")
+        raise ModelSpecError(f"{label} {path_text} does not exist")
     # A private module name: a user file called e.g. "rewrite.py" or "torch.py" must not shadow the real ones.
     name = f"_rewrite_model_{path.stem}"
-    module_spec = importlib.util.spec_from_file_location(name, path)
+    loaded = sys.modules.get(name)
+    if loaded is not None and getattr(loaded, "__file__", None) == str(path.resolve()):
+        return loaded  # named twice (--import and MODEL): running it again would register its builders twice
+    module_spec = importlib.util.spec_from_file_location(name, path.resolve())
     if module_spec is None or module_spec.loader is None:
-        raise ModelSpecError(f"model file {path_text} cannot be imported as Python")
+        raise ModelSpecError(f"{label} {path_text} cannot be imported as Python")
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[name] = module
     # So that the file imports its neighbours, as `python file.py` would.
@@ -357,30 +492,57 @@ def _import_file(path_text: str) -> Any:
         module_spec.loader.exec_module(module)
     except (ImportError, SyntaxError) as error:
         raise ModelSpecError(
-            f"model file {path_text} cannot be imported: {type(error).__name__}: {error}"
+            f"{label} {path_text} cannot be imported: {type(error).__name__}: {error}"
         ) from None
     return module
 
 
 def _model_and_input(
-    args: argparse.Namespace, say: Callable[[str], None]
+    args: argparse.Namespace, say: Callable[[str], None], factory: Callable[..., Any] | None = None
 ) -> tuple[nn.Module, torch.Tensor, str]:
-    """The model, its example input and the name that reports give it, from the options shared by commands."""
+    """The model, its example input and the name that reports give it, from the options shared by commands.
 
+    ``factory`` is the model's callable when the caller has already imported it (see :func:`_make_plan`).
+    """
     kwargs = dict(args.model_arg)
     name = args.model + (f"({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})" if kwargs else "")
     say(f"building {name} on {args.device}")
-    model = load_model(args.model, kwargs, device=args.device)
-    return model, _example_input(args), name
+    model = _build_model(args.model, factory or _factory(args.model), kwargs, args.device)
+    return model, _example_input(args.input, args.device), name
 
 
-def _example_input(args: argparse.Namespace) -> torch.Tensor:
+def _example_input(shape: tuple[int, ...], device: str) -> torch.Tensor:
+    """The ``--input`` tensor: seeded images in [0, 1] (repeatable, and what a detector is fed), or on meta
+    a tensor without storage."""
     import torch
 
-    if args.device == "meta":
-        return torch.empty(args.input, device="meta")
-    # Seeded images in [0, 1]: runs are repeatable and look like what a detector is fed.
-    return torch.rand(args.input, generator=torch.Generator().manual_seed(0))
+    shown = ",".join(map(str, shape))
+    if device == "meta":
+        return torch.empty(shape, device="meta")
+    size = math.prod(shape) * torch.empty((), dtype=torch.float32).element_size()
+    memory = _physical_memory()
+    # Checked before allocating: with overcommit the allocation may succeed and the kernel kill us on first touch.
+    if memory is not None and size > memory:
+        raise InputSpecError(
+            f"--input {shown}: the example input alone needs {size / 1e9:,.1f} GB, more than this machine's "
+            f"{memory / 1e9:,.1f} GB of memory; use a smaller shape, or --device meta (which allocates nothing)"
+        )
+    try:
+        return torch.rand(shape, generator=torch.Generator().manual_seed(0))
+    except (RuntimeError, MemoryError) as error:  # torch's allocator says "can't allocate memory"
+        detail = " ".join(str(error).split())[:200]
+        raise InputSpecError(
+            f"--input {shown}: cannot make the example input on {device} ({size / 1e9:,.1f} GB): {detail}; "
+            "use a smaller shape, or --device meta"
+        ) from None
+
+
+def _physical_memory() -> int | None:
+    """This machine's memory in bytes, where the platform says (POSIX)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def _is_recipe(model: str) -> bool:
@@ -450,7 +612,7 @@ def _run_export(args: argparse.Namespace) -> int:
         model = result.apply()
     else:
         model, _, _ = _model_and_input(args, say)
-    example = _example_input(args)
+    example = _example_input(args.input, args.device)
     path = Path(args.output)
     if _names_a_folder(args.output):
         path = path / "model.onnx"
@@ -505,10 +667,17 @@ def _run_rules_list(args: argparse.Namespace) -> int:
 def _run_rules_check(args: argparse.Namespace) -> int:
     from rewrite.rules import load_rules
 
+    _import_all(args.imports)
     rule_set = load_rules(args.file)
     names = ", ".join(rule.name for rule in rule_set.rules)
     print(f"OK: {args.file}: rule set '{rule_set.name}', {_rule_count(rule_set)}: {names}")
     return 0
+
+
+def _import_all(targets: Sequence[str]) -> None:
+    """The ``--import`` modules or files, imported for what they register (builders), in order."""
+    for target in targets:
+        _import(target, f"--import {target}", f"--import {target}: file")
 
 
 def _rule_count(rule_set: Any) -> str:
@@ -521,8 +690,11 @@ def _make_plan(args: argparse.Namespace, say: Callable[[str], None]) -> Plan:
     from rewrite.planner import plan
     from rewrite.rules import load_rules
 
+    # Import the model's code (and --import's) first: builders it registers must be known when rules load.
+    _import_all(args.imports)
+    factory = _factory(args.model)
     rule_set = load_rules(args.rules)  # a bad rule file fails before any model is built
-    model, example, name = _model_and_input(args, say)
+    model, example, name = _model_and_input(args, say, factory)
     with warnings.catch_warnings():
         # A rule that matched nothing is in the report's warnings; Python's own warning line would repeat it.
         warnings.simplefilter("ignore", NoMatchWarning)
@@ -594,6 +766,15 @@ def _cannot_write(path: Path, error: OSError) -> _UsageError:
 def _append_step_summary(markdown: Callable[[], str]) -> None:
     """GitHub Actions shows the file named by ``GITHUB_STEP_SUMMARY`` on the run's page; steps append."""
     summary = os.environ.get("GITHUB_STEP_SUMMARY")
-    if summary:
+    if not summary:
+        return
+    try:
         with open(summary, "a", encoding="utf-8") as file:
             file.write(markdown() + "\n")
+    except OSError as error:
+        # The summary is a courtesy: the report itself is out, so the gates still decide the exit code.
+        print(
+            f"rewrite: warning: GITHUB_STEP_SUMMARY={summary}: cannot append the report: "
+            f"{error.strerror or error}",
+            file=sys.stderr,
+        )

@@ -36,6 +36,7 @@ from __future__ import annotations
 import difflib
 import importlib.resources
 import inspect
+import math
 import os
 import re
 import tomllib
@@ -49,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rewrite.builders import Site, builder_options, list_builders
+from rewrite.builders import Site, builder_options, check_option, list_builders
 from rewrite.errors import RuleError
 
 __all__ = [
@@ -339,6 +340,10 @@ def parse_rules(text: str, source: str = "<string>") -> RuleSet:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise RuleError(f"{source}: invalid TOML: {exc}") from None
+    except RecursionError:  # tomllib parses nested arrays and inline tables recursively
+        raise RuleError(
+            f"{source}: invalid TOML: arrays or tables nested too deeply to read; no rule needs more than a few levels"
+        ) from None
     _check_keys(data, _TOP_KEYS, source, "the file (top level)")
 
     if "ruleset" not in data:
@@ -457,8 +462,18 @@ def _parse_predicate(key: str, value: Any, at: str) -> Predicate:
         if not (isinstance(argument, list) and len(argument) == 2 and all(map(_is_number, argument))):
             _fail(at, f"{label}.range takes two numbers [lo, hi], got {_got(argument)}")
         low, high = argument
+        if math.isnan(low) or math.isnan(high):
+            _fail(
+                at,
+                f"{label}.range [{_show(low)}, {_show(high)}] holds nan, which no value is in; write numbers",
+            )
         if low > high:
             _fail(at, f"{label}.range [{low}, {high}] is empty; write [lo, hi] with lo <= hi")
+        # Numeric facts are integers: a range without one (or with nothing but an infinity) admits nothing.
+        lowest = math.ceil(low) if math.isfinite(low) else low
+        highest = math.floor(high) if math.isfinite(high) else high
+        if lowest > highest or lowest == math.inf or highest == -math.inf:
+            _fail(at, f"{label}.range [{_show(low)}, {_show(high)}] holds no integer; {key} is an integer")
         return Predicate(key, kind, (low, high))
     if type(argument) is not int or argument <= 0:
         _fail(at, f"{label}.multiple_of takes a positive integer, got {_got(argument)}")
@@ -512,6 +527,10 @@ def _option_value(builder: str, parameter: inspect.Parameter, value: Any, at: st
         hint = _did_you_mean(value, literals) if isinstance(value, str) and literals else ""
         shown = value if isinstance(value, Derivation) else _got(value)
         _fail(at, f"{label}: {builder} expects {_describe(parameter.annotation)}, got {shown}{hint}")
+    # A derived value is only known per site; rewrite.builders.build checks it then.
+    problem = None if isinstance(value, Derivation) else check_option(builder, parameter.name, value)
+    if problem:
+        _fail(at, f"{label}: {problem}")
     return value
 
 

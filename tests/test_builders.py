@@ -313,3 +313,54 @@ def test_option_annotations_fall_back_to_the_default_type(registered):
     assert options["size"].annotation is int
     assert options["mode"].annotation == Literal["x"]
     assert str(options["name"].annotation) == "typing.Any"
+
+
+# --- the ranges builders declare for their options (rewrite.builders.Valid) ---
+
+
+def test_the_gs_builders_declare_their_ranges():
+    from rewrite.builders import check_option
+
+    assert check_option("GSConv", "dw_kernel", 5) is None
+    assert check_option("GSConv", "dw_kernel", 6) == "GSConv expects an odd integer >= 1, got 6"
+    assert (
+        check_option("GSBottleneck", "kernel_size", -1) == "GSBottleneck expects an odd integer >= 1, got -1"
+    )
+    assert check_option("VoVGSCSP", "n", 0) == "VoVGSCSP expects an integer >= 1, got 0"
+    assert check_option("VoVGSCSP", "expansion", 0.25) is None
+    assert check_option("VoVGSCSP", "shuffle", "split") is None  # no declared range: nothing to say
+    # The annotation the rule loader checks types against stays the plain type.
+    assert builder_options("VoVGSCSP")["n"].annotation is int
+    assert builder_options("GSBottleneck")["expansion"].annotation is float
+
+
+def test_a_custom_builder_declares_a_range_with_annotated():
+    from typing import Annotated
+
+    from rewrite.builders import Valid, check_option
+    from rewrite.errors import RuleError
+    from rewrite.rules import parse_rules
+
+    @register_builder("Scaled")
+    def scaled(site: Site, *, scale: Annotated[float, Valid(gt=0, le=4)] = 1.0) -> nn.Module:
+        return nn.Identity()
+
+    assert check_option("Scaled", "scale", 4) is None
+    assert check_option("Scaled", "scale", 4.5) == "Scaled expects a number > 0 and <= 4, got 4.5"
+    text = '[ruleset]\nname = "t"\n[[rule]]\nname = "r"\nmatch.chain = ["conv"]\nreplace.builder = "Scaled"\n'
+    with pytest.raises(
+        RuleError, match=r"^x.toml: rule 'r': replace.scale: Scaled expects a number > 0 and <= 4, got 9$"
+    ):
+        parse_rules(text + "replace.scale = 9\n", "x.toml")
+
+
+def test_a_derived_value_outside_the_range_is_a_build_error():
+    from rewrite.rules import Derivation, Replace
+
+    site = Site("model.3", "r", "Conv2d", in_channels=8, out_channels=8, kernel_size=4, stride=1)
+    replace = Replace("GSConv", {"dw_kernel": Derivation("fact", "kernel_size")})
+    with pytest.raises(BuildError) as caught:
+        build(replace, site, {"dw_kernel": 4})
+    assert str(caught.value) == (
+        "site 'model.3': rule 'r': cannot build GSConv: GSConv expects an odd integer >= 1, got 4 (replace.dw_kernel)"
+    )

@@ -469,3 +469,80 @@ def test_option_errors_follow_the_builder_signature(custom_builder, options, fra
     message = load_error(custom_rule(options))
     for fragment in ["rule 'r'", *fragments]:
         assert fragment in message
+
+
+# --- values that load but could never work: checked against the builder's declared ranges ---
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ("replace.n = -2", "replace.n: VoVGSCSP expects an integer >= 1, got -2"),
+        ("replace.n = 0", "replace.n: VoVGSCSP expects an integer >= 1, got 0"),
+        ("replace.dw_kernel = -3", "replace.dw_kernel: VoVGSCSP expects an odd integer >= 1, got -3"),
+        ("replace.dw_kernel = 4", "replace.dw_kernel: VoVGSCSP expects an odd integer >= 1, got 4"),
+        ("replace.expansion = 0.0", "replace.expansion: VoVGSCSP expects a number > 0, got 0.0"),
+        ("replace.expansion = -1", "replace.expansion: VoVGSCSP expects a number > 0, got -1"),
+        ("replace.expansion = nan", "replace.expansion: VoVGSCSP expects a number > 0, got nan"),
+        ("replace.expansion = inf", "replace.expansion: VoVGSCSP expects a number > 0, got inf"),
+    ],
+)
+def test_option_values_outside_the_builders_range_fail_at_load(options, message):
+    text = rule(f'match.module = "C3"\nreplace.builder = "VoVGSCSP"\n{options}\n')
+    assert load_error(text) == f"rules/x.toml: rule 'r': {message}"
+
+
+def test_option_values_inside_the_range_load():
+    text = rule(
+        'match.module = "C3"\nreplace.builder = "GSBottleneck"\nreplace.kernel_size = 1\n'
+        "replace.dw_kernel = 3\nreplace.expansion = 2\n"
+    )
+    assert dict(parse_rules(text).rules[0].replace.options) == {
+        "kernel_size": 1,
+        "dw_kernel": 3,
+        "expansion": 2,
+    }
+    # A derived value is known per site only: build() checks it (tests/test_builders.py).
+    text = rule(f'{GSCONV}replace.dw_kernel = {{ fact = "kernel_size" }}\n')
+    assert parse_rules(text).rules[0].replace.options["dw_kernel"] == Derivation("fact", "kernel_size")
+
+
+@pytest.mark.parametrize(
+    "test, message",
+    [
+        (
+            "{ range = [nan, 5] }",
+            "where.stride.range [nan, 5] holds nan, which no value is in; write numbers",
+        ),
+        (
+            "{ range = [1, nan] }",
+            "where.stride.range [1, nan] holds nan, which no value is in; write numbers",
+        ),
+        ("{ range = [1.2, 1.8] }", "where.stride.range [1.2, 1.8] holds no integer; stride is an integer"),
+        ("{ range = [inf, inf] }", "where.stride.range [inf, inf] holds no integer; stride is an integer"),
+        (
+            "{ range = [-inf, -inf] }",
+            "where.stride.range [-inf, -inf] holds no integer; stride is an integer",
+        ),
+    ],
+)
+def test_a_range_that_admits_nothing_fails_at_load(test, message):
+    assert load_error(rule(f"{GSCONV}where.stride = {test}\n")) == f"rules/x.toml: rule 'r': {message}"
+
+
+def test_open_ended_and_fractional_ranges_load():
+    text = rule(f"{GSCONV}where.stride = {{ range = [1.5, inf] }}\nwhere.groups = {{ range = [-inf, 1] }}\n")
+    stride, groups = parse_rules(text).rules[0].where
+    assert (stride.check(2), stride.check(1), groups.check(1)) == (
+        None,
+        "stride 1 is not in range [1.5, inf]",
+        None,
+    )
+
+
+@pytest.mark.parametrize("opening, closing", [("[", "]"), ("{ a = ", " }")])
+def test_a_deeply_nested_file_is_a_one_line_rule_error(opening, closing):
+    text = f"{HEADER}x = {opening * 1000}1{closing * 1000}\n"
+    assert load_error(text) == (
+        "rules/x.toml: invalid TOML: arrays or tables nested too deeply to read; no rule needs more than a few levels"
+    )

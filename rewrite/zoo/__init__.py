@@ -62,7 +62,10 @@ def create_model(name: str, **kwargs: object) -> nn.Module:
         raise ModelSpecError(
             f"model {name!r} takes no argument {unknown[0]!r}; it takes: {', '.join(accepted) or 'none'}"
         )
-    return builder(**kwargs)
+    try:
+        return builder(**kwargs)
+    except ModelSpecError as error:  # a builder's own check of its arguments: say which model
+        raise ModelSpecError(f"model {name!r}: {error}") from None
 
 
 # Imported last, for its side effect: its builders use register_model, defined above.

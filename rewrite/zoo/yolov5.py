@@ -318,6 +318,8 @@ _HEAD = [
 
 
 def _yolov5(depth_multiple: float, width_multiple: float, nc: int, ch: int) -> DetectionModel:
+    _check_count("nc", nc, "the number of classes")
+    _check_count("ch", ch, "the input image's channels")
     cfg = {
         "nc": nc,
         "depth_multiple": depth_multiple,
@@ -327,6 +329,12 @@ def _yolov5(depth_multiple: float, width_multiple: float, nc: int, ch: int) -> D
         "head": _HEAD,
     }
     return DetectionModel(cfg, ch)
+
+
+def _check_count(name: str, value: object, meaning: str) -> None:
+    # Arguments come from the command line too: a bad one is the user's input, not a crash deep in a layer.
+    if type(value) is not int or value < 1:
+        raise ModelSpecError(f"argument {name} must be a positive integer ({meaning}), got {value!r}")
 
 
 @register_model
