@@ -126,7 +126,8 @@ class Plan:
         if self._prepared is None:
             raise RewriteError("this plan was not made by rewrite.plan(); it holds nothing to apply")
         prepared = self._prepared
-        with model_lock(prepared.model):
+        # The new blocks draw their initial weights from a fork: the caller's random numbers stay as they were.
+        with model_lock(prepared.model), torch.random.fork_rng(_cuda_devices(prepared.model)):
             return self._apply(prepared)
 
     def _apply(self, prepared: _Prepared) -> nn.Module:
@@ -192,10 +193,9 @@ def plan(
     ['model.10', 'model.13', 'model.14']
     >>> new_model = p.apply()  # the rewritten copy; ``model`` is unchanged
     """
-    cuda_devices = sorted({t.device.index or 0 for t in [*model.parameters(), *model.buffers()] if t.is_cuda})
     # Blocks built on a real device draw their initial weights: the caller's random numbers stay as they were.
     # One plan of a model at a time: its runs swap stand-ins into the model's modules.
-    with model_lock(model), torch.random.fork_rng(cuda_devices):
+    with model_lock(model), torch.random.fork_rng(_cuda_devices(model)):
         say = progress or (lambda message: None)
         return _plan(model, rules, example_inputs, scope, model_name, strict, allow_frozen, say)
 
@@ -305,6 +305,10 @@ def apply(
 
 
 _ZERO = Cost(params=0, flops=0)
+
+
+def _cuda_devices(model: nn.Module) -> list[int]:
+    return sorted({t.device.index or 0 for t in [*model.parameters(), *model.buffers()] if t.is_cuda})
 
 
 def _structure(model: nn.Module) -> dict[str, tuple[str, int, tuple]]:

@@ -324,9 +324,7 @@ def layers(
     for _ in range(draw(st.integers(1, 2))):
         if budget[0] <= 0:
             break
-        # No Counter layers until the core stops leaking in-place buffer updates into the model:
-        # tests/test_regressions.py::test_plan_leaves_buffers_that_forward_updates_in_place_alone.
-        kinds = ["conv", "conv", "conv", "twice", "gate"] + (
+        kinds = ["conv", "conv", "conv", "twice", "gate", "counter"] + (
             ["residual", "concat", "nest"] * 2 if depth > 0 and budget[0] > 1 else []
         )
         kind = draw(st.sampled_from(kinds))
@@ -337,6 +335,8 @@ def layers(
             channels, size = layer.out, _conv_size(layer, size)
         elif kind == "gate":
             layer = Gate()
+        elif kind == "counter":
+            layer = Counter()
         elif kind == "twice":
             layer = Twice(draw(convs(channels, size, out=channels, keep=True)))
         elif kind == "residual":

@@ -93,12 +93,7 @@ def one_thread():
 
 
 def check_rewrite(spec: Net) -> None:
-    """The property, for one network and both rule sets (see the module docstring).
-
-    Not checked yet: that the global RNG state is left alone (``torch.random.get_rng_state()``). Building the
-    new blocks draws from it in ``plan()`` and ``apply()`` for every net; ``tests/test_regressions.py::
-    test_plan_leaves_the_global_rng_alone`` and ``test_apply_leaves_the_global_rng_alone`` hold the repro.
-    """
+    """The property, for one network and both rule sets (see the module docstring)."""
     model = build(spec)
     example = torch.rand(INPUT_SHAPE, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -106,6 +101,7 @@ def check_rewrite(spec: Net) -> None:
     before = snapshot(model)
     for rules in RULE_SETS:
         rewritten = None
+        random_state = torch.random.get_rng_state()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", rewrite.NoMatchWarning)
             try:
@@ -113,6 +109,9 @@ def check_rewrite(spec: Net) -> None:
             except rewrite.RewriteError:
                 pass  # a clean refusal is a fine outcome; the model must still be untouched
         assert snapshot(model) == before, f"{_name(rules)}: the user's model changed"
+        assert torch.equal(torch.random.get_rng_state(), random_state), (
+            f"{_name(rules)}: the global RNG moved"
+        )
         if rewritten is not None:
             with torch.no_grad():
                 assert structure(rewritten(example)) == expected, f"{_name(rules)}: outputs changed"
