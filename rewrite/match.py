@@ -29,14 +29,14 @@ within a rule candidates are visited in graph order; a node that an earlier matc
 >>> graph = to_networkx(traced)
 >>> result = find_matches(graph, rules, resolve_scope(None, traced, resolve_stages(net, traced)))
 >>> [(m.rule.name, m.path, m.kind, m.site.out_channels) for m in result.matches]
-[('conv', '', 'graph', 8)]
+[('conv', '0', 'modules', 8)]
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import networkx as nx
 import torch
@@ -234,16 +234,19 @@ def _settle_identity(graph: nx.DiGraph, calls: _CallIndex, rule: Rule, passed: l
             nodes = tuple(key for found in members for key in found.candidate.nodes) if swappable else None
             editable, kept = _editable(graph, calls, first) if len(members) == 1 else (False, "")
             kind = "module" if swappable else "modules" if editable else "graph"
+            # A module edit is named after the module that becomes the new block, even when the chain is the
+            # whole of some module's call (an nn.Sequential root, say).
+            path = graph.nodes[first.candidate.nodes[0]]["module_path"] if kind == "modules" else first.path
             matches.append(
                 Match(
                     rule,
-                    first.path,
+                    path,
                     kind,
                     first.region,
                     nodes or first.candidate.nodes,
                     first.input_node,
                     first.output_node,
-                    first.site,
+                    replace(first.site, path=path),
                     calls=len(members),
                     repeats=repeats,
                     kept_activation=kept if kind == "modules" else "",
