@@ -330,11 +330,32 @@ def _replaced_module(model: nn.Module, path: str) -> nn.Module:
 
 
 def check_outputs(original: nn.Module, rewritten: nn.Module, example_inputs: tuple) -> ShapeCheck:
-    """Run both models on the example inputs and compare output structure and shapes.
+    """Run both models on the example inputs and compare output structure and shapes, in the models' own
+    train/eval mode and then in the other one.
+
+    The other mode runs on weight-free copies (the models themselves stay in their mode), and only when the
+    original runs in that mode on these inputs (a torchvision detector in training mode wants targets too).
 
     Sizes that depend on the data (detections left after NMS) cannot be compared between two models with
     different weights; when the original needs real data to run, a tensor's leading size is left out.
     """
+    mode, other = ("training", "eval") if original.training else ("eval", "training")
+    check = _compare(original, rewritten, example_inputs)
+    if not check.passed:
+        return check
+    original_copy = copy.deepcopy(original, meta_memo(original)).train(not original.training)
+    try:
+        _outputs(original_copy, example_inputs)
+    except Exception:  # noqa: BLE001 -- the model does not run in the other mode on these inputs: nothing to check
+        return ShapeCheck(True, f"{check.detail}, in {mode} mode")
+    rewritten_copy = copy.deepcopy(rewritten, meta_memo(rewritten)).train(not original.training)
+    check_other = _compare(original_copy, rewritten_copy, example_inputs)
+    if not check_other.passed:
+        return ShapeCheck(False, f"in {other} mode: {check_other.detail}")
+    return ShapeCheck(True, f"{check.detail}, in {mode} and {other} mode")
+
+
+def _compare(original: nn.Module, rewritten: nn.Module, example_inputs: tuple) -> ShapeCheck:
     before, data_dependent = _outputs(original, example_inputs)
     after, _ = _outputs(rewritten, example_inputs)
     before_leaves, before_spec = torch.utils._pytree.tree_flatten(before)

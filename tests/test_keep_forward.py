@@ -170,3 +170,29 @@ def test_timm_models_keep_their_class_and_methods(name):
         new.forward_features(torch.randn(1, 3, 64, 64)).shape
         == model.forward_features(torch.randn(1, 3, 64, 64)).shape
     )
+
+
+def test_the_shape_check_runs_in_the_other_mode_too():
+    from rewrite.builders import register_builder
+
+    class HalvesInTraining(nn.Module):
+        def __init__(self, channels: int) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(channels, channels, 3, 1, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            return y[:, : y.shape[1] // 2] if self.training else y
+
+    @register_builder("HalvesInTraining")
+    def halves(site: rewrite.Site) -> nn.Module:
+        return HalvesInTraining(site.out_channels)
+
+    model, x = TrainingBranch().eval(), torch.randn(2, 3, 8, 8)
+    good = rewrite.plan(model, rules(), x)
+    assert good.shape_check.detail == "1 output(s): structure and shapes unchanged, in eval and training mode"
+    bad = rewrite.plan(model, rules(CHAIN.replace('"GSConv"', '"HalvesInTraining"')), x)
+    assert not bad.shape_check.passed
+    assert bad.shape_check.detail.startswith("in training mode: output 0 has shape (2, 4, 8, 8)")
+    with pytest.raises(rewrite.ShapeCheckError, match="in training mode"):
+        bad.apply()
