@@ -50,6 +50,7 @@ torch.Size([1, 8, 6, 6])
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import os
 import threading
@@ -75,6 +76,7 @@ __all__ = [
     "on_meta_else_real",
     "one_line",
     "run",
+    "working_copy",
 ]
 
 T = TypeVar("T")
@@ -315,6 +317,35 @@ def attributes_restored(model: nn.Module) -> Iterator[None]:
                     container[:] = items or []
                 else:
                     _restore_dict(container, items or {})
+
+
+_WORKING_COPIES: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+def working_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s module tree that shares its parameters and holds copies of its buffers and cached
+    tensors: what tracing, profiling and planning run on, so that the user's modules are never swapped,
+    hooked or written while other threads use them.
+
+    A working copy is its own working copy. A model that cannot be deep-copied is worked on as it is (its runs
+    then swap stand-ins into its own modules for the call, under :func:`model_lock`).
+
+    >>> model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    >>> work = working_copy(model)
+    >>> work[0].weight is model[0].weight, work[1].running_mean is model[1].running_mean
+    (True, False)
+    >>> working_copy(work) is work
+    True
+    """
+    if model in _WORKING_COPIES:
+        return model
+    shared: dict[int, object] = {id(parameter): parameter for parameter in model.parameters()}
+    try:
+        work = copy.deepcopy(model, shared)
+    except Exception:  # noqa: BLE001 -- whatever a module holds that cannot be copied: work on the model itself
+        return model
+    _WORKING_COPIES.add(work)
+    return work
 
 
 _MODEL_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()

@@ -17,7 +17,7 @@ from torch import nn
 
 from rewrite.builders import Site
 from rewrite.errors import BuildError, NoMatchError, NoMatchWarning, RewriteError, ShapeCheckError
-from rewrite.execution import RunFailed, model_lock, run
+from rewrite.execution import RunFailed, model_lock, run, working_copy
 from rewrite.graph import StageMap, resolve_scope, to_networkx
 from rewrite.match import Match, Rejection, find_matches
 from rewrite.profiler import Cost, profile
@@ -131,11 +131,15 @@ class Plan:
             return self._apply(prepared)
 
     def _apply(self, prepared: _Prepared) -> nn.Module:
-        changed = _structure_change(prepared.structure, _structure(prepared.model))
+        changed = _structure_change(prepared.structure, _structure(prepared.source))
         if changed:
             raise RewriteError(
                 f"{self.model_name} changed after it was planned ({changed}); plan it again before applying"
             )
+        if prepared.model is not prepared.source:  # the copy shares the parameters; buffers as they are now
+            with torch.no_grad():
+                for mine, theirs in zip(prepared.model.buffers(), prepared.source.buffers(), strict=True):
+                    mine.copy_(theirs)
         built = build_sites(prepared.model, prepared.matches)
         rewritten = rewrite_model(prepared.model, prepared.traced, built)
         check = check_outputs(prepared.model, rewritten, prepared.example_inputs)
@@ -154,7 +158,8 @@ class _Prepared:
     example_inputs: tuple
     rule_set: RuleSet  # with the scope the caller asked for, what rewrite.save records to redo the rewrite
     scope: str | Sequence[str] | None
-    structure: dict[str, tuple[str, int, tuple]]  # the model's modules when planned, see _structure
+    source: nn.Module  # the user's model; ``model`` is its working copy (rewrite.execution.working_copy)
+    structure: dict[str, tuple[str, int, tuple]]  # the source's modules when planned, see _structure
 
 
 def plan(
@@ -214,6 +219,10 @@ def _plan(
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
 
     say(f"tracing {type(model).__name__}")
+    source, model = (
+        model,
+        working_copy(model),
+    )  # everything below runs on the copy: the user's model is only read
     traced = trace(model, inputs)
     graph = to_networkx(traced)
     stages: StageMap = graph.graph["stages"]
@@ -286,7 +295,7 @@ def _plan(
         needed_real_data=list(before.needed_real_data),
         unmatched_rules=list(found.unmatched_rules),
         _prepared=_Prepared(
-            model, traced, [site.match for site in built], inputs, rule_set, scope, _structure(model)
+            model, traced, [site.match for site in built], inputs, rule_set, scope, source, _structure(source)
         ),
     )
 

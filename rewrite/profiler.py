@@ -40,7 +40,7 @@ from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from rewrite.errors import TraceError
-from rewrite.execution import RunFailed, Runner, model_lock, on_meta_else_real
+from rewrite.execution import RunFailed, Runner, model_lock, on_meta_else_real, working_copy
 from rewrite.tracer import Leaf, held_path, join_path, path_and_ancestors
 
 if TYPE_CHECKING:
@@ -215,6 +215,7 @@ def profile(model: nn.Module, example_inputs: Any, *, stages: StageMap | None = 
     the registry's own attention formula, as the meta and CUDA kernels are.
     """
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    model = working_copy(model)  # run in place of the user's, which other threads may be running
     if stages is None:
         from rewrite.graph import resolve_stages  # lazily: graph.py pulls in networkx
 

@@ -100,6 +100,7 @@ from rewrite.execution import (
     model_lock,
     on_meta_else_real,
     one_line,
+    working_copy,
 )
 
 __all__ = [
@@ -178,6 +179,7 @@ def trace(
     Raises ``TraceError`` when the example inputs do not run through the model.
     """
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    model = working_copy(model)  # traced and run in place of the user's, which other threads may be running
     if isinstance(leaf_modules, (str, type)):
         leaf_modules = (leaf_modules,)
     leaf_paths, leaf_types = _split_leaf_modules(model, leaf_modules)
