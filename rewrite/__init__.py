@@ -35,6 +35,7 @@ from rewrite.profiler import Cost, Profile, profile
 from rewrite.report import render, render_profile
 from rewrite.rules import RuleSet, builtin_rule_sets, load_rules, parse_rules
 from rewrite.tracer import Leaf, Traced, trace
+from rewrite.warm_start import SiteFit, WarmStartReport, warm_start
 
 __version__ = "0.1.0"
 
@@ -56,9 +57,11 @@ __all__ = [
     "ScopeError",
     "ShapeCheckError",
     "Site",
+    "SiteFit",
     "TraceError",
     "Traced",
     "VoVGSCSP",
+    "WarmStartReport",
     "apply",
     "builtin_rule_sets",
     "load_rules",
@@ -72,4 +75,5 @@ __all__ = [
     "resolve_stages",
     "to_networkx",
     "trace",
+    "warm_start",
 ]
