@@ -125,7 +125,7 @@ def warm_start(
     batches: Iterable[Any],
     *,
     steps: int = 100,
-    lr: float = 3e-3,
+    lr: float = 1e-2,
     progress: Callable[[str], None] | None = None,
 ) -> WarmStartReport:
     """Train every new block of ``rewritten`` to compute what ``original``'s module at its path computes.
@@ -133,13 +133,14 @@ def warm_start(
     ``batches`` are what the models' forward takes: input tensors (or tuples of positional arguments), unlabeled.
     The original runs once over all of them in eval mode — its trained statistics, nothing updated — with a
     forward hook at every site recording the module's inputs and outputs. Each new block then trains on its own
-    (train mode, Adam with ``lr`` and a cosine decay, a relative squared error), in two halves of ``steps``:
-    first on the original's inputs at its site, then on the inputs the rewritten model itself gives it there
-    (recorded in one pass once every block has had its first half), so that it also learns to undo what the
-    new blocks before it still get wrong. The targets are always the original's outputs. After each half its
-    BatchNorm statistics are re-estimated on those inputs, so that it gives in eval mode what it learnt in train
-    mode; a half that leaves the block no closer is undone. The default budget is a few seconds per site of a
-    small detector on a CPU.
+    (Adam with ``lr`` and a cosine decay, a relative squared error), in two halves of ``steps``: first on the
+    original's inputs at its site, then on those and the inputs the rewritten model itself gives it there
+    (recorded in one pass once every block has had its first half), so that it also learns to undo what the new
+    blocks before it still get wrong. The targets are always the original's outputs. It trains in train mode
+    (BatchNorm on batch statistics keeps the fit well conditioned); its running statistics are then set to the
+    plain average over its inputs, so that eval mode computes what it learnt. A half that leaves a block no
+    closer to its targets (in eval mode) is undone. The default budget is a few seconds per site of a small
+    detector on a CPU.
 
     The report's errors are measured in place, in eval mode: per site, what the new block gives inside the
     rewritten model against what the replaced module gives inside the original, on the same batches; for the
@@ -170,15 +171,18 @@ def warm_start(
 
     first, second = steps // 2, steps - steps // 2
     for path in paths:
-        _fit_half(rewritten.get_submodule(path), calls[path], steps=first, lr=lr, fresh=True)
+        _fit_half(rewritten.get_submodule(path), calls[path], steps=first, lr=lr)
     say(f"fitted {len(paths)} site(s) on the original's inputs ({first} steps each)")
     with _modes_kept(rewritten), torch.no_grad():
         rewritten.eval()
         own, _ = _record(rewritten, paths, inputs)
     for path in paths:
         if len(own[path]) == len(calls[path]):  # else its calls do not pair up: it keeps its first half
-            pairs = [(args, target) for (args, _), (_, target) in zip(own[path], calls[path])]
-            _fit_half(rewritten.get_submodule(path), pairs, steps=second, lr=lr, fresh=False)
+            # Both inputs, each with the original's output: fitted to its own inputs alone, a block learns to
+            # lean on what the blocks before it got wrong in the first half, and those move again in this one.
+            own_pairs = [(args, target) for (args, _), (_, target) in zip(own[path], calls[path])]
+            pairs = [pair for both in zip(own_pairs, calls[path]) for pair in both]
+            _fit_half(rewritten.get_submodule(path), pairs, steps=second, lr=lr)
     say(f"fitted {len(paths)} site(s) on the rewritten model's own inputs ({second} steps each)")
     sites_after, model_after = _errors_in_place(rewritten, paths, inputs, calls, targets)
 
@@ -244,38 +248,33 @@ def _errors_in_place(
     return sites, _relative_error(outputs, targets)
 
 
-def _fit_half(
-    block: nn.Module, pairs: list[tuple[tuple, Any]], *, steps: int, lr: float, fresh: bool
-) -> None:
-    """Fit ``block`` to ``pairs`` (inputs, target output) in eval mode; undone when it ends no closer.
-
-    A ``fresh`` block first gets BatchNorm statistics of these inputs (its defaults, mean 0 and variance 1, can
-    be far off): the fit then starts from normalised activations. Fitting in eval mode means the block gives
-    afterwards exactly what it learnt; :func:`_renormalise` then makes its statistics match again.
-    """
+def _fit_half(block: nn.Module, pairs: list[tuple[tuple, Any]], *, steps: int, lr: float) -> None:
+    """Fit ``block`` to ``pairs`` (inputs, target output), then re-estimate its statistics; undone if no closer."""
     if not pairs or not steps:
         return
     with _modes_kept(block):
         before = _block_error(block, pairs)
         kept = {name: value.clone() for name, value in block.state_dict().items()}
-        if fresh:
-            _estimate_statistics(block, pairs)
         _fit(block, pairs, steps=steps, lr=lr)
-        _renormalise(block, pairs)
+        _estimate_statistics(block, pairs)
         # A diverged or futile fit: hand the block back as it came.
         if not _block_error(block, pairs) < before:
             block.load_state_dict(kept)
 
 
 def _fit(block: nn.Module, pairs: list[tuple[tuple, Any]], *, steps: int, lr: float) -> None:
-    """Train ``block`` (eval mode) to map each pair's inputs to its output: relative squared error, Adam."""
+    """Train ``block`` to map each pair's inputs to its output: relative squared error, Adam, cosine decay.
+
+    Train mode: BatchNorm normalises by each batch's statistics, which keeps the fit well conditioned while
+    the weights move (with fixed statistics, the activations' scale drifts and the fit crawls).
+    """
     parameters = list(block.parameters())
     flags = [p.requires_grad for p in parameters]
     optimizer = torch.optim.Adam(parameters, lr=lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps))
     )
-    block.eval()
+    block.train()
     try:
         for p in parameters:
             p.requires_grad_(True)
@@ -291,15 +290,15 @@ def _fit(block: nn.Module, pairs: list[tuple[tuple, Any]], *, steps: int, lr: fl
             p.requires_grad_(flag)
 
 
-def _norms(block: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    return [
+def _estimate_statistics(block: nn.Module, pairs: list[tuple[tuple, Any]]) -> None:
+    """Set every BatchNorm's running statistics to their plain average over the inputs (train-mode passes).
+
+    The running averages lag behind the weights the fit moved (momentum 0.03 in the GS blocks); without this,
+    eval mode would normalise with statistics of weights long gone.
+    """
+    norms = [
         m for m in block.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
     ]
-
-
-def _estimate_statistics(block: nn.Module, pairs: list[tuple[tuple, Any]]) -> None:
-    """Set every BatchNorm's running statistics to their plain average over the inputs (train-mode passes)."""
-    norms = _norms(block)
     momenta = [m.momentum for m in norms]
     for norm in norms:
         norm.reset_running_stats()
@@ -313,45 +312,6 @@ def _estimate_statistics(block: nn.Module, pairs: list[tuple[tuple, Any]]) -> No
         for norm, momentum in zip(norms, momenta):
             norm.momentum = momentum
         block.eval()
-
-
-def _renormalise(block: nn.Module, pairs: list[tuple[tuple, Any]]) -> None:
-    """Give every BatchNorm the statistics of what now reaches it (eval mode), and keep the block's function.
-
-    The fit moved the weights under fixed statistics, so they no longer describe the activations, and the
-    block would compute something else in train mode (batch statistics) than in eval mode. With the measured
-    mean m' and variance v', the scale and shift become w' = w * sqrt(v' + eps) / sqrt(v + eps) and
-    b' = b + w * (m' - m) / sqrt(v + eps): eval mode gives the same outputs, and train mode about those too.
-    """
-    norms = _norms(block)
-    sums: dict[nn.Module, list[Tensor]] = {}
-
-    def measure(norm: nn.Module, args: tuple) -> None:
-        x = args[0].detach().transpose(0, 1).flatten(1).double()  # (channels, everything else)
-        totals = (x.sum(1), x.square().sum(1), torch.tensor(x.shape[1], dtype=torch.float64))
-        sums[norm] = [a + b for a, b in zip(sums[norm], totals)] if norm in sums else list(totals)
-
-    handles = [norm.register_forward_pre_hook(measure) for norm in norms]
-    block.eval()
-    try:
-        with torch.no_grad():
-            for args, _ in pairs:
-                block(*args)
-    finally:
-        for handle in handles:
-            handle.remove()
-    with torch.no_grad():
-        for norm, (total, squares, count) in sums.items():
-            mean = total / count
-            var = (squares / count - mean.square()).clamp_min(0)
-            old_std = (norm.running_var.double() + norm.eps).sqrt()
-            new_std = (var + norm.eps).sqrt()
-            if norm.affine:
-                weight = norm.weight.double()
-                norm.bias.add_((weight * (mean - norm.running_mean.double()) / old_std).to(norm.bias.dtype))
-                norm.weight.copy_((weight * new_std / old_std).to(norm.weight.dtype))
-            norm.running_mean.copy_(mean.to(norm.running_mean.dtype))
-            norm.running_var.copy_(var.to(norm.running_var.dtype))
 
 
 def _block_error(block: nn.Module, calls: list[tuple[tuple, Any]]) -> float:

@@ -1,12 +1,14 @@
 """A rewritten YOLOv8 trains in ultralytics' own trainer: its loss, data loading, validation and checkpoints.
 
-One epoch at 64x64 on CPU, on a tiny dataset generated in a temporary folder (coloured rectangles and their
-YOLO-format labels). Nothing is downloaded: the model is built from its YAML, plots (which fetch a font) are off
-and ultralytics runs offline, with its settings file in the temporary folder.
+One epoch at 64x64 on CPU, on a tiny dataset generated in a temporary folder by the example's own generator
+(coloured rectangles and their YOLO-format labels). Nothing is downloaded: the model is built from its YAML,
+plots (which fetch a font) are off and ultralytics runs offline, with its settings file in a temporary folder.
 """
 
+import importlib.util
 import os
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,26 +21,13 @@ ultralytics = pytest.importorskip("ultralytics")
 import rewrite
 from rewrite.integrations.ultralytics import rewrite_detection_model, train
 
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 # Works today on ultralytics' YOLOv8: its two neck downsampling convs (3x3, stride 2) become GSConvs.
-NECK_CONVS = """
-[ruleset]
-name = "v8-neck-gsconv"
-scope = ["model.16", "model.19"]
-
-[[rule]]
-name = "conv-to-gsconv"
-match.module = ["Conv"]
-where.groups = 1
-where.same_size = true
-where.out_channels = { multiple_of = 2 }
-replace.builder = "GSConv"
-replace.shuffle = "interleave"
-replace.activation = "inherit"
-"""
+NECK_CONVS = EXAMPLES / "rules" / "yolov8-neck-gsconv.toml"
 
 SLIM_NECK_V8 = "slim-neck-v8" in rewrite.builtin_rule_sets()
 RULES = [
-    pytest.param("inline", id="neck-convs"),
+    pytest.param(NECK_CONVS, id="neck-convs"),
     pytest.param(
         "slim-neck-v8",
         id="slim-neck-v8",
@@ -49,36 +38,16 @@ RULES = [
 ]
 
 
-def make_dataset(root, images=4):
-    """``images`` train and 2 val images of coloured rectangles on grey, their labels, and the data YAML."""
-    from PIL import Image, ImageDraw
-
-    generator = torch.Generator().manual_seed(0)
-    for split, count in (("train", images), ("val", 2)):
-        (root / "images" / split).mkdir(parents=True)
-        (root / "labels" / split).mkdir(parents=True)
-        for index in range(count):
-            image = Image.new("RGB", (64, 64), (128, 128, 128))
-            draw = ImageDraw.Draw(image)
-            lines = []
-            for _ in range(2):
-                cls = int(torch.randint(0, 2, (), generator=generator))
-                x0, y0 = (int(v) for v in torch.randint(2, 30, (2,), generator=generator))
-                w, h = (int(v) for v in torch.randint(12, 30, (2,), generator=generator))
-                draw.rectangle((x0, y0, x0 + w, y0 + h), fill=((220, 40, 40), (40, 40, 220))[cls])
-                lines.append(
-                    f"{cls} {(x0 + w / 2) / 64:.4f} {(y0 + h / 2) / 64:.4f} {w / 64:.4f} {h / 64:.4f}"
-                )
-            image.save(root / "images" / split / f"{index}.png")
-            (root / "labels" / split / f"{index}.txt").write_text("\n".join(lines) + "\n")
-    data = root / "data.yaml"
-    data.write_text(f"path: {root}\ntrain: images/train\nval: images/val\nnames:\n  0: red\n  1: blue\n")
-    return data
+def make_dataset(root: Path) -> Path:
+    """The example's demo dataset: 8 train and 4 val images of coloured rectangles, their labels, a data YAML."""
+    spec = importlib.util.spec_from_file_location("train_ultralytics", EXAMPLES / "train_ultralytics.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    return example.demo_dataset(root)
 
 
-@pytest.mark.parametrize("which", RULES)
-def test_one_epoch_trains_saves_reloads_and_validates(tmp_path, which):
-    rules = rewrite.parse_rules(NECK_CONVS) if which == "inline" else which
+@pytest.mark.parametrize("rules", RULES)
+def test_one_epoch_trains_saves_reloads_and_validates(tmp_path, rules):
     data = make_dataset(tmp_path / "data")
 
     yolo = train(
@@ -119,7 +88,7 @@ def test_one_epoch_trains_saves_reloads_and_validates(tmp_path, which):
 
 
 def test_a_rule_set_that_rewrites_nothing_fails_before_training(tmp_path):
-    nothing = NECK_CONVS.replace('match.module = ["Conv"]', 'match.module = ["C3"]')
+    nothing = NECK_CONVS.read_text().replace('match.module = ["Conv"]', 'match.module = ["C3"]')
     with pytest.raises(rewrite.NoMatchError, match="rewrites nothing in DetectionModel"):
         train(model="yolov8n.yaml", rules=rewrite.parse_rules(nothing), data=str(tmp_path / "missing.yaml"))
 
@@ -128,7 +97,7 @@ def test_the_rewritten_model_keeps_ultralytics_class_and_routing():
     from ultralytics.nn.tasks import DetectionModel
 
     model = DetectionModel("yolov8n.yaml", nc=2, verbose=False)
-    slim = rewrite_detection_model(model, rewrite.parse_rules(NECK_CONVS), imgsz=64)
+    slim = rewrite_detection_model(model, NECK_CONVS, imgsz=64)
     assert type(slim) is DetectionModel and slim.yaml == model.yaml
     assert (slim.model[16].i, slim.model[16].f) == (model.model[16].i, model.model[16].f)
     assert type(model.model[16]).__name__ == "Conv"  # the model given stays as it was
