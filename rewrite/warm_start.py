@@ -53,7 +53,7 @@ class SiteFit:
     path: str
     replaced: str  # class name of the original's module at ``path``
     block: str  # class name of the new module
-    before: float  # ||block(x) - original(x)|| / ||original(x)|| over every recorded call, fresh block
+    before: float  # ||new block's outputs - replaced module's|| / ||replaced module's||, each in its model
     after: float  # the same after the warm start
 
 
@@ -170,20 +170,20 @@ def warm_start(
     sites_before, model_before = _errors_in_place(rewritten, paths, inputs, calls, targets)
 
     first, second = steps // 2, steps - steps // 2
-    for path in paths:
+    for number, path in enumerate(paths, 1):
+        say(f"{path} ({number}/{len(paths)}): fitting on the original's inputs, {first} steps")
         _fit_half(rewritten.get_submodule(path), calls[path], steps=first, lr=lr)
-    say(f"fitted {len(paths)} site(s) on the original's inputs ({first} steps each)")
     with _modes_kept(rewritten), torch.no_grad():
         rewritten.eval()
         own, _ = _record(rewritten, paths, inputs)
-    for path in paths:
+    for number, path in enumerate(paths, 1):
         if len(own[path]) == len(calls[path]):  # else its calls do not pair up: it keeps its first half
+            say(f"{path} ({number}/{len(paths)}): fitting on its own inputs as well, {second} steps")
             # Both inputs, each with the original's output: fitted to its own inputs alone, a block learns to
             # lean on what the blocks before it got wrong in the first half, and those move again in this one.
             own_pairs = [(args, target) for (args, _), (_, target) in zip(own[path], calls[path])]
             pairs = [pair for both in zip(own_pairs, calls[path]) for pair in both]
             _fit_half(rewritten.get_submodule(path), pairs, steps=second, lr=lr)
-    say(f"fitted {len(paths)} site(s) on the rewritten model's own inputs ({second} steps each)")
     sites_after, model_after = _errors_in_place(rewritten, paths, inputs, calls, targets)
 
     fits = []
