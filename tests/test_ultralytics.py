@@ -77,8 +77,9 @@ def test_one_epoch_trains_saves_reloads_and_validates(tmp_path, rules):
     blocks = [
         type(m).__name__ for m in reloaded.model.modules() if isinstance(m, rewrite.GSConv | rewrite.VoVGSCSP)
     ]
-    assert "GSConv" in blocks
-    assert isinstance(reloaded.model.model[16], rewrite.GSConv)
+    assert blocks
+    if rules == NECK_CONVS:
+        assert blocks == ["GSConv", "GSConv"] and isinstance(reloaded.model.model[16], rewrite.GSConv)
     assert yolo.metrics is not None and "metrics/mAP50(B)" in yolo.metrics.results_dict
     # Validation runs on the reloaded checkpoint too.
     metrics = reloaded.val(
@@ -87,6 +88,7 @@ def test_one_epoch_trains_saves_reloads_and_validates(tmp_path, rules):
     assert set(metrics.results_dict) >= {"metrics/precision(B)", "metrics/mAP50-95(B)"}
 
 
+@pytest.mark.filterwarnings("ignore::rewrite.NoMatchWarning")  # the plan warns, then train() fails
 def test_a_rule_set_that_rewrites_nothing_fails_before_training(tmp_path):
     nothing = NECK_CONVS.read_text().replace('match.module = ["Conv"]', 'match.module = ["C3"]')
     with pytest.raises(rewrite.NoMatchError, match="rewrites nothing in DetectionModel"):
