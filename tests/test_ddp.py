@@ -7,6 +7,7 @@ optimizer steps on synthetic batches (each rank its own), and compares what the 
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +25,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train_ddp.py"
 def test_two_processes_end_with_the_same_parameters_and_every_parameter_got_a_gradient(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     command += [str(SCRIPT), "--steps", "2", "--model", "yolov5n", "--imgsz", "64", "--out", str(tmp_path)]
-    result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=180, env=_env())
+    result = _run(command, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
 
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text(encoding="utf-8")) for rank in (0, 1)]
@@ -63,7 +64,7 @@ def test_sync_batchnorm_converts_every_batchnorm_of_the_gs_blocks():
 def test_sync_batchnorm_trains_a_step_on_a_gpu(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1"]
     command += [str(SCRIPT), "--steps", "1", "--imgsz", "64", "--out", str(tmp_path)]
-    result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300, env=_env())
+    result = _run(command, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     rank = json.loads((tmp_path / "rank0.json").read_text(encoding="utf-8"))
     assert rank["backend"] == "nccl" and rank["sync_batchnorm"] > 0 and rank["without_grad"] == []
@@ -71,6 +72,19 @@ def test_sync_batchnorm_trains_a_step_on_a_gpu(tmp_path):
 
 def _inside(name: str, paths: list[str]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in paths)
+
+
+def _run(command: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """Run torchrun in a session of its own, so that a timeout ends its workers too, not only torchrun."""
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), start_new_session=True
+    ) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def _env() -> dict[str, str]:
