@@ -43,6 +43,7 @@ from rewrite.report import render, render_profile
 from rewrite.rules import RuleSet, builtin_rule_sets, load_rules, parse_rules
 from rewrite.serialization import load, save
 from rewrite.tracer import Leaf, Traced, trace
+from rewrite.warm_start import SiteFit, WarmStartReport, warm_start
 
 __version__ = "0.1.0"
 
@@ -66,9 +67,11 @@ __all__ = [
     "ScopeError",
     "ShapeCheckError",
     "Site",
+    "SiteFit",
     "TraceError",
     "Traced",
     "VoVGSCSP",
+    "WarmStartReport",
     "apply",
     "builtin_rule_sets",
     "export_onnx",
@@ -86,4 +89,5 @@ __all__ = [
     "save",
     "to_networkx",
     "trace",
+    "warm_start",
 ]
