@@ -142,7 +142,9 @@ class Plan:
                     mine.copy_(theirs)
         built = build_sites(prepared.model, prepared.matches)
         rewritten = rewrite_model(prepared.model, prepared.traced, built)
-        check = check_outputs(prepared.model, rewritten, prepared.example_inputs)
+        check = check_outputs(
+            prepared.model, rewritten, prepared.example_inputs, other_mode=_touches_forward_code(built)
+        )
         if not check.passed:
             raise ShapeCheckError(f"{self.model_name}: {check.detail}")
         return rewritten
@@ -270,7 +272,7 @@ def _plan(
     rewritten = rewrite_model(model, traced, built, on_meta=on_meta)
     run_inputs = _to_meta(inputs) if on_meta else inputs
     after = profile(rewritten, run_inputs, stages=stages)
-    check = check_outputs(model, rewritten, inputs)
+    check = check_outputs(model, rewritten, inputs, other_mode=_touches_forward_code(built))
 
     return Plan(
         model_name=model_name or type(model).__name__,
@@ -314,6 +316,12 @@ def apply(
 
 
 _ZERO = Cost(params=0, flops=0)
+
+
+def _touches_forward_code(sites: Sequence[BuiltSite]) -> bool:
+    """Whether a site keeps (``modules``) or traces (``graph``) the user's forward code, whose other train/eval
+    mode the shape check then runs too."""
+    return any(site.match.kind != "module" for site in sites)
 
 
 def _cuda_devices(model: nn.Module) -> list[int]:

@@ -329,19 +329,23 @@ def _replaced_module(model: nn.Module, path: str) -> nn.Module:
         return model
 
 
-def check_outputs(original: nn.Module, rewritten: nn.Module, example_inputs: tuple) -> ShapeCheck:
+def check_outputs(
+    original: nn.Module, rewritten: nn.Module, example_inputs: tuple, *, other_mode: bool = True
+) -> ShapeCheck:
     """Run both models on the example inputs and compare output structure and shapes, in the models' own
-    train/eval mode and then in the other one.
+    train/eval mode and, with ``other_mode``, then in the other one.
 
     The other mode runs on weight-free copies (the models themselves stay in their mode), and only when the
     original runs in that mode on these inputs (a torchvision detector in training mode wants targets too).
+    The planner asks for it when a site keeps or traces the user's own forward code (``modules`` and
+    ``graph`` sites): a module swap leaves none of it.
 
     Sizes that depend on the data (detections left after NMS) cannot be compared between two models with
     different weights; when the original needs real data to run, a tensor's leading size is left out.
     """
     mode, other = ("training", "eval") if original.training else ("eval", "training")
     check = _compare(original, rewritten, example_inputs)
-    if not check.passed:
+    if not check.passed or not other_mode:
         return check
     original_copy = copy.deepcopy(original, meta_memo(original)).train(not original.training)
     try:
