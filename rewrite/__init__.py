@@ -19,7 +19,7 @@ To deploy: :func:`fold` (an inference copy with BatchNorms and channel shuffles 
 """
 
 from rewrite.blocks import GSBottleneck, GSConv, VoVGSCSP
-from rewrite.builders import Site, register_builder
+from rewrite.builders import register_builder
 from rewrite.errors import (
     BuildError,
     ExportError,
@@ -42,6 +42,7 @@ from rewrite.profiler import Cost, Profile, profile
 from rewrite.report import render, render_profile
 from rewrite.rules import RuleSet, builtin_rule_sets, load_rules, parse_rules
 from rewrite.serialization import load, save
+from rewrite.site import Site
 from rewrite.tracer import Leaf, Traced, trace
 from rewrite.warm_start import SiteFit, WarmStartReport, warm_start
 

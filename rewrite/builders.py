@@ -25,18 +25,17 @@ import inspect
 import math
 import typing
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import torch
 from torch import nn
 
 from rewrite.blocks import GSBottleneck, GSConv, ShuffleVariant, VoVGSCSP
 from rewrite.errors import BuildError
-
-if TYPE_CHECKING:
-    from rewrite.rules import Replace
+from rewrite.site import Site
+from rewrite.vocabulary import ACTIVATION_NAMES
 
 __all__ = [
     "Site",
@@ -51,109 +50,8 @@ __all__ = [
 
 Builder = TypeVar("Builder", bound=Callable[..., nn.Module])
 
-# What ``activation`` options accept: the site's own activation, or one of these by name.
+# What ``activation`` options accept: the site's own activation, or one of the vocabulary's by name.
 ActivationName = Literal["inherit", "silu", "relu", "hardswish", "leaky_relu", "gelu", "identity"]
-_NAMED_ACTIVATIONS: Mapping[str, Callable[[], nn.Module]] = {
-    "silu": nn.SiLU,
-    "relu": nn.ReLU,
-    "hardswish": nn.Hardswish,
-    "leaky_relu": nn.LeakyReLU,  # PyTorch's slope, 0.01
-    "gelu": nn.GELU,
-    "identity": nn.Identity,
-}
-
-_SPATIAL_FACTS = ("kernel_size", "stride", "dilation", "padding")
-
-
-@dataclass(frozen=True)
-class Site:
-    """What the matcher found at one match: the facts ``where`` predicates test and builders consume.
-
-    Spatial facts (``kernel_size``, ``stride``, ``dilation``, ``padding``) are stored as one int when equal
-    along every dimension, as rule files write them, else as a tuple. A fact the site does not have (a
-    kernel size where the match holds no conv) is ``None``. ``activation`` and ``norm`` are the matched
-    modules, so new blocks can copy the activation and inherit the norm's eps/momentum; ``counts`` maps class
-    names to how many modules of that class the match contains.
-
-    >>> site = Site("model.10", "conv-to-gsconv", "Conv2d", in_channels=64, out_channels=32,
-    ...             kernel_size=(3, 3), stride=(2, 2), groups=1, activation=nn.SiLU())
-    >>> site.kernel_size, site.facts()["activation"], site.facts()["depthwise"]
-    (3, 'SiLU', False)
-    """
-
-    # The facts `where` may test, with the types of their values (a tuple for non-square spatial facts).
-    FACT_TYPES: ClassVar[Mapping[str, tuple[type, ...]]] = MappingProxyType(
-        {
-            "in_channels": (int,),
-            "out_channels": (int,),
-            "kernel_size": (int, tuple),
-            "stride": (int, tuple),
-            "groups": (int,),
-            "dilation": (int, tuple),
-            "padding": (int, tuple, str),
-            "bias": (bool,),
-            "depthwise": (bool,),
-            "same_size": (bool,),
-            "activation": (str,),
-            "module_type": (str,),
-        }
-    )
-
-    path: str
-    rule: str
-    module_type: str
-    in_channels: int | None = None
-    out_channels: int | None = None
-    in_shape: tuple[int, ...] | None = None
-    out_shape: tuple[int, ...] | None = None
-    stride: int | tuple[int, ...] | None = None
-    kernel_size: int | tuple[int, ...] | None = None
-    groups: int | None = None
-    dilation: int | tuple[int, ...] | None = None
-    padding: int | tuple[int, ...] | str | None = None
-    bias: bool | None = None
-    activation: nn.Module | None = None
-    norm: nn.Module | None = None
-    counts: Mapping[str, int] = field(default_factory=dict, hash=False)
-    # For a match of one module: how many modules each of its direct children holds directly ({"m": 3}).
-    lengths: Mapping[str, int] = field(default_factory=dict, hash=False)
-    device: torch.device | None = None
-    dtype: torch.dtype | None = None
-
-    def __post_init__(self) -> None:
-        for name in _SPATIAL_FACTS:
-            value = getattr(self, name)
-            if isinstance(value, tuple) and len(set(value)) == 1:
-                object.__setattr__(self, name, value[0])
-
-    def facts(self) -> dict[str, Any]:
-        """The facts by name (the keys of ``FACT_TYPES``), for ``where`` predicates and ``{ fact = ... }``."""
-        depthwise = None
-        if self.groups is not None and self.in_channels is not None:
-            depthwise = self.groups > 1 and self.groups == self.in_channels
-        same_size = None
-        if self.in_shape is not None and self.out_shape is not None and len(self.in_shape) > 2:
-            strides = (
-                self.stride
-                if isinstance(self.stride, tuple)
-                else (self.stride or 1,) * (len(self.in_shape) - 2)
-            )
-            same_size = self.out_shape[2:] == tuple(-(-n // s) for n, s in zip(self.in_shape[2:], strides))
-        return {
-            "in_channels": self.in_channels,
-            "out_channels": self.out_channels,
-            "kernel_size": self.kernel_size,
-            "stride": self.stride,
-            "groups": self.groups,
-            "dilation": self.dilation,
-            "padding": self.padding,
-            "bias": self.bias,
-            "depthwise": depthwise,
-            "same_size": same_size,
-            "activation": type(self.activation).__name__ if self.activation is not None else None,
-            "module_type": self.module_type,
-        }
-
 
 @dataclass(frozen=True)
 class Valid:
@@ -270,9 +168,9 @@ def check_option(builder: str, option: str, value: Any) -> str | None:
     return None
 
 
-def build(replace: Replace, site: Site, options: Mapping[str, Any]) -> nn.Module:
-    """Build ``replace.builder`` for ``site`` with ``options`` (derivations already resolved), on the site's
-    device and dtype.
+def build(builder: str, site: Site, options: Mapping[str, Any]) -> nn.Module:
+    """Build the builder registered as ``builder`` for ``site`` with ``options`` (derivations already resolved),
+    on the site's device and dtype.
 
     Anything the builder raises (an odd channel count for GSConv, say) becomes a one-line
     :class:`~rewrite.errors.BuildError` naming the site and the rule.
@@ -283,12 +181,12 @@ def build(replace: Replace, site: Site, options: Mapping[str, Any]) -> nn.Module
     try:
         # Derived values are only known per site: check them against the declared ranges as rule values were.
         for option, value in options.items():
-            problem = check_option(replace.builder, option, value)
+            problem = check_option(builder, option, value)
             if problem:
                 raise ValueError(f"{problem} (replace.{option})")
         # Made where it will live: on meta, no weights are drawn (and no random numbers).
         with torch.device(site.device) if site.device is not None else contextlib.nullcontext():
-            module = get_builder(replace.builder)(site, **options)
+            module = get_builder(builder)(site, **options)
         if not isinstance(module, nn.Module):
             raise TypeError(f"the builder returned {type(module).__name__}, not an nn.Module")
         placement = {"device": site.device, "dtype": site.dtype}
@@ -296,7 +194,7 @@ def build(replace: Replace, site: Site, options: Mapping[str, Any]) -> nn.Module
     except Exception as exc:
         detail = " ".join(str(exc).split()) or type(exc).__name__
         raise BuildError(
-            f"site {site.path!r}: rule {site.rule!r}: cannot build {replace.builder}: {detail}"
+            f"site {site.path!r}: rule {site.rule!r}: cannot build {builder}: {detail}"
         ) from exc
 
 
@@ -346,7 +244,7 @@ def _activation(name: ActivationName, site: Site) -> nn.Module | bool:
     """The ``act`` argument of the GS blocks: they copy a module per layer, and ``False`` means Identity."""
     if name == "inherit":
         return site.activation if site.activation is not None else False
-    return _NAMED_ACTIVATIONS[name]()
+    return ACTIVATION_NAMES[name]()
 
 
 def _norm_settings(site: Site) -> dict[str, Any]:

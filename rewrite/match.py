@@ -35,38 +35,28 @@ within a rule candidates are visited in graph order; a node that an earlier matc
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 import networkx as nx
 import torch
 from torch import fx, nn
 
-from rewrite.builders import Site
 from rewrite.graph import Scope
-from rewrite.rules import ChainStep, Rule, RuleSet, is_activation
+from rewrite.rules import ChainStep, Rule, RuleSet
+from rewrite.site import Site
+from rewrite.vocabulary import (
+    CATEGORIES,
+    IrreproducibleError,
+    carried_activation,
+    is_idempotent,
+    reproduce_activation,
+)
 
 __all__ = ["Match", "MatchResult", "Occurrence", "Rejection", "find_matches"]
 
-# Activations for which f(f(x)) = f(x): a new block ending in one may be followed by it again.
-_IDEMPOTENT_ACTIVATIONS = (nn.ReLU, nn.Hardtanh)  # nn.ReLU6 is a Hardtanh
-
 # Nodes that carry no computation of their own; a site may contain or drop them freely.
 _STRUCTURAL_OPS = ("get_attr",)
-
-_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
-_FUNCTIONAL_ACTIVATIONS: Mapping[object, type[nn.Module]] = {
-    torch.relu: nn.ReLU,
-    torch.nn.functional.relu: nn.ReLU,
-    torch.nn.functional.relu6: nn.ReLU6,
-    torch.nn.functional.silu: nn.SiLU,
-    torch.nn.functional.gelu: nn.GELU,
-    torch.nn.functional.hardswish: nn.Hardswish,
-    torch.nn.functional.mish: nn.Mish,
-    torch.sigmoid: nn.Sigmoid,
-    torch.tanh: nn.Tanh,
-}
 
 
 @dataclass(frozen=True)
@@ -297,7 +287,7 @@ def _editable(graph: nx.DiGraph, calls: _CallIndex, found: _Found) -> tuple[bool
             return False, ""
         shared = len(calls.calls_of_object[calls.object_of_call[data["call_stack"][-1]]]) != 1
         if shared or calls.opaque_calls.get(data["module_path"], 0) > 1:
-            if index == len(keys) - 1 and index > 0 and isinstance(data["module"], _IDEMPOTENT_ACTIVATIONS):
+            if index == len(keys) - 1 and index > 0 and is_idempotent(data["module"]):
                 kept = data["module_path"]
             else:
                 return False, ""
@@ -439,9 +429,7 @@ def _follow_chain(graph: nx.DiGraph, start: str, steps: tuple[ChainStep, ...]) -
 
 def _accepts(graph: nx.DiGraph, key: str, step: ChainStep) -> bool:
     data = graph.nodes[key]
-    module = data["module"]
-    class_name = type(module).__name__ if module is not None else None
-    return step.accepts(data["op"], data["target"], class_name)
+    return step.accepts(data["op"], data["target"], data["module"])
 
 
 def _covering(graph: nx.DiGraph, calls: _CallIndex, nodes: tuple[str, ...]) -> _Candidate:
@@ -501,9 +489,12 @@ def _site(graph: nx.DiGraph, calls: _CallIndex, candidate: _Candidate, rule: Rul
     in_shape, out_shape = tuple(in_shapes[0]), tuple(out_shapes[0])
 
     modules = list(_modules_under(graph, candidate))
-    conv = next((m for m in modules if isinstance(m, _CONV_TYPES)), None)
-    norm = next((m for m in modules if isinstance(m, _NORM_TYPES)), None)
-    activation = _activation(graph, candidate)
+    conv = next((m for m in modules if CATEGORIES["conv"].has_module(m)), None)
+    norm = next((m for m in modules if CATEGORIES["norm"].has_module(m)), None)
+    try:
+        activation = _activation(graph, candidate)
+    except IrreproducibleError as error:
+        return f"its activation cannot be reproduced: {error}"
 
     counts = Counter(
         calls.type_of_call[call]
@@ -561,12 +552,23 @@ def _modules_under(graph: nx.DiGraph, candidate: _Candidate) -> Iterator[nn.Modu
 
 
 def _activation(graph: nx.DiGraph, candidate: _Candidate) -> nn.Module | None:
-    """The last activation in the site: a module, or a module made for a functional activation."""
+    """A new module computing the site's last activation (a module, function or tensor method, with its
+    arguments, or the activation a norm applies itself), or ``None`` when the site has none.
+
+    An ``nn.Identity`` computes nothing: it is the site's activation only when the site has no other.
+    """
+    identity = None
     for key in reversed(candidate.nodes):
         data = graph.nodes[key]
         module = data["module"]
-        if module is not None and is_activation(module):
-            return module
-        if data["op"] == "call_function" and data["target"] in _FUNCTIONAL_ACTIVATIONS:
-            return _FUNCTIONAL_ACTIVATIONS[data["target"]]()
-    return None
+        if module is not None and CATEGORIES["norm"].has_module(module):
+            carried = carried_activation(module)
+            if carried is not None:
+                return carried
+        if ChainStep("activation").accepts(data["op"], data["target"], module):
+            if isinstance(module, nn.Identity):
+                identity = identity or module
+                continue
+            node = data["fx_node"]
+            return reproduce_activation(data["op"], data["target"], node.args, node.kwargs, module)
+    return identity

@@ -15,7 +15,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from rewrite.builders import Site
 from rewrite.errors import BuildError, NoMatchError, NoMatchWarning, RewriteError, ShapeCheckError
 from rewrite.execution import RunFailed, model_lock, run, working_copy
 from rewrite.graph import StageMap, resolve_scope, to_networkx
@@ -31,6 +30,7 @@ from rewrite.rewriter import (
     site_module,
 )
 from rewrite.rules import RuleSet, load_rules
+from rewrite.site import Site
 from rewrite.tracer import Traced, mode_dependent_regions, trace
 
 __all__ = ["Delta", "Plan", "Rejection", "ShapeCheck", "SiteChange", "StageChange", "apply", "plan"]

@@ -26,10 +26,11 @@ from dataclasses import dataclass, replace
 import torch
 from torch import fx, nn
 
-from rewrite.builders import Site, build
+from rewrite.builders import build
 from rewrite.errors import BuildError
 from rewrite.execution import RunFailed, meta_memo, one_line, run
 from rewrite.match import Match, Occurrence
+from rewrite.site import Site
 from rewrite.tracer import Traced, join_path, relative_path
 
 __all__ = [
@@ -71,7 +72,7 @@ def build_sites(
     for match in matches:
         site = match.site if device is None else replace(match.site, device=device)
         options = {name: _resolve(value, site, match) for name, value in match.rule.replace.options.items()}
-        block = build(match.rule.replace, site, options)
+        block = build(match.rule.replace.builder, site, options)
         block.train(_replaced_module(model, match.path).training)
         if match.kept_activation and not _ends_in(block, type(model.get_submodule(match.kept_activation))):
             # The activation left in place would apply again to what the block gives: rewrite the graph instead.

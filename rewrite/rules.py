@@ -46,12 +46,12 @@ from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, NoReturn, Union, get_args, get_origin
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
-from rewrite.builders import Site, builder_options, check_option, list_builders
+from rewrite.builders import builder_options, check_option, list_builders
 from rewrite.errors import RuleError
+from rewrite.site import Site
+from rewrite.vocabulary import CATEGORIES, node_in_category
 
 __all__ = [
     "ChainStep",
@@ -62,61 +62,11 @@ __all__ = [
     "Rule",
     "RuleSet",
     "builtin_rule_sets",
-    "is_activation",
     "load_rules",
     "parse_rules",
 ]
 
-# Chain categories. Modules are recognised by class name (any package: the matcher sees names), functions and
-# tensor methods by identity, as torch.fx records them as node targets.
-_CATEGORY_CLASSES: Mapping[str, frozenset[str]] = {
-    "conv": frozenset(["Conv1d", "Conv2d", "Conv3d"]),
-    "norm": frozenset(
-        [
-            "BatchNorm1d",
-            "BatchNorm2d",
-            "BatchNorm3d",
-            "SyncBatchNorm",
-            "FrozenBatchNorm2d",
-            "GroupNorm",
-            "LayerNorm",
-            "InstanceNorm1d",
-            "InstanceNorm2d",
-            "InstanceNorm3d",
-        ]
-    ),
-    "activation": frozenset(
-        [
-            "ReLU",
-            "ReLU6",
-            "SiLU",
-            "GELU",
-            "Hardswish",
-            "Hardsigmoid",
-            "LeakyReLU",
-            "Mish",
-            "Sigmoid",
-            "Tanh",
-            "ELU",
-            "PReLU",
-            "Identity",
-        ]
-    ),
-}
-_CATEGORY_FUNCTIONS: Mapping[str, frozenset[object]] = {
-    "conv": frozenset({F.conv1d, F.conv2d, F.conv3d}),
-    "norm": frozenset({F.batch_norm, F.group_norm, F.layer_norm, F.instance_norm}),
-    "activation": frozenset(
-        {torch.relu, F.relu, F.relu_, F.relu6, F.silu, F.gelu, F.hardswish, F.hardsigmoid, F.leaky_relu}
-        | {F.mish, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.elu, F.prelu}
-    ),
-}
-_CATEGORY_METHODS: Mapping[str, frozenset[str]] = {
-    "conv": frozenset(),
-    "norm": frozenset(),
-    "activation": frozenset({"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_"}),
-}
-_CATEGORIES = tuple(sorted(_CATEGORY_CLASSES))
+_CATEGORIES = tuple(sorted(CATEGORIES))
 
 _TOP_KEYS = ("ruleset", "rule")
 _RULESET_KEYS = ("name", "description", "scope")
@@ -133,36 +83,29 @@ _CLASS_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _CHAIN_STEP = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(\?)?")
 
 
-def is_activation(module: nn.Module) -> bool:
-    """Whether ``module`` belongs to the ``activation`` chain category (``nn.Identity`` included)."""
-    return type(module).__name__ in _CATEGORY_CLASSES["activation"]
-
-
 @dataclass(frozen=True)
 class ChainStep:
     """One step of ``match.chain``: a module class name (``"BatchNorm2d"``) or a category (``"activation"``).
 
+    A category step accepts what :mod:`rewrite.vocabulary` puts in that category (modules by class hierarchy,
+    functions, tensor methods); a class step accepts calls of modules of exactly that class.
+
+    >>> import torch
     >>> step = ChainStep("activation", optional=True)
-    >>> step.accepts("call_module", "model.0.act", "SiLU"), step.accepts("call_function", torch.relu, None)
+    >>> step.accepts("call_module", "model.0.act", nn.SiLU()), step.accepts("call_function", torch.relu, None)
     (True, True)
-    >>> ChainStep("Conv2d").accepts("call_module", "model.0.conv", "Conv2d")
+    >>> ChainStep("Conv2d").accepts("call_module", "model.0.conv", nn.Conv2d(3, 8, 3))
     True
     """
 
     name: str  # a category when lower-case (conv, norm, activation), else a class name
     optional: bool = False
 
-    def accepts(self, op: str, target: object, module_class_name: str | None) -> bool:
-        """Whether an fx node (its ``op``, its ``target``, the class name of the module it calls) fits."""
-        if self.name not in _CATEGORY_CLASSES:
-            return op == "call_module" and module_class_name == self.name
-        if op == "call_module":
-            return module_class_name in _CATEGORY_CLASSES[self.name]
-        if op == "call_function":
-            return target in _CATEGORY_FUNCTIONS[self.name]
-        if op == "call_method":
-            return target in _CATEGORY_METHODS[self.name]
-        return False
+    def accepts(self, op: str, target: object, module: nn.Module | None) -> bool:
+        """Whether an fx node (its ``op``, its ``target``, the module a ``call_module`` calls) fits."""
+        if self.name in CATEGORIES:
+            return node_in_category(self.name, op, target, module)
+        return op == "call_module" and type(module).__name__ == self.name
 
 
 @dataclass(frozen=True)
@@ -421,7 +364,7 @@ def _parse_step(text: Any, position: int, at: str) -> ChainStep:
             f"({', '.join(_CATEGORIES)}), with a trailing '?' when optional",
         )
     name, optional = syntax[1], syntax[2] is not None
-    if name[0].islower() and name not in _CATEGORY_CLASSES:
+    if name[0].islower() and name not in CATEGORIES:
         _fail(
             at,
             f"{key}: unknown chain category {name!r}{_did_you_mean(name, _CATEGORIES)} "

@@ -14,7 +14,9 @@ How a model is cut into graphs
 2. When tracing raises inside a submodule, the innermost module whose *own* ``forward`` raised becomes a leaf
    (one ``call_module`` node) and the trace starts again. ``Leaf.reason`` keeps the error on one line.
    Modules named in ``leaf_modules`` (by path or class) are leaves from the start, with reason ``"user"``;
-   ``torch.nn`` built-ins other than containers are leaves as in ``torch.fx`` (they are not listed in
+   ``torch.nn`` built-ins other than containers are leaves as in ``torch.fx``, and so is every module that
+   :mod:`rewrite.vocabulary` puts in a category (torchvision's ``FrozenBatchNorm2d``, timm's ``Conv2dSame``),
+   so that a rule's chain sees one step where fx would record its arithmetic (none of these are listed in
    ``Traced.leaves``).
 3. A module whose own ``forward`` cannot be traced is *opaque*: the root when its forward fails, or any
    automatic leaf. Its inside stays visible: the opaque module runs once, eagerly, on its inputs (the example
@@ -102,6 +104,7 @@ from rewrite.execution import (
     one_line,
     working_copy,
 )
+from rewrite.vocabulary import is_vocabulary_module
 
 __all__ = [
     "Leaf",
@@ -319,6 +322,7 @@ class _Session:
             path in self.failures
             or self.is_user_leaf(module, path)
             or _FX_DEFAULTS.is_leaf_module(module, path)
+            or is_vocabulary_module(module)
         )
 
     def is_user_leaf(self, module: nn.Module, path: str) -> bool:

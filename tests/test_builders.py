@@ -10,7 +10,8 @@ from rewrite import builders
 from rewrite.blocks import BN_EPS, GSConv
 from rewrite.builders import Site, build, builder_options, get_builder, list_builders, register_builder
 from rewrite.errors import BuildError
-from rewrite.rules import Derivation, Replace, load_rules, parse_rules
+from rewrite.rules import Derivation, load_rules, parse_rules
+from rewrite.vocabulary import ACTIVATION_NAMES
 from rewrite.zoo import create_model
 
 
@@ -71,7 +72,7 @@ def test_a_builder_registered_with_the_decorator_is_usable_from_a_rule_string(re
     options = {
         key: v.derive(site) if isinstance(v, Derivation) else v for key, v in rule.replace.options.items()
     }
-    block = build(rule.replace, site, options)
+    block = build(rule.replace.builder, site, options)
     assert (block.in_channels, block.out_channels, block.bias is not None) == (4, 6, True)
 
 
@@ -138,7 +139,7 @@ def test_site_facts_are_the_fact_types_and_square_values_are_ints():
 
 
 def test_gsconv_keeps_channels_kernel_and_stride():
-    block = build(Replace("GSConv"), conv_site(64, 128, k=3, s=2), {})
+    block = build("GSConv", conv_site(64, 128, k=3, s=2), {})
     assert isinstance(block, GSConv)
     assert block(torch.randn(1, 64, 32, 32)).shape == (1, 128, 16, 16)
     # cv1: dense 3x3 to half the channels; cv2: depthwise 5x5; each followed by BatchNorm (2 params a channel)
@@ -147,49 +148,49 @@ def test_gsconv_keeps_channels_kernel_and_stride():
 
 
 def test_gsconv_options_reach_the_block():
-    block = build(Replace("GSConv"), conv_site(8, 16, k=1), {"shuffle": "interleave", "dw_kernel": 3})
+    block = build("GSConv", conv_site(8, 16, k=1), {"shuffle": "interleave", "dw_kernel": 3})
     assert block.shuffle == "interleave"
     assert block.cv2.conv.kernel_size == (3, 3)
 
 
 def test_inherit_copies_the_sites_activation_and_identity_when_there_is_none():
     relu = nn.ReLU(inplace=True)
-    block = build(Replace("GSConv"), conv_site(activation=relu), {"activation": "inherit"})
+    block = build("GSConv", conv_site(activation=relu), {"activation": "inherit"})
     assert isinstance(block.cv1.act, nn.ReLU) and block.cv1.act is not relu and block.cv1.act.inplace
     assert block.cv1.act is not block.cv2.act
-    block = build(Replace("GSConv"), conv_site(), {"activation": "inherit"})
+    block = build("GSConv", conv_site(), {"activation": "inherit"})
     assert isinstance(block.cv1.act, nn.Identity)
 
 
 @pytest.mark.parametrize("name", [name for name in get_args(builders.ActivationName) if name != "inherit"])
 def test_named_activations(name):
-    block = build(Replace("GSConv"), conv_site(activation=nn.SiLU()), {"activation": name})
-    assert type(block.cv1.act) is type(builders._NAMED_ACTIVATIONS[name]())
-    assert set(get_args(builders.ActivationName)) == {"inherit", *builders._NAMED_ACTIVATIONS}
+    block = build("GSConv", conv_site(activation=nn.SiLU()), {"activation": name})
+    assert type(block.cv1.act) is type(ACTIVATION_NAMES[name]())
+    assert set(get_args(builders.ActivationName)) == {"inherit", *ACTIVATION_NAMES}
 
 
 def test_batchnorm_settings_come_from_the_matched_norm_else_the_block_defaults():
     norm = nn.BatchNorm2d(128, eps=1e-4, momentum=0.2)
-    block = build(Replace("VoVGSCSP"), conv_site(128, 128, k=None, norm=norm), {"n": 2})
+    block = build("VoVGSCSP", conv_site(128, 128, k=None, norm=norm), {"n": 2})
     assert {(bn.eps, bn.momentum) for bn in block.modules() if isinstance(bn, nn.BatchNorm2d)} == {
         (1e-4, 0.2)
     }
-    block = build(Replace("GSConv"), conv_site(norm=nn.GroupNorm(4, 128)), {})
+    block = build("GSConv", conv_site(norm=nn.GroupNorm(4, 128)), {})
     assert block.cv1.bn.eps == 1e-5  # GroupNorm has an eps, no momentum
-    assert build(Replace("GSConv"), conv_site(), {}).cv1.bn.eps == BN_EPS
+    assert build("GSConv", conv_site(), {}).cv1.bn.eps == BN_EPS
 
 
 def test_the_block_is_placed_on_the_sites_device_and_dtype():
-    block = build(Replace("GSConv"), conv_site(dtype=torch.float64, device=torch.device("meta")), {})
+    block = build("GSConv", conv_site(dtype=torch.float64, device=torch.device("meta")), {})
     assert {(p.dtype, p.device.type) for p in block.parameters()} == {(torch.float64, "meta")}
 
 
 def test_gsbottleneck_and_vovgscsp_keep_the_shape():
     x = torch.randn(1, 32, 8, 8)
-    bottleneck = build(Replace("GSBottleneck"), conv_site(32, 32, k=None), {"kernel_size": 1})
+    bottleneck = build("GSBottleneck", conv_site(32, 32, k=None), {"kernel_size": 1})
     assert bottleneck(x).shape == x.shape
     assert bottleneck.conv_lighting[1].cv1.conv.kernel_size == (1, 1)
-    csp = build(Replace("VoVGSCSP"), conv_site(32, 64, k=None), {"n": 3, "expansion": 0.25})
+    csp = build("VoVGSCSP", conv_site(32, 64, k=None), {"n": 3, "expansion": 0.25})
     assert csp(x).shape == (1, 64, 8, 8)
     assert len(csp.gsb) == 3 and csp.cv1.conv.out_channels == 16
 
@@ -238,7 +239,7 @@ def yolov5_neck_sites(model: nn.Module) -> list[Site]:
 def build_with_slim_neck(site: Site) -> nn.Module:
     rule = {rule.name: rule for rule in load_rules("slim-neck").rules}[site.rule]
     options = {k: v.derive(site) if isinstance(v, Derivation) else v for k, v in rule.replace.options.items()}
-    return build(rule.replace, site, options)
+    return build(rule.replace.builder, site, options)
 
 
 @pytest.mark.parametrize(
@@ -289,7 +290,7 @@ def test_slim_neck_blocks_carry_the_reference_state_dict_shapes():
 )
 def test_a_builder_failure_is_a_one_line_build_error_naming_site_and_rule(builder, site, fragment):
     with pytest.raises(BuildError) as caught:
-        build(Replace(builder), site, {})
+        build(builder, site, {})
     message = str(caught.value)
     assert message.startswith(f"site {site.path!r}: rule {site.rule!r}: cannot build {builder}: ")
     assert fragment in message and "\n" not in message
@@ -299,7 +300,7 @@ def test_a_builder_that_returns_no_module_is_a_build_error(registered):
     registered.append("Broken")
     register_builder("Broken")(lambda site: "not a module")
     with pytest.raises(BuildError, match="returned str, not an nn.Module"):
-        build(Replace("Broken"), conv_site(), {})
+        build("Broken", conv_site(), {})
 
 
 def test_option_annotations_fall_back_to_the_default_type(registered):
@@ -355,12 +356,10 @@ def test_a_custom_builder_declares_a_range_with_annotated():
 
 
 def test_a_derived_value_outside_the_range_is_a_build_error():
-    from rewrite.rules import Derivation, Replace
-
     site = Site("model.3", "r", "Conv2d", in_channels=8, out_channels=8, kernel_size=4, stride=1)
-    replace = Replace("GSConv", {"dw_kernel": Derivation("fact", "kernel_size")})
+    dw_kernel = Derivation("fact", "kernel_size").derive(site)
     with pytest.raises(BuildError) as caught:
-        build(replace, site, {"dw_kernel": 4})
+        build("GSConv", site, {"dw_kernel": dw_kernel})
     assert str(caught.value) == (
         "site 'model.3': rule 'r': cannot build GSConv: GSConv expects an odd integer >= 1, got 4 (replace.dw_kernel)"
     )
