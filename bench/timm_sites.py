@@ -29,9 +29,26 @@ import rewrite
 from rewrite.match import find_matches
 
 MODELS = (
-    "cspdarknet53", "darknet53", "cs3darknet_s", "efficientnet_b0", "mobilenetv3_small_050", "mnasnet_050",
-    "regnety_002", "vovnet39a", "ese_vovnet19b_dw", "repvgg_a0", "densenet121", "dpn68", "mixnet_s",
-    "fbnetc_100", "rexnet_100", "ghostnet_050", "hardcorenas_a", "tinynet_e", "lcnet_050", "resnet18",
+    "cspdarknet53",
+    "darknet53",
+    "cs3darknet_s",
+    "efficientnet_b0",
+    "mobilenetv3_small_050",
+    "mnasnet_050",
+    "regnety_002",
+    "vovnet39a",
+    "ese_vovnet19b_dw",
+    "repvgg_a0",
+    "densenet121",
+    "dpn68",
+    "mixnet_s",
+    "fbnetc_100",
+    "rexnet_100",
+    "ghostnet_050",
+    "hardcorenas_a",
+    "tinynet_e",
+    "lcnet_050",
+    "resnet18",
 )
 
 RULES = """
@@ -63,7 +80,9 @@ def main() -> None:
             warnings.simplefilter("ignore")
             traced = rewrite.trace(model, torch.zeros(1, 3, 96, 96))
         graph = rewrite.to_networkx(traced)
-        found = find_matches(graph, rule_set, rewrite.resolve_scope(None, traced, graph.graph["stages"]))
+        found = find_matches(
+            graph, rule_set, rewrite.resolve_scope(None, traced, rewrite.resolve_stages(model, traced))
+        )
         norms = collections.Counter(type(match.site.norm).__name__ for match in found.matches)
         acts = collections.Counter(type(match.site.activation).__name__ for match in found.matches)
         rows.append(

@@ -36,7 +36,7 @@ from rewrite.errors import (
 )
 from rewrite.export import export_onnx
 from rewrite.fold import fold
-from rewrite.graph import resolve_scope, resolve_stages, to_networkx
+from rewrite.graph import label_stages, resolve_scope, resolve_stages, to_networkx
 from rewrite.planner import Plan, apply, plan
 from rewrite.profiler import Cost, Profile, profile
 from rewrite.report import render, render_profile
@@ -77,6 +77,7 @@ __all__ = [
     "builtin_rule_sets",
     "export_onnx",
     "fold",
+    "label_stages",
     "load",
     "load_rules",
     "parse_rules",

@@ -4,15 +4,23 @@
 >>> from torch import nn
 >>> model = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
 ...                       nn.Linear(8, 10))
->>> graph = to_networkx(trace(model, torch.randn(1, 3, 32, 32)))
->>> [(key, data["stage"], data["shapes"])
+>>> traced = trace(model, torch.randn(1, 3, 32, 32))
+>>> graph = to_networkx(traced)
+>>> [(key.name, data["module_path"], data["shapes"])
 ...  for key, data in graph.nodes(data=True) if data["op"] == "call_module"]  # doctest: +NORMALIZE_WHITESPACE
-[(':_0', 'backbone', ((1, 8, 15, 15),)), (':_1', 'backbone', ((1, 8, 15, 15),)),
- (':_2', 'head', ((1, 8, 1, 1),)), (':_3', 'head', ((1, 8),)), (':_4', 'head', ((1, 10),))]
->>> print(graph.graph["stages"].explanation)  # doctest: +NORMALIZE_WHITESPACE
+[('_0', '0', ((1, 8, 15, 15),)), ('_1', '1', ((1, 8, 15, 15),)), ('_2', '2', ((1, 8, 1, 1),)),
+ ('_3', '3', ((1, 8),)), ('_4', '4', ((1, 10),))]
+
+Stages are resolved in a step of their own, and can label the graph's nodes:
+
+>>> stages = resolve_stages(model, traced)
+>>> print(stages.explanation)  # doctest: +NORMALIZE_WHITESPACE
 heuristic: head = the last parametric layers (4) and what follows the last spatial feature map;
 no upsampling, so no neck; backbone = the rest
->>> scope = resolve_scope("head", trace(model, torch.randn(1, 3, 32, 32)), graph.graph["stages"])
+>>> label_stages(graph, stages)
+>>> [graph.nodes[NodeKey("", name)]["stage"] for name in ("_0", "_2", "_4")]
+['backbone', 'head', 'head']
+>>> scope = resolve_scope("head", traced, stages)
 >>> scope.contains("4"), scope.contains("0")
 (True, False)
 """
@@ -24,7 +32,7 @@ import fnmatch
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import networkx as nx
 import torch
@@ -34,7 +42,16 @@ from torch import fx, nn
 from rewrite.errors import ScopeError, TraceError
 from rewrite.tracer import Traced, join_path, path_and_ancestors, trace
 
-__all__ = ["STAGES", "Scope", "StageMap", "resolve_scope", "resolve_stages", "to_networkx"]
+__all__ = [
+    "STAGES",
+    "NodeKey",
+    "Scope",
+    "StageMap",
+    "label_stages",
+    "resolve_scope",
+    "resolve_stages",
+    "to_networkx",
+]
 
 STAGES = ("backbone", "neck", "head")
 
@@ -65,21 +82,29 @@ class StageMap:
 # --- the networkx view -------------------------------------------------------------------------------------
 
 
-def to_networkx(traced: Traced) -> nx.DiGraph:
-    """Every node of every region as one networkx node, keyed ``"{region.path}:{node.name}"``.
+class NodeKey(NamedTuple):
+    """A graph node's key: the path of the region it was traced in (``""`` for the root) and its fx name."""
 
-    Attributes are those of ``docs/design.md``; edges follow data flow inside each region. A node whose
-    module has no stage (typically glue code in the root's forward) takes the stage its inputs agree on, or
-    else the one its users agree on.
+    region: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.region}:{self.name}"
+
+
+def to_networkx(traced: Traced) -> nx.DiGraph:
+    """Every node of every region as one networkx node, keyed by :class:`NodeKey`.
+
+    Attributes are those of ``docs/design.md``; edges follow data flow inside each region. Stages are not
+    part of it: :func:`resolve_stages`, then :func:`label_stages` when nodes should carry them.
     """
-    stages = resolve_stages(traced.model, traced)
-    graph = nx.DiGraph(stages=stages, model=traced.model, opaque_calls=traced.opaque_calls)
+    graph = nx.DiGraph(model=traced.model, opaque_calls=traced.opaque_calls)
     order = 0
     for index, region in enumerate(traced.regions):
         for node in region.graph_module.graph.nodes:
             meta = node.meta
             graph.add_node(
-                _key(region.path, node),
+                NodeKey(region.path, node.name),
                 op=node.op,
                 target=node.target,
                 module_path=meta["module_path"],
@@ -89,23 +114,25 @@ def to_networkx(traced: Traced) -> nx.DiGraph:
                 module=region.graph_module.get_submodule(node.target) if node.op == "call_module" else None,
                 shapes=meta.get("shapes", ()),
                 dtypes=meta.get("dtypes", ()),
-                stage=stages.stage_of(meta["module_path"]),
                 region=index,
                 fx_node=node,
                 order=order,
             )
             order += 1
             for source in node.all_input_nodes:
-                graph.add_edge(_key(region.path, source), _key(region.path, node))
-    _stage_glue_code(graph)
+                graph.add_edge(NodeKey(region.path, source.name), NodeKey(region.path, node.name))
     return graph
 
 
-def _key(region_path: str, node: fx.Node) -> str:
-    return f"{region_path}:{node.name}"
+def label_stages(graph: nx.DiGraph, stages: StageMap) -> None:
+    """Give every node of ``graph`` a ``stage`` attribute and the graph a ``stages`` one.
 
-
-def _stage_glue_code(graph: nx.DiGraph) -> None:
+    A node whose module has no stage (typically glue code in the root's forward) takes the stage its inputs
+    agree on, or else the one its users agree on.
+    """
+    graph.graph["stages"] = stages
+    for _, data in graph.nodes(data=True):
+        data["stage"] = stages.stage_of(data["module_path"])
     keys = sorted(graph, key=lambda key: graph.nodes[key]["order"])
     for neighbours, ordered in ((graph.predecessors, keys), (graph.successors, reversed(keys))):
         for key in ordered:

@@ -42,7 +42,7 @@ import networkx as nx
 import torch
 from torch import fx, nn
 
-from rewrite.graph import Scope
+from rewrite.graph import NodeKey, Scope
 from rewrite.rules import ChainStep, Rule, RuleSet
 from rewrite.site import Site
 from rewrite.vocabulary import (
@@ -74,9 +74,9 @@ class Occurrence:
     """One place in the graph where a site's nodes sit: the nodes, the node feeding them, and their output."""
 
     region: int
-    nodes: tuple[str, ...]  # graph node keys, in graph order
-    input_node: str  # the graph node feeding the site (outside it)
-    output_node: str  # the site node whose value leaves the site
+    nodes: tuple[NodeKey, ...]  # graph node keys, in graph order
+    input_node: NodeKey  # the graph node feeding the site (outside it)
+    output_node: NodeKey  # the site node whose value leaves the site
 
 
 @dataclass(frozen=True)
@@ -105,9 +105,9 @@ class Match:
     path: str
     kind: str
     region: int
-    nodes: tuple[str, ...]  # graph node keys, in graph order
-    input_node: str  # the graph node feeding the site (outside it)
-    output_node: str  # the site node whose value leaves the site
+    nodes: tuple[NodeKey, ...]  # graph node keys, in graph order
+    input_node: NodeKey  # the graph node feeding the site (outside it)
+    output_node: NodeKey  # the site node whose value leaves the site
     site: Site
     calls: int = 1  # how many calls of the site's modules the one new block serves
     repeats: tuple[Occurrence, ...] = ()  # for a shared graph site: where its other calls sit
@@ -129,10 +129,10 @@ class MatchResult:
 
 @dataclass(frozen=True)
 class _Candidate:
-    nodes: tuple[str, ...]  # every node of the site, for overlap and scope
+    nodes: tuple[NodeKey, ...]  # every node of the site, for overlap and scope
     covering_call: object | None  # the call id of the module call the nodes make up exactly, if any
     covering_path: str | None
-    boundary: str | None = None  # the covering call's own call_module node, when it is one (a leaf's call)
+    boundary: NodeKey | None = None  # the covering call's own call_module node, when it is one (a leaf's call)
 
 
 @dataclass(frozen=True)
@@ -142,15 +142,15 @@ class _Found:
     candidate: _Candidate
     path: str
     site: Site
-    input_node: str
-    output_node: str
+    input_node: NodeKey
+    output_node: NodeKey
     region: int
 
 
 def find_matches(graph: nx.DiGraph, rules: RuleSet, scope: Scope) -> MatchResult:
     """Apply ``rules`` in order to ``graph`` (from :func:`rewrite.graph.to_networkx`) within ``scope``."""
     calls = _CallIndex(graph)
-    taken: set[str] = set()
+    taken: set[NodeKey] = set()
     result = MatchResult()
     for rule in rules.rules:
         found = False
@@ -295,9 +295,9 @@ def _editable(graph: nx.DiGraph, calls: _CallIndex, found: _Found) -> tuple[bool
     return True, kept
 
 
-def _key_in_region(key: str, node: fx.Node) -> str:
+def _key_in_region(key: NodeKey, node: fx.Node) -> NodeKey:
     """The graph key of ``node``, which sits in the region of the node keyed ``key``."""
-    return f"{key.split(':', 1)[0]}:{node.name}"
+    return NodeKey(key.region, node.name)
 
 
 class _CallIndex:
@@ -306,11 +306,11 @@ class _CallIndex:
     def __init__(self, graph: nx.DiGraph) -> None:
         model: nn.Module = graph.graph["model"]
         self.opaque_calls: dict[str, int] = graph.graph.get("opaque_calls", {})
-        self.ordered: list[str] = sorted(graph.nodes, key=lambda k: graph.nodes[k]["order"])
-        self.nodes_of_call: dict[object, list[str]] = {}
+        self.ordered: list[NodeKey] = sorted(graph.nodes, key=lambda k: graph.nodes[k]["order"])
+        self.nodes_of_call: dict[object, list[NodeKey]] = {}
         self.path_of_call: dict[object, str] = {}
         self.type_of_call: dict[object, str] = {}
-        self.boundary_of_call: dict[object, str] = {}  # a leaf call's own call_module node
+        self.boundary_of_call: dict[object, NodeKey] = {}  # a leaf call's own call_module node
         self.object_of_call: dict[object, int] = {}  # id() of the module object that made the call
         self.calls_of_object: dict[int, set[object]] = {}
         self.path_of_object: dict[int, str] = {}
@@ -338,7 +338,7 @@ class _CallIndex:
             for call, nodes in self.nodes_of_call.items()
         }
 
-    def computing_nodes(self, graph: nx.DiGraph, call: object) -> list[str]:
+    def computing_nodes(self, graph: nx.DiGraph, call: object) -> list[NodeKey]:
         return [key for key in self.nodes_of_call[call] if graph.nodes[key]["op"] not in _STRUCTURAL_OPS]
 
     def calls_within(self, graph: nx.DiGraph, candidate: _Candidate) -> set[object]:
@@ -402,13 +402,15 @@ def _chain_candidates(graph: nx.DiGraph, calls: _CallIndex, rule: Rule) -> Itera
             yield _covering(graph, calls, tuple(chain))
 
 
-def _follow_chain(graph: nx.DiGraph, start: str, steps: tuple[ChainStep, ...]) -> list[str] | None:
+def _follow_chain(
+    graph: nx.DiGraph, start: NodeKey, steps: tuple[ChainStep, ...]
+) -> list[NodeKey] | None:
     """The longest node chain from ``start`` that the steps accept, each link being its predecessor's sole user."""
     if not _accepts(graph, start, steps[0]):
         return None
-    best: list[str] | None = None
+    best: list[NodeKey] | None = None
 
-    def extend(chain: list[str], step_index: int) -> None:
+    def extend(chain: list[NodeKey], step_index: int) -> None:
         nonlocal best
         if step_index == len(steps):
             if best is None or len(chain) > len(best):
@@ -427,12 +429,12 @@ def _follow_chain(graph: nx.DiGraph, start: str, steps: tuple[ChainStep, ...]) -
     return best
 
 
-def _accepts(graph: nx.DiGraph, key: str, step: ChainStep) -> bool:
+def _accepts(graph: nx.DiGraph, key: NodeKey, step: ChainStep) -> bool:
     data = graph.nodes[key]
     return step.accepts(data["op"], data["target"], data["module"])
 
 
-def _covering(graph: nx.DiGraph, calls: _CallIndex, nodes: tuple[str, ...]) -> _Candidate:
+def _covering(graph: nx.DiGraph, calls: _CallIndex, nodes: tuple[NodeKey, ...]) -> _Candidate:
     """The outermost module call whose nodes are exactly ``nodes`` (plus structural ones), if there is one."""
     stacks = [graph.nodes[key]["call_stack"] for key in nodes]
     common = []

@@ -17,7 +17,7 @@ from torch import nn
 
 from rewrite.errors import BuildError, NoMatchError, NoMatchWarning, RewriteError, ShapeCheckError
 from rewrite.execution import RunFailed, model_lock, run, working_copy
-from rewrite.graph import StageMap, resolve_scope, to_networkx
+from rewrite.graph import StageMap, resolve_scope, resolve_stages, to_networkx
 from rewrite.match import Match, Rejection, find_matches
 from rewrite.profiler import Cost, profile
 from rewrite.rewriter import (
@@ -227,7 +227,7 @@ def _plan(
     )  # everything below runs on the copy: the user's model is only read
     traced = trace(model, inputs)
     graph = to_networkx(traced)
-    stages: StageMap = graph.graph["stages"]
+    stages = resolve_stages(model, traced)
     scope_spec = scope if scope is not None else rule_set.scope
     resolved_scope = resolve_scope(scope_spec, traced, stages)
 

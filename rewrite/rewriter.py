@@ -192,7 +192,9 @@ def rewrite_model(
             for occurrence in built.match.occurrences:
                 if occurrence.region == region_index:
                     _replace_nodes(gm, built, occurrence, names, region_path, replaced)
-        gm.graph.eliminate_dead_code()
+                    gm.graph.lint()
+        # Only the modules the site nodes called go; the rest of the graph is the user's, dead code included
+        # (an op with no users may still update a buffer in place).
         gm.delete_all_unused_submodules()
         gm.recompile()
         old = new_model.get_submodule(region_path) if region_path else new_model
@@ -207,10 +209,10 @@ def site_module(traced: Traced, match: Match) -> nn.Module:
     if match.kind == "module":
         return traced.model.get_submodule(match.path)
     gm = region.graph_module
-    names = {key.split(":", 1)[1] for key in match.nodes}
+    names = {key.name for key in match.nodes}
     nodes = {node.name: node for node in gm.graph.nodes}
     graph = fx.Graph()
-    env = {nodes[match.input_node.split(":", 1)[1]]: graph.placeholder("x")}
+    env = {nodes[match.input_node.name]: graph.placeholder("x")}
     for node in gm.graph.nodes:
         if node.name not in names:
             continue
@@ -218,14 +220,14 @@ def site_module(traced: Traced, match: Match) -> nn.Module:
             if source not in env and source.op == "get_attr":
                 env[source] = graph.node_copy(source)
         env[node] = graph.node_copy(node, lambda n: env[n])
-    graph.output(env[nodes[match.output_node.split(":", 1)[1]]])
+    graph.output(env[nodes[match.output_node.name]])
     return fx.GraphModule(gm, graph)
 
 
 def _module_paths(traced: Traced, match: Match) -> list[str]:
     """The paths of the modules that a site's nodes call, in order."""
     nodes = {node.name: node for node in traced.regions[match.region].graph_module.graph.nodes}
-    return [nodes[key.split(":", 1)[1]].meta["module_path"] for key in match.nodes]
+    return [nodes[key.name].meta["module_path"] for key in match.nodes]
 
 
 def _replace_nodes(
@@ -236,10 +238,12 @@ def _replace_nodes(
     region_path: str,
     replaced: dict[str, fx.Node],
 ) -> None:
+    """Replace one occurrence's nodes by a call of the site's block, and erase them: those nodes, and the
+    ``get_attr`` nodes that only they used."""
     nodes = {node.name: node for node in gm.graph.nodes}
-    site_nodes = [nodes[key.split(":", 1)[1]] for key in occurrence.nodes]
-    source_name = occurrence.input_node.split(":", 1)[1]
-    result = nodes[occurrence.output_node.split(":", 1)[1]]
+    site_nodes = [nodes[key.name] for key in occurrence.nodes]
+    source_name = occurrence.input_node.name
+    result = nodes[occurrence.output_node.name]
     source = replaced.get(source_name) or nodes[source_name]
     if id(built.block) not in names:
         first = site_nodes[0]
@@ -250,11 +254,38 @@ def _replace_nodes(
         gm.add_submodule(names[id(built.block)], built.block)
     with gm.graph.inserting_after(result):
         new_node = gm.graph.call_module(names[id(built.block)], (source,))
-    new_node.meta = {k: v for k, v in result.meta.items() if k in ("shapes", "dtypes")}
+    path = join_path(region_path, names[id(built.block)])
+    new_node.meta = _new_node_meta(site_nodes, result, path, built.block, built.match.occurrences.index(occurrence))
     result.replace_all_uses_with(new_node, delete_user_cb=lambda user: user is not new_node)
     replaced[result.name] = new_node
+    inputs = {arg for node in site_nodes for arg in node.all_input_nodes if arg.op == "get_attr"}
     for node in reversed(site_nodes):
         gm.graph.erase_node(node)
+    for node in inputs - set(site_nodes):
+        if not node.users:
+            gm.graph.erase_node(node)
+
+
+def _new_node_meta(site_nodes: list[fx.Node], result: fx.Node, path: str, block: nn.Module, number: int) -> dict:
+    """The tracer's ``node.meta`` facts for the ``number``-th node calling a new block at ``path``: a call of it
+    inside the module calls that enclosed every node of the site, with the site's output shapes."""
+    enclosing = [
+        tuple(zip(node.meta["module_stack"], node.meta["call_stack"]))[: -1 if node.op == "call_module" else None]
+        for node in site_nodes
+    ]
+    shared = min(len(frames) for frames in enclosing)
+    shared = next((i for i, frames in enumerate(zip(*enclosing)) if len(set(frames)) > 1), shared)
+    common = enclosing[0][:shared]
+    frame = ((path, type(block).__name__), f"{path}@{number}")
+    return {
+        "module_path": path,
+        "module_type": type(block).__name__,
+        "module_stack": tuple(module for module, _ in (*common, frame)),
+        "module_call": frame[1],
+        "call_stack": tuple(call for _, call in (*common, frame)),
+        "shapes": result.meta.get("shapes", ()),
+        "dtypes": result.meta.get("dtypes", ()),
+    }
 
 
 def _new_module_name(gm: fx.GraphModule, owner: str, match: Match, number: int) -> str:

@@ -14,7 +14,7 @@ from torch import nn
 from torchvision.models import detection
 
 from rewrite.errors import ScopeError
-from rewrite.graph import Scope, StageMap, resolve_scope, resolve_stages, to_networkx
+from rewrite.graph import NodeKey, Scope, StageMap, label_stages, resolve_scope, resolve_stages, to_networkx
 from rewrite.tracer import Traced, trace
 
 TINY_YOLO_STAGES = {f"model.{i}": "backbone" for i in range(8)} | {f"model.{i}": "neck" for i in range(8, 15)}
@@ -44,15 +44,27 @@ def yolo() -> Traced:
 # --- to_networkx ------------------------------------------------------------------------------------------
 
 
+def call_of(graph: nx.DiGraph, module_path: str) -> NodeKey:
+    """The key of the first ``call_module`` node calling the module at ``module_path``."""
+    return next(
+        key
+        for key, data in graph.nodes(data=True)
+        if data["op"] == "call_module" and data["module_path"] == module_path
+    )
+
+
 def test_networkx_view_of_every_region(yolo: Traced) -> None:
     graph = to_networkx(yolo)
     fx_nodes = [(r.path, n) for r in yolo.regions for n in r.graph_module.graph.nodes]
-    assert list(graph) == [f"{path}:{node.name}" for path, node in fx_nodes]
+    assert list(graph) == [NodeKey(path, node.name) for path, node in fx_nodes]
+    assert all(set(data) == NODE_ATTRIBUTES - {"stage"} for _, data in graph.nodes(data=True))
+    label_stages(graph, resolve_stages(yolo.model, yolo))
     assert all(set(data) == NODE_ATTRIBUTES for _, data in graph.nodes(data=True))
     assert [data["order"] for _, data in graph.nodes(data=True)] == list(range(len(fx_nodes)))
     assert isinstance(graph.graph["stages"], StageMap) and graph.graph["stages"].source == "config"
     assert nx.is_directed_acyclic_graph(graph)
-    conv = graph.nodes[":model_8_conv"]
+    conv_key = call_of(graph, "model.8.conv")
+    conv = graph.nodes[conv_key]
     assert conv["op"] == "call_module" and conv["module"] is yolo.model.get_submodule("model.8.conv")
     assert (conv["module_path"], conv["module_type"], conv["stage"], conv["region"]) == (
         "model.8.conv",
@@ -60,11 +72,13 @@ def test_networkx_view_of_every_region(yolo: Traced) -> None:
         "neck",
         0,
     )
-    assert conv["shapes"] == ((1, 32, 4, 4),) and conv["fx_node"].name == "model_8_conv"
-    assert set(graph.predecessors(":model_8_conv")) == {":model_7_cv2_act"}
-    detect_conv = graph.nodes["model.15.m.0:_0"]
+    assert conv["shapes"] == ((1, 32, 4, 4),) and conv_key == ("", conv["fx_node"].name)
+    assert set(graph.predecessors(conv_key)) == {call_of(graph, "model.7.cv2.act")}
+    detect_key = call_of(graph, "model.15.m.0")
+    detect_conv = graph.nodes[detect_key]
     assert (detect_conv["region"], detect_conv["stage"], detect_conv["module_type"]) == (1, "head", "Conv2d")
-    assert list(graph.predecessors("model.15.m.0:_0")) == ["model.15.m.0:input_1"]
+    assert detect_key.region == "model.15.m.0"
+    assert [graph.nodes[key]["op"] for key in graph.predecessors(detect_key)] == ["placeholder"]
     # Edges stay inside regions.
     assert all(graph.nodes[a]["region"] == graph.nodes[b]["region"] for a, b in graph.edges)
     staged = {
@@ -76,13 +90,15 @@ def test_networkx_view_of_every_region(yolo: Traced) -> None:
 def test_glue_code_in_the_root_takes_the_stage_around_it() -> None:
     traced = trace(CatChunkSplit(), torch.randn(1, 3, 8, 8))
     graph = to_networkx(traced)
+    label_stages(graph, resolve_stages(traced.model, traced))
     # Everything of CatChunkSplit is root code or a direct child: every compute node gets a stage.
     assert all(
         data["stage"] is not None
         for _, data in graph.nodes(data=True)
         if data["op"] not in ("placeholder", "output")
     )
-    assert graph.nodes[":cat"]["stage"] == graph.nodes[":a"]["stage"]
+    cat = next(key for key, data in graph.nodes(data=True) if data["target"] is torch.cat)
+    assert graph.nodes[cat]["stage"] == graph.nodes[call_of(graph, "a")]["stage"]
 
 
 def test_networkx_of_an_opaque_root_and_shared_calls() -> None:
@@ -92,7 +108,7 @@ def test_networkx_of_an_opaque_root_and_shared_calls() -> None:
     assert calls == ["body.conv@0", "body.conv@1"]
     graph = to_networkx(trace(SharedBlock(), torch.randn(1, 8, 4, 4)))
     assert [data["module"] for key, data in graph.nodes(data=True) if data["target"] == "conv"] == [
-        graph.nodes[":conv"]["module"]
+        graph.nodes[call_of(graph, "conv")]["module"]
     ] * 2
 
 
@@ -164,7 +180,9 @@ def test_torchvision_detector_graph_has_fpn_convs_in_the_neck() -> None:
     model = detection.retinanet_resnet50_fpn(
         weights=None, weights_backbone=None, min_size=128, max_size=128
     ).eval()
-    graph = to_networkx(trace(model, ([torch.rand(3, 128, 128)],)))
+    traced = trace(model, ([torch.rand(3, 128, 128)],))
+    graph = to_networkx(traced)
+    label_stages(graph, resolve_stages(model, traced))
     stage_of = {
         data["module_path"]: data["stage"]
         for _, data in graph.nodes(data=True)

@@ -196,3 +196,53 @@ def test_the_shape_check_runs_in_the_other_mode_too():
     assert bad.shape_check.detail.startswith("in training mode: output 0 has shape (2, 4, 8, 8)")
     with pytest.raises(rewrite.ShapeCheckError, match="in training mode"):
         bad.apply()
+
+
+# --- graph sites: what the edited graph keeps -------------------------------------------------------------
+
+
+class ObservedStem(nn.Module):
+    """A forward that calls a module for its side effect only (running statistics), then a site written with a
+    functional activation, so the site is a graph rewrite of the root."""
+
+    def __init__(self):
+        super().__init__()
+        self.observer = nn.BatchNorm2d(8)
+        self.conv = nn.Conv2d(8, 16, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(16)
+
+    def forward(self, x):
+        self.observer(x)  # result unused: it is there to update the statistics
+        return F.relu(self.bn(self.conv(x)))
+
+
+def test_a_graph_rewrite_erases_only_the_sites_nodes():
+    model = ObservedStem()
+    slim = rewrite.plan(model, rules(GENERIC), torch.randn(2, 8, 8, 8)).apply()
+
+    assert isinstance(slim, torch.fx.GraphModule)
+    calls = [node.target for node in slim.graph.nodes if node.op == "call_module"]
+    assert calls[0] == "observer" and len(calls) == 2
+    before = slim.observer.running_mean.clone()
+    slim.train()(torch.randn(2, 8, 8, 8) + 3)
+    assert not torch.equal(slim.observer.running_mean, before)  # the call with no users still runs
+
+
+def test_the_node_calling_a_new_block_carries_the_tracers_facts():
+    model = ObservedStem().eval()
+    x = torch.randn(2, 8, 8, 8)
+    slim = rewrite.plan(model, rules(GENERIC), x).apply()
+
+    (new,) = [
+        n
+        for n in slim.graph.nodes
+        if n.op == "call_module" and isinstance(slim.get_submodule(n.target), GSConv)
+    ]
+    traced = rewrite.trace(model, x)
+    old = next(n for n in traced.regions[0].graph_module.graph.nodes if n.target == "observer")
+    contract = {"module_path", "module_type", "module_stack", "module_call", "call_stack", "shapes", "dtypes"}
+    assert contract <= set(old.meta) and contract <= set(new.meta)  # the facts docs/design.md lists
+    assert (new.meta["module_path"], new.meta["module_type"]) == (new.target, "GSConv")
+    assert new.meta["module_stack"] == (("", "ObservedStem"), (new.target, "GSConv"))
+    assert new.meta["call_stack"] == (old.meta["call_stack"][0], new.meta["module_call"])
+    assert new.meta["shapes"] == ((2, 16, 8, 8),)

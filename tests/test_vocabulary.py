@@ -57,7 +57,9 @@ class ConvThen(nn.Module):
 def matches(model: nn.Module, size: int = 32):
     traced = rewrite.trace(model, torch.zeros(1, model_channels(model), size, size))
     graph = rewrite.to_networkx(traced)
-    return find_matches(graph, GENERIC, rewrite.resolve_scope(None, traced, graph.graph["stages"]))
+    return find_matches(
+        graph, GENERIC, rewrite.resolve_scope(None, traced, rewrite.resolve_stages(model, traced))
+    )
 
 
 def model_channels(model: nn.Module) -> int:
@@ -78,7 +80,15 @@ def model_channels(model: nn.Module) -> int:
         (lambda x: x.relu(), nn.ReLU()),
         (lambda x: x.sigmoid(), nn.Sigmoid()),
     ],
-    ids=["leaky_relu-kwarg", "leaky_relu-0.2", "gelu-tanh", "elu-0.5", "hardsigmoid", "x.relu()", "x.sigmoid()"],
+    ids=[
+        "leaky_relu-kwarg",
+        "leaky_relu-0.2",
+        "gelu-tanh",
+        "elu-0.5",
+        "hardsigmoid",
+        "x.relu()",
+        "x.sigmoid()",
+    ],
 )
 def test_a_site_inherits_the_activation_it_ends_in_with_its_arguments(activation, expected):
     model = ConvThen(activation).eval()
