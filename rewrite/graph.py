@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from rewrite.errors import ScopeError, TraceError
-from rewrite.tracer import Traced, join_path, path_and_ancestors, trace
+from rewrite.tracer import CallId, Traced, join_path, path_and_ancestors, trace
 
 __all__ = [
     "STAGES",
@@ -418,7 +418,7 @@ def _laterals(
     found = _nearest_parametric([upsample], parametric)
     calls = {_enclosing_call(node) for node in found}
     widened = {node for node in nodes if calls & set(node.meta["call_stack"])}
-    names = {call.rpartition("@")[0] for call in calls if call} | {
+    names = {call.path for call in calls if call is not None} | {
         node.meta["module_path"] for node in found if _enclosing_call(node) is None
     }
     return sorted(names), found | widened
@@ -439,7 +439,7 @@ def _nearest_parametric(start: Iterable[fx.Node], parametric: set[fx.Node]) -> s
     return found
 
 
-def _enclosing_call(node: fx.Node) -> str | None:
+def _enclosing_call(node: fx.Node) -> CallId | None:
     """The call of the module holding ``node``'s layer (a Conv block for its conv), if not the root's."""
     calls = node.meta["call_stack"]
     depth = len(calls) - (2 if node.op == "call_module" else 1)

@@ -31,7 +31,7 @@ from rewrite.errors import BuildError
 from rewrite.execution import RunFailed, meta_memo, one_line, run
 from rewrite.match import Match, Occurrence
 from rewrite.site import Site
-from rewrite.tracer import Traced, join_path, relative_path
+from rewrite.tracer import CallId, Traced, join_path, relative_path
 
 __all__ = [
     "BuiltSite",
@@ -276,7 +276,7 @@ def _new_node_meta(site_nodes: list[fx.Node], result: fx.Node, path: str, block:
     shared = min(len(frames) for frames in enclosing)
     shared = next((i for i, frames in enumerate(zip(*enclosing)) if len(set(frames)) > 1), shared)
     common = enclosing[0][:shared]
-    frame = ((path, type(block).__name__), f"{path}@{number}")
+    frame = ((path, type(block).__name__), CallId(path, number))
     return {
         "module_path": path,
         "module_type": type(block).__name__,

@@ -34,8 +34,8 @@ Every node carries ``module_path``, ``module_type``, ``module_stack``, ``module_
 ``shapes`` and ``dtypes`` in ``node.meta`` (see ``docs/design.md``). A module's path is the one *it was
 called through*: its caller's path joined with the name under which the caller holds it (see
 :func:`held_path`), so an activation object that every block shares is ``model.10.act`` in ``model.10``, not
-the path it was first registered under. A call id is ``"{path}@{n}"``: the ``n``-th call of the module at
-``path`` (the root's call is ``"@0"``), so two calls of a shared module differ.
+the path it was first registered under. A call id is a :class:`CallId` ``(path, n)``: the ``n``-th call of the
+module at ``path`` (the root's call is ``("", 0)``, printed ``@0``), so two calls of a shared module differ.
 
 Shapes are found by running each region on its inputs on meta stand-ins of the weights (see
 :mod:`rewrite.execution`). When some part of the model cannot run on meta (``nonzero``, NMS, ``.item()``), the
@@ -107,6 +107,7 @@ from rewrite.execution import (
 from rewrite.vocabulary import is_vocabulary_module
 
 __all__ = [
+    "CallId",
     "Leaf",
     "Region",
     "Traced",
@@ -257,12 +258,22 @@ def path_and_ancestors(path: str) -> Iterator[str]:
     yield ""
 
 
+class CallId(NamedTuple):
+    """One call of a module: the path it was called through and which call of that path it is (from 0)."""
+
+    path: str
+    index: int
+
+    def __str__(self) -> str:
+        return f"{self.path}@{self.index}"
+
+
 class _Frame(NamedTuple):
     """One module call on a call stack."""
 
     path: str
     type_name: str
-    call: str
+    call: CallId
 
 
 @dataclass
@@ -295,13 +306,13 @@ class _Session:
         self.failures = failures  # path -> reason, for modules whose own forward fx cannot trace
         self.runner = runner
         self.paths = {module: path for path, module in model.named_modules()}  # to name captured calls
-        self.calls: Counter[str] = Counter({"": 1})  # the root's call is "@0"
+        self.calls: Counter[str] = Counter({"": 1})  # the root's call is CallId("", 0)
         self.regions: list[Region] = []
         self.leaves: dict[str, Leaf] = {}
         self.opaque_calls: Counter[str] = Counter()  # calls per path seen while opaque modules ran
 
     def build(self, propagate_shapes: bool) -> Traced:
-        queue = deque([_Call("", self.model, self.args, {}, (_Frame("", type(self.model).__name__, "@0"),))])
+        queue = deque([_Call("", self.model, self.args, {}, (_Frame("", type(self.model).__name__, CallId("", 0)),))])
         visited: set[str] = set()
         captured: dict[str, _Call] = {}  # first call of every module below an opened one, in execution order
         while queue:
@@ -408,7 +419,7 @@ class _Session:
                 return
             held = held_path(callers[-1], module)
             path = join_path(stack[-1].path, held) if held is not None else self.paths[module]
-            frame = _Frame(path, type(module).__name__, f"{path}@{calls[path]}")
+            frame = _Frame(path, type(module).__name__, CallId(path, calls[path]))
             calls[path] += 1
             if path not in captured:
                 # Fresh containers: the callee may overwrite items of its input list (YOLO's Detect does).
@@ -475,7 +486,7 @@ class _Tracer(fx.Tracer):
         held = held_path(self.callers[-1], m)
         qualified_name = join_path(caller_path, held) if held is not None else super().path_of_module(m)
         path = join_path(self.region_path, qualified_name)
-        self.stack.append(_Frame(path, type(m).__name__, f"{path}@{self.calls[path]}"))
+        self.stack.append(_Frame(path, type(m).__name__, CallId(path, self.calls[path])))
         self.callers.append(m)
         self.calls[path] += 1
         self._calling = (m, qualified_name)

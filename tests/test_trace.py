@@ -26,7 +26,7 @@ from torch.utils import _pytree as pytree
 from torchvision.models import detection
 
 from rewrite.errors import TraceError
-from rewrite.tracer import Traced, trace
+from rewrite.tracer import CallId, Traced, trace
 
 META_KEYS = ("module_path", "module_type", "module_stack", "module_call", "call_stack", "shapes", "dtypes")
 
@@ -113,7 +113,7 @@ def test_shared_module_calls_are_told_apart() -> None:
     traced = trace(SharedBlock(), torch.randn(1, 8, 4, 4))
     convs = [n for n in nodes(traced) if n.op == "call_module" and n.target == "conv"]
     assert [n.meta["module_path"] for n in convs] == ["conv", "conv"]
-    assert [n.meta["module_call"] for n in convs] == ["conv@0", "conv@1"]
+    assert [str(n.meta["module_call"]) for n in convs] == ["conv@0", "conv@1"]
     assert_well_formed(traced)
 
 
@@ -159,11 +159,11 @@ def test_failing_root_traces_its_children_as_regions() -> None:
     stem = nodes(traced, "stem")
     assert [n.meta["module_path"] for n in stem if n.op == "call_module"] == ["stem.0", "stem.1", "stem.2"]
     assert stem[1].meta["module_stack"] == (("", "FailingRoot"), ("stem", "Sequential"), ("stem.0", "Conv2d"))
-    assert stem[1].meta["call_stack"] == ("@0", "stem@0", "stem.0@0")
+    assert stem[1].meta["call_stack"] == (CallId("", 0), CallId("stem", 0), CallId("stem.0", 0))
     convs = [
         n.meta["module_call"] for n in nodes(traced, "body") if n.op == "call_module" and n.target == "conv"
     ]
-    assert convs == ["body.conv@0", "body.conv@1"]
+    assert convs == [CallId("body.conv", 0), CallId("body.conv", 1)]
     head = nodes(traced, "head")  # a leaf called by an opaque module: a one-node region
     assert [n.op for n in head] == ["placeholder", "call_module", "output"]
     assert head[1].meta["shapes"] == ((2, 2, 8, 8),)
