@@ -5,11 +5,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from dataclasses import dataclass, field
 from html.parser import HTMLParser
 
 import pytest
 import torch
+from html_page import Element, parse_html
+from reference import BASE, SLIM_NECK
 
 import rewrite
 import rewrite.report
@@ -100,7 +101,7 @@ def follows(value, schema, where="report"):
         assert isinstance(value, schema) and not (schema is int and isinstance(value, bool)), where
 
 
-# A hand-built plan with slim-neck YOLOv5-L's totals (REFERENCE.md §3) and one of everything.
+# A hand-built plan with slim-neck YOLOv5-L's totals (tests/reference.py) and one of everything.
 SLIM_NECK_L = Plan(
     model_name="yolov5l",
     rule_set="slim-neck",
@@ -132,8 +133,8 @@ SLIM_NECK_L = Plan(
     rejected=[Rejection("model.24.m.0", "conv-to-gsconv", "out_channels 255 is not a multiple of 2")],
     leaves=[Leaf("model.24", "Detect", "symbolically traced variables cannot be used in control flow")],
     warnings=["slim-neck.toml: rule 'c2f-to-vovgscsp' matched nothing in stage 'neck'"],
-    params=Delta(46_563_709, 39_958_781),
-    flops=Delta(108_993_740_800, 96_927_744_000),
+    params=Delta(BASE["yolov5l"][0], SLIM_NECK["yolov5l"][0]),
+    flops=Delta(BASE["yolov5l"][1], SLIM_NECK["yolov5l"][1]),
     stages={
         "backbone": StageChange(Delta(27_000_000, 27_000_000), Delta(60_000_000_000, 60_000_000_000)),
         "neck": StageChange(Delta(19_000_000, 12_395_072), Delta(48_000_000_000, 35_934_003_200)),
@@ -166,79 +167,6 @@ class ResourceFinder(HTMLParser):
         if tag in fetching or names & {"src", "href"}:
             self.found.append(tag)
         self.found += [f"{tag}[{name}]" for name in names if name.startswith("on")]
-
-
-@dataclass
-class Element:
-    """One HTML (or inline SVG) element of a parsed page: what a browser would see, not how it is spelled."""
-
-    tag: str
-    attrs: dict[str, str | None]
-    children: list[Element | str] = field(default_factory=list)
-
-    @property
-    def classes(self) -> set[str]:
-        return set((self.attrs.get("class") or "").split())
-
-    def elements(self) -> list[Element]:
-        return [child for child in self.children if isinstance(child, Element)]
-
-    def text(self) -> str:
-        return "".join(child if isinstance(child, str) else child.text() for child in self.children)
-
-    def own_text(self) -> str:
-        """The text outside child elements (an SVG label without its tooltip ``<title>``)."""
-        return "".join(child for child in self.children if isinstance(child, str))
-
-    def find_all(self, tag: str, *classes: str) -> list[Element]:
-        """Every element below this one with ``tag`` and all of ``classes``, in document order."""
-        found = []
-        for child in self.elements():
-            if child.tag == tag and set(classes) <= child.classes:
-                found.append(child)
-            found += child.find_all(tag, *classes)
-        return found
-
-    def find(self, tag: str, *classes: str) -> Element:
-        return self.find_all(tag, *classes)[0]
-
-
-# Elements that have no closing tag.
-VOID_ELEMENTS = frozenset({"meta", "wbr", "br", "img", "input", "link", "hr", "col", "source"})
-
-
-class TreeBuilder(HTMLParser):
-    """Parses a page into :class:`Element` s."""
-
-    def __init__(self):
-        super().__init__()
-        self.root = Element("#document", {})
-        self.open = [self.root]
-
-    def handle_starttag(self, tag, attrs):
-        element = Element(tag, dict(attrs))
-        self.open[-1].children.append(element)
-        if tag not in VOID_ELEMENTS:
-            self.open.append(element)
-
-    def handle_startendtag(self, tag, attrs):  # <rect …/> in SVG
-        self.open[-1].children.append(Element(tag, dict(attrs)))
-
-    def handle_endtag(self, tag):
-        if tag not in VOID_ELEMENTS:
-            assert self.open[-1].tag == tag, f"</{tag}> closes <{self.open[-1].tag}>"
-            self.open.pop()
-
-    def handle_data(self, data):
-        self.open[-1].children.append(data)
-
-
-def parse_html(page: str) -> Element:
-    builder = TreeBuilder()
-    builder.feed(page)
-    builder.close()
-    assert builder.open == [builder.root], "unclosed elements"
-    return builder.root
 
 
 def section_table(page: Element, title_start: str) -> Element:
@@ -274,8 +202,8 @@ def test_json_follows_the_schema_and_carries_the_figures():
     follows(data, PLAN_SCHEMA)
     assert data["schema_version"] == JSON_SCHEMA_VERSION == 1 and data["report"] == "plan"
     assert data["totals"]["params"] == {
-        "before": 46_563_709,
-        "after": 39_958_781,
+        "before": BASE["yolov5l"][0],
+        "after": SLIM_NECK["yolov5l"][0],
         "change": -6_604_928,
         "percent": -14.1847,
     }
@@ -316,7 +244,10 @@ def test_gates_say_which_missed_and_by_how_much():
         ("min-params-reduction", True),
         ("min-flops-reduction", False),
     ]
-    assert gates[2].measured == 96_927_744_000 and gates[2].margin == -6_927_744_000
+    assert (
+        gates[2].measured == SLIM_NECK["yolov5l"][1]
+        and gates[2].margin == 90_000_000_000 - SLIM_NECK["yolov5l"][1]
+    )
     assert gates[2].detail == "missed by 6,927,744,000 FLOPs"
     assert gates[4].detail == "missed by 0.93 percentage points"
     assert gates[1].detail == "41,219 params to spare"
@@ -328,7 +259,7 @@ def test_gates_say_which_missed_and_by_how_much():
         "gate": "max-flops",
         "limit": "max",
         "threshold": 90_000_000_000,
-        "measured": 96_927_744_000,
+        "measured": SLIM_NECK["yolov5l"][1],
         "unit": "FLOPs",
         "passed": False,
         "margin": None,
@@ -354,13 +285,13 @@ def test_text_has_every_section_and_the_totals():
     text = render(slim_neck_l(), "text")
     for expected in [
         "rewrite plan: yolov5l with slim-neck",
-        "46,563,709",
-        "39,958,781",
+        f"{BASE['yolov5l'][0]:,}",
+        f"{SLIM_NECK['yolov5l'][0]:,}",
         "-6,604,928",
         "-14.18%",
         "46.56 M → 39.96 M",
-        "108,993,740,800",
-        "96,927,744,000",
+        f"{BASE['yolov5l'][1]:,}",
+        f"{SLIM_NECK['yolov5l'][1]:,}",
         "-11.07%",
         "Conv(1024→512, k1, s1) → GSConv(1024→512, k1, s1)",
         "out_channels 255 is not a multiple of 2",
@@ -385,7 +316,7 @@ def test_markdown_tables_have_a_header_row_and_a_separator():
         header, separator, *rows = table
         assert rows and re.fullmatch(r"\|( *:?-+:? *\|)+", separator), table
         assert header.count("|") == separator.count("|") == rows[0].count("|")
-    assert "| params |" in text and "46,563,709" in text and "### Rewritten sites (2)" in text
+    assert "| params |" in text and f"{BASE['yolov5l'][0]:,}" in text and "### Rewritten sites (2)" in text
     assert re.search(r"\|\s+-11\.07% \|", text)  # numbers right-aligned (":|" separators)
 
 
@@ -409,7 +340,7 @@ def test_html_is_one_self_contained_file_with_charts():
         "params per stage",
         "FLOPs per stage",
     ]
-    assert tree.find_all("table") and "46,563,709" in tree.text() and "-11.07%" in tree.text()
+    assert tree.find_all("table") and f"{BASE['yolov5l'][0]:,}" in tree.text() and "-11.07%" in tree.text()
     # One bar per stage and state (before, after) for every stage that has params or FLOPs ("other" has none).
     for svg in tree.find_all("svg"):
         texts = [text.text() for text in svg.find_all("text")]
@@ -575,9 +506,9 @@ def test_a_real_plan_renders_in_every_format():
     real = plan(model, "slim-neck", (torch.empty(1, 3, 64, 64, device="meta"),), model_name="yolov5n")
     data = json.loads(render(real, "json"))
     follows(data, PLAN_SCHEMA)
-    assert len(data["sites"]) == 8 and data["totals"]["params"]["after"] == 1_669_693
+    assert len(data["sites"]) == 8 and data["totals"]["params"]["after"] == SLIM_NECK["yolov5n"][0]
     for what in ("params", "flops"):  # stage subtotals add up to the totals
         for state in ("before", "after"):
             assert sum(s[what][state] for s in data["stages"].values()) == data["totals"][what][state]
-    assert "1,872,157" in render(real, "text") and markdown_tables(render(real, "markdown"))
+    assert f"{BASE['yolov5n'][0]:,}" in render(real, "text") and markdown_tables(render(real, "markdown"))
     assert "<svg" in render(real, "html")
