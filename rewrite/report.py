@@ -22,6 +22,7 @@ import html
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 from tabulate import tabulate
@@ -41,14 +42,6 @@ FORMATS = ("text", "markdown", "json", "html")
 _STAGE_ORDER = ("backbone", "neck", "head", "other")
 # Free-text columns wrap at this width in the text format: one long fx error must not make a 300-column table.
 _TEXT_WRAP = 60
-
-
-def _gate_value(value: float, unit: str) -> str:
-    if unit == "%":
-        return f"{value:.2f}%"
-    if unit == "rules":
-        return f"{value:,.0f} rule" + ("" if value == 1 else "s")
-    return f"{value:,.0f} ({_si(value)})"
 
 
 # Entry points
@@ -201,20 +194,21 @@ def _dump_json(data: dict[str, Any]) -> str:
 # One document, three renderers (text, markdown, HTML)
 
 
-# What a column holds decides how each format shows it.
-_TEXT = "text"
-_NUMBER = "number"  # already formatted; right-aligned
-_PROSE = "prose"  # free text (an fx error …): wrapped in the text format and in HTML
-_PATH = "path"  # a module path: HTML may break it after a dot
-# A (before, after) pair, "before → after"; HTML breaks it at the arrow, never inside a side.
-_REWRITE = "rewrite"
-_VERDICT = "verdict"  # "pass" or "FAIL", coloured in HTML by the row's state
+class _Kind(Enum):
+    """What a column holds, which decides how each format shows it."""
+
+    TEXT = "text"
+    NUMBER = "number"  # already formatted; right-aligned
+    PROSE = "prose"  # free text (an fx error …): wrapped in the text format and in HTML
+    PATH = "path"  # a module path: HTML may break it after a dot
+    REWRITE = "rewrite"  # a (before, after) pair, "before → after"; HTML breaks it at the arrow only
+    VERDICT = "verdict"  # "pass" or "FAIL", coloured in HTML by the row's state
 
 
 @dataclass(frozen=True)
 class _Column:
     header: str
-    kind: str = _TEXT
+    kind: _Kind = _Kind.TEXT
     # HTML groups a run of columns under one header ("params"), and titles each by ``short`` ("Δ %") beneath it.
     group: str = ""
     short: str = ""
@@ -223,7 +217,7 @@ class _Column:
 @dataclass
 class _Table:
     columns: list[_Column]
-    rows: list[list[Any]]  # strings; a _REWRITE column's cells are (before, after) pairs of strings
+    rows: list[list[Any]]  # strings; a REWRITE column's cells are (before, after) pairs of strings
     failed_rows: set[int] = field(default_factory=set)  # highlighted in HTML (failed gates)
 
 
@@ -299,11 +293,11 @@ def _plan_document(plan: Plan, gates: Sequence[GateResult]) -> _Document:
     totals = _Table(
         [
             _Column(""),
-            _Column("before", _NUMBER),
-            _Column("after", _NUMBER),
-            _Column("change", _NUMBER),
-            _Column("change %", _NUMBER),
-            _Column("readable", _REWRITE),
+            _Column("before", _Kind.NUMBER),
+            _Column("after", _Kind.NUMBER),
+            _Column("change", _Kind.NUMBER),
+            _Column("change %", _Kind.NUMBER),
+            _Column("readable", _Kind.REWRITE),
         ],
         [_total_row("params", plan.params), _total_row("FLOPs", plan.flops)],
     )
@@ -315,9 +309,9 @@ def _plan_document(plan: Plan, gates: Sequence[GateResult]) -> _Document:
                 _Table(
                     [
                         _Column("gate"),
-                        _Column("threshold", _NUMBER),
-                        _Column("measured", _NUMBER),
-                        _Column("result", _VERDICT),
+                        _Column("threshold", _Kind.NUMBER),
+                        _Column("measured", _Kind.NUMBER),
+                        _Column("result", _Kind.VERDICT),
                         _Column("detail"),
                     ],
                     [
@@ -353,10 +347,10 @@ def _plan_document(plan: Plan, gates: Sequence[GateResult]) -> _Document:
             f"Rewritten sites ({len(plan.sites)})",
             _Table(
                 [
-                    _Column("path", _PATH),
+                    _Column("path", _Kind.PATH),
                     _Column("stage"),
                     _Column("rule"),
-                    _Column("change", _REWRITE),
+                    _Column("change", _Kind.REWRITE),
                     *_delta_columns("params"),
                     *_delta_columns("FLOPs"),
                 ],
@@ -378,7 +372,7 @@ def _plan_document(plan: Plan, gates: Sequence[GateResult]) -> _Document:
         _Section(
             f"Rejected candidates ({len(plan.rejected)})",
             _Table(
-                [_Column("path", _PATH), _Column("rule"), _Column("reason", _PROSE)],
+                [_Column("path", _Kind.PATH), _Column("rule"), _Column("reason", _Kind.PROSE)],
                 [[_path(r.path), r.rule, r.reason] for r in plan.rejected],
             ),
         )
@@ -434,13 +428,13 @@ def _profile_document(
         share = 100.0 * cost.flops / total.flops if total.flops else 0.0
         return [f"{cost.params:,}", f"{cost.flops:,}", f"{cost.macs:,}", f"{share:.1f}%"]
 
-    costs = [_Column(header, _NUMBER) for header in ("params", "FLOPs", "MACs", "FLOPs share")]
+    costs = [_Column(header, _Kind.NUMBER) for header in ("params", "FLOPs", "MACs", "FLOPs share")]
     stages = _ordered(profile.stages)
     sections = [
         _Section(
             "Total",
             _Table(
-                [_Column(""), _Column("count", _NUMBER), _Column("readable", _NUMBER)],
+                [_Column(""), _Column("count", _Kind.NUMBER), _Column("readable", _Kind.NUMBER)],
                 [
                     ["params", f"{total.params:,}", _si(total.params)],
                     ["FLOPs", f"{total.flops:,}", _si(total.flops)],
@@ -457,7 +451,7 @@ def _profile_document(
         ),
         _Section(
             f"Top-level modules ({len(blocks)})",
-            _Table([_Column("module", _PATH), *costs], [[_path(p), *cost_cells(c)] for p, c in blocks]),
+            _Table([_Column("module", _Kind.PATH), *costs], [[_path(p), *cost_cells(c)] for p, c in blocks]),
         ),
         _leaf_section(
             f"Needed real data, could not run on meta ({len(profile.needed_real_data)})",
@@ -484,7 +478,7 @@ def _leaf_section(title: str, leaves: Sequence[Any]) -> _Section:
     return _Section(
         title,
         _Table(
-            [_Column("path", _PATH), _Column("type"), _Column("reason", _PROSE)],
+            [_Column("path", _Kind.PATH), _Column("type"), _Column("reason", _Kind.PROSE)],
             [[_path(x.path), x.type_name, x.reason] for x in leaves],
         ),
     )
@@ -497,10 +491,10 @@ def _total_row(label: str, delta: Delta) -> list[Any]:
 def _delta_columns(what: str) -> list[_Column]:
     """Before, after and the change of one figure: four numbers, grouped under ``what`` in HTML."""
     return [
-        _Column(f"{what} before", _NUMBER, what, "before"),
-        _Column(f"{what} after", _NUMBER, what, "after"),
-        _Column(f"Δ {what}", _NUMBER, what, "Δ"),
-        _Column("Δ %", _NUMBER, what, "Δ %"),
+        _Column(f"{what} before", _Kind.NUMBER, what, "before"),
+        _Column(f"{what} after", _Kind.NUMBER, what, "after"),
+        _Column(f"Δ {what}", _Kind.NUMBER, what, "Δ"),
+        _Column("Δ %", _Kind.NUMBER, what, "Δ %"),
     ]
 
 
@@ -544,6 +538,14 @@ def _si(value: float) -> str:
     return f"{value:g}"
 
 
+def _gate_value(value: float, unit: str) -> str:
+    if unit == "%":
+        return f"{value:.2f}%"
+    if unit == "rules":
+        return f"{value:,.0f} rule" + ("" if value == 1 else "s")
+    return f"{value:,.0f} ({_si(value)})"
+
+
 def _signed(value: int) -> str:
     return f"{value:+,}" if value else "0"
 
@@ -579,7 +581,9 @@ def _text(doc: _Document) -> str:
                     tablefmt="simple",
                     disable_numparse=True,  # "model.10" or "0" stay text; our numbers are already formatted
                     colalign=_colalign(table),
-                    maxcolwidths=[_TEXT_WRAP if column.kind == _PROSE else None for column in table.columns],
+                    maxcolwidths=[
+                        _TEXT_WRAP if column.kind is _Kind.PROSE else None for column in table.columns
+                    ],
                 )
             )
         else:
@@ -590,13 +594,16 @@ def _text(doc: _Document) -> str:
 def _plain_rows(table: _Table) -> list[list[str]]:
     """The cells as plain text, for the text and markdown tables."""
     return [
-        [" → ".join(cell) if column.kind == _REWRITE else cell for column, cell in zip(table.columns, row)]
+        [
+            " → ".join(cell) if column.kind is _Kind.REWRITE else cell
+            for column, cell in zip(table.columns, row)
+        ]
         for row in table.rows
     ]
 
 
 def _colalign(table: _Table) -> list[str]:
-    return ["right" if column.kind == _NUMBER else "left" for column in table.columns]
+    return ["right" if column.kind is _Kind.NUMBER else "left" for column in table.columns]
 
 
 # Markdown
@@ -755,17 +762,17 @@ def _html_table(table: _Table) -> str:
         return f' class="{name}"' if name else ""
 
     def cell(column: _Column, value: Any, failed: bool) -> str:
-        if column.kind == _PATH:
+        if column.kind is _Kind.PATH:
             return '<td class="path">' + "<wbr>".join(e(chunk) for chunk in _path_chunks(value)) + "</td>"
-        if column.kind == _REWRITE:
+        if column.kind is _Kind.REWRITE:
             before, after = value
             return f'<td class="pair"><span>{e(before)} →</span> <span>{e(after)}</span></td>'
-        if column.kind == _VERDICT:
+        if column.kind is _Kind.VERDICT:
             return f"<td{attr('bad' if failed else 'ok')}>{e(value)}</td>"
-        return f"<td{attr(_HEADER_CLASSES.get(column.kind, ''))}>{e(value)}</td>"
+        return f"<td{attr(_KIND_CLASSES.get(column.kind, ''))}>{e(value)}</td>"
 
     def header(column: _Column, text: str, extra: str = "") -> str:
-        return f"<th{extra}{attr(_HEADER_CLASSES.get(column.kind, ''))}>{e(text)}</th>"
+        return f"<th{extra}{attr(_KIND_CLASSES.get(column.kind, ''))}>{e(text)}</th>"
 
     groups = _column_groups(columns)
     if groups:
@@ -792,7 +799,7 @@ def _html_table(table: _Table) -> str:
 
 
 # The CSS class of a column's header and plain cells, by what the column holds.
-_HEADER_CLASSES = {_NUMBER: "num", _PROSE: "wrap", _PATH: "path"}
+_KIND_CLASSES = {_Kind.NUMBER: "num", _Kind.PROSE: "wrap", _Kind.PATH: "path"}
 
 
 def _escape(value: object) -> str:
