@@ -81,9 +81,8 @@ class BlockSummary:
     in_channels: int | None
     out_channels: int | None
     stride: int | tuple[int, ...] | None
-    kernel_size: int | tuple[int, ...] | None = (
-        None  # conv sites only: a block's first inner conv says nothing
-    )
+    # Conv sites only: the first inner conv of a block (a C3) says nothing about the block.
+    kernel_size: int | tuple[int, ...] | None = None
     n: int | None = None  # the replacement's number of inner blocks, when its rule sets one
 
     def __str__(self) -> str:
