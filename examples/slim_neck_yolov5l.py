@@ -17,7 +17,8 @@ import torch
 from tabulate import tabulate
 
 import rewrite
-from rewrite.report import check_gates, render_profile
+from rewrite.gates import check_gates
+from rewrite.report import render_profile
 from rewrite.zoo import create_model
 
 MODEL = "yolov5l"

@@ -36,6 +36,7 @@ from rewrite.errors import (
 )
 from rewrite.export import export_onnx
 from rewrite.fold import fold
+from rewrite.gates import GateResult, check_gates
 from rewrite.graph import label_stages, resolve_scope, resolve_stages, to_networkx
 from rewrite.planner import Plan, apply, plan
 from rewrite.profiler import Cost, Profile, profile
@@ -54,6 +55,7 @@ __all__ = [
     "ExportError",
     "GSBottleneck",
     "GSConv",
+    "GateResult",
     "InputSpecError",
     "Leaf",
     "ModelSpecError",
@@ -75,6 +77,7 @@ __all__ = [
     "WarmStartReport",
     "apply",
     "builtin_rule_sets",
+    "check_gates",
     "export_onnx",
     "fold",
     "label_stages",

@@ -39,7 +39,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from rewrite.errors import InputSpecError, ModelSpecError, NoMatchWarning, RewriteError
 from rewrite.files import write_atomically
-from rewrite.report import FORMATS, check_gates, render, render_profile
+from rewrite.gates import check_gates
+from rewrite.report import FORMATS, render, render_profile
 
 if TYPE_CHECKING:  # torch is imported by the commands that need it: --help and usage errors answer at once
     import torch

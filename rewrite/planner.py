@@ -33,7 +33,17 @@ from rewrite.rules import RuleSet, load_rules
 from rewrite.site import Site
 from rewrite.tracer import Traced, mode_dependent_regions, trace
 
-__all__ = ["Delta", "Plan", "Rejection", "ShapeCheck", "SiteChange", "StageChange", "apply", "plan"]
+__all__ = [
+    "BlockSummary",
+    "Delta",
+    "Plan",
+    "Rejection",
+    "ShapeCheck",
+    "SiteChange",
+    "StageChange",
+    "apply",
+    "plan",
+]
 
 
 @dataclass(frozen=True)
@@ -57,6 +67,35 @@ class Delta:
 
 
 @dataclass(frozen=True)
+class BlockSummary:
+    """The figures of a replaced or replacing block that a reader checks first; ``str()`` spells them as the
+    reports do.
+
+    >>> str(BlockSummary("Conv", 1024, 512, stride=1, kernel_size=1))
+    'Conv(1024→512, k1, s1)'
+    >>> str(BlockSummary("VoVGSCSP", 1024, 1024, stride=1, n=3))
+    'VoVGSCSP(1024→1024, s1, n=3)'
+    """
+
+    type_name: str
+    in_channels: int | None
+    out_channels: int | None
+    stride: int | tuple[int, ...] | None
+    # Conv sites only: the first inner conv of a block (a C3) says nothing about the block.
+    kernel_size: int | tuple[int, ...] | None = None
+    n: int | None = None  # the replacement's number of inner blocks, when its rule sets one
+
+    def __str__(self) -> str:
+        parts = [f"{self.in_channels}→{self.out_channels}"]
+        if self.kernel_size is not None:
+            parts.append(f"k{self.kernel_size}")
+        parts.append(f"s{self.stride}")
+        if self.n is not None:
+            parts.append(f"n={self.n}")
+        return f"{self.type_name}({', '.join(parts)})"
+
+
+@dataclass(frozen=True)
 class SiteChange:
     """One rewritten site: what was there, what replaces it, and what that costs."""
 
@@ -64,12 +103,22 @@ class SiteChange:
     rule: str
     stage: str | None
     kind: str  # "module": a module object swapped in its parent; "graph": fx nodes replaced in a GraphModule
-    before: str  # e.g. "Conv(1024→512, k1, s1)"
-    after: str  # e.g. "GSConv(1024→512, k1, s1)"
+    replaced: BlockSummary
+    replacement: BlockSummary
     params: Delta
     flops: Delta  # of every call the site's new block serves
     calls: int = 1  # how many calls of the old modules one new block now serves (kept shared)
     untied: str = ""  # set when the site's old modules were shared and its new block is not
+
+    @property
+    def before(self) -> str:
+        """What was there, e.g. ``"Conv(1024→512, k1, s1)"``."""
+        return str(self.replaced)
+
+    @property
+    def after(self) -> str:
+        """What replaces it, e.g. ``"GSConv(1024→512, k1, s1)"``."""
+        return str(self.replacement)
 
 
 @dataclass(frozen=True)
@@ -431,8 +480,8 @@ def _measure_site(traced: Traced, built: BuiltSite, stages: StageMap) -> SiteCha
         rule=match.rule.name,
         stage=stages.stage_of(match.path),
         kind=match.kind,
-        before=_describe(site.module_type, site, {}, show_kernel=bool(match.rule.match.chain)),
-        after=_describe(
+        replaced=_summary(site.module_type, site, {}, show_kernel=bool(match.rule.match.chain)),
+        replacement=_summary(
             type(built.block).__name__, site, built.options, show_kernel=bool(match.rule.match.chain)
         ),
         params=Delta(old.params, new.params),
@@ -440,17 +489,17 @@ def _measure_site(traced: Traced, built: BuiltSite, stages: StageMap) -> SiteCha
     )
 
 
-def _describe(type_name: str, site: Site, options: dict, *, show_kernel: bool) -> str:
-    """``Conv(1024→512, k1, s1)``: the block and the figures a reader checks first.
-
-    The kernel is shown for conv sites only: a block's first inner conv says nothing about the block.
-    """
-    parts = [f"{site.in_channels}→{site.out_channels}"]
-    if show_kernel and site.kernel_size is not None:
-        parts.append(f"k{site.kernel_size}")
-    parts.append(f"s{site.stride}")
-    parts += [f"{name}={value}" for name, value in options.items() if name == "n"]
-    return f"{type_name}({', '.join(parts)})"
+def _summary(type_name: str, site: Site, options: dict, *, show_kernel: bool) -> BlockSummary:
+    """The block and the site's figures; the kernel for conv sites only (a block's first inner conv says
+    nothing about the block)."""
+    return BlockSummary(
+        type_name,
+        site.in_channels,
+        site.out_channels,
+        site.stride,
+        kernel_size=site.kernel_size if show_kernel else None,
+        n=options.get("n"),
+    )
 
 
 def _tensors(inputs: tuple) -> list[torch.Tensor]:

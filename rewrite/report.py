@@ -2,14 +2,18 @@
 
 Text and markdown are for people (thousands separators, readable ``46.56 M`` columns); JSON is for
 machines (the versioned schema of ``docs/report-schema.md``); HTML is one self-contained file, no network
-needed, that CI can upload as an artifact. CI gates ("at most 100 G FLOPs after the rewrite") are checked here
-too, so that the report can say which gate missed and by how much::
+needed, that CI can upload as an artifact. Gates (:mod:`rewrite.gates`) are checked elsewhere and rendered
+here, so that the report can say which gate missed and by how much::
 
     p = plan(model, "slim-neck", (torch.rand(1, 3, 640, 640),))
     gates = check_gates(p, max_flops=100_000_000_000, min_flops_reduction=10.0)
     print(render(p, "markdown", gates=gates))
     data = json.loads(render(p, "json", gates=gates))
     data["totals"]["flops"]["percent"], [g["passed"] for g in data["gates"]]
+
+Every format is drawn from one document: sections whose tables say what each column holds (a number, a
+module path, a rewrite's before and after …) and which charts go with them, so no renderer has to recognise a
+section by its title or take a cell's text apart again.
 """
 
 from __future__ import annotations
@@ -18,12 +22,16 @@ import html
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 from tabulate import tabulate
 
+# Gate policy lives in rewrite.gates; both names stay importable from here, where they used to live.
+from rewrite.gates import GateResult, check_gates
+
 if TYPE_CHECKING:  # rendering needs only the fields, so the pipeline is not imported to print a report
-    from rewrite.planner import Delta, Plan
+    from rewrite.planner import BlockSummary, Delta, Plan
     from rewrite.profiler import Profile
 
 __all__ = ["FORMATS", "JSON_SCHEMA_VERSION", "GateResult", "check_gates", "render", "render_profile"]
@@ -34,88 +42,6 @@ FORMATS = ("text", "markdown", "json", "html")
 _STAGE_ORDER = ("backbone", "neck", "head", "other")
 # Free-text columns wrap at this width in the text format: one long fx error must not make a 300-column table.
 _TEXT_WRAP = 60
-
-
-# Gates
-
-
-@dataclass(frozen=True)
-class GateResult:
-    """One CI gate checked against a plan: ``measured`` must stay at or under (``limit="max"``) or reach
-    (``limit="min"``) the ``threshold``.
-
-    >>> gate = GateResult("max-flops", "max", threshold=100e9, measured=96_927_744_000, unit="FLOPs")
-    >>> gate.passed, gate.detail
-    (True, '3,072,256,000 FLOPs to spare')
-    >>> GateResult("min-flops-reduction", "min", threshold=12.0, measured=11.07, unit="%").detail
-    'missed by 0.93 percentage points'
-    """
-
-    gate: str  # the command-line option without its dashes, e.g. "max-flops"
-    limit: str  # "max" or "min"
-    threshold: float
-    measured: float
-    unit: str  # "params", "FLOPs", "%" or "rules"
-
-    @property
-    def margin(self) -> float:
-        """How far inside the threshold the measurement is; negative when the gate failed."""
-        return self.threshold - self.measured if self.limit == "max" else self.measured - self.threshold
-
-    @property
-    def passed(self) -> bool:
-        return self.margin >= 0
-
-    @property
-    def detail(self) -> str:
-        if self.unit == "rules":  # pass or fail, the count says it all: "1 rule to spare" would read oddly
-            return f"{self.measured} rule{'' if self.measured == 1 else 's'} matched nothing"
-        amount = _gate_amount(abs(self.margin), self.unit)
-        return f"{amount} to spare" if self.passed else f"missed by {amount}"
-
-
-def check_gates(
-    plan: Plan,
-    *,
-    fail_on_no_match: bool = False,
-    max_params: int | None = None,
-    max_flops: int | None = None,
-    min_params_reduction: float | None = None,
-    min_flops_reduction: float | None = None,
-) -> list[GateResult]:
-    """The gates that were asked for, in this order, checked against the figures *after* the rewrite.
-
-    Reductions are percentages of the "before" figure (``14.2`` means 14.2 % fewer); ``fail_on_no_match`` asks
-    that every rule match something in scope (so a rule set that rewrites nothing fails too).
-    """
-    gates = []
-    if fail_on_no_match:
-        gates.append(GateResult("fail-on-no-match", "max", 0, len(plan.unmatched_rules), "rules"))
-    if max_params is not None:
-        gates.append(GateResult("max-params", "max", max_params, plan.params.after, "params"))
-    if max_flops is not None:
-        gates.append(GateResult("max-flops", "max", max_flops, plan.flops.after, "FLOPs"))
-    if min_params_reduction is not None:
-        gates.append(
-            GateResult("min-params-reduction", "min", min_params_reduction, -plan.params.percent, "%")
-        )
-    if min_flops_reduction is not None:
-        gates.append(GateResult("min-flops-reduction", "min", min_flops_reduction, -plan.flops.percent, "%"))
-    return gates
-
-
-def _gate_amount(value: float, unit: str) -> str:
-    if unit == "%":
-        return f"{value:.2f} percentage points"
-    return f"{value:,.0f} {unit}"
-
-
-def _gate_value(value: float, unit: str) -> str:
-    if unit == "%":
-        return f"{value:.2f}%"
-    if unit == "rules":
-        return f"{value:,.0f} rule" + ("" if value == 1 else "s")
-    return f"{value:,.0f} ({_si(value)})"
 
 
 # Entry points
@@ -129,14 +55,7 @@ def render(plan: Plan, fmt: str = "text", *, gates: Sequence[GateResult] = ()) -
     _check_format(fmt)
     if fmt == "json":
         return _dump_json(_plan_json(plan, gates))
-    doc = _plan_document(plan, gates)
-    if fmt == "html":
-        charts = _stage_charts(
-            [(name, change.params.before, change.params.after) for name, change in _ordered(plan.stages)],
-            [(name, change.flops.before, change.flops.after) for name, change in _ordered(plan.stages)],
-        )
-        return _html(doc, charts, _plan_alerts(plan, gates))
-    return _markdown(doc) if fmt == "markdown" else _text(doc)
+    return _render_document(_plan_document(plan, gates), fmt)
 
 
 def render_profile(
@@ -166,19 +85,18 @@ def render_profile(
                 "needed_real_data": [_leaf_json(leaf) for leaf in profile.needed_real_data],
             }
         )
-    doc = _profile_document(profile, blocks, model_name, input_shapes)
-    if fmt == "html":
-        charts = _stage_charts(
-            [(name, c.params, None) for name, c in _ordered(profile.stages)],
-            [(name, c.flops, None) for name, c in _ordered(profile.stages)],
-        )
-        return _html(doc, charts)
-    return _markdown(doc) if fmt == "markdown" else _text(doc)
+    return _render_document(_profile_document(profile, blocks, model_name, input_shapes), fmt)
 
 
 def _check_format(fmt: str) -> None:
     if fmt not in FORMATS:
         raise ValueError(f"unknown report format {fmt!r}; expected one of {', '.join(FORMATS)}")
+
+
+def _render_document(doc: _Document, fmt: str) -> str:
+    if fmt == "html":
+        return _html(doc)
+    return _markdown(doc) if fmt == "markdown" else _text(doc)
 
 
 # JSON
@@ -204,8 +122,10 @@ def _plan_json(plan: Plan, gates: Sequence[GateResult]) -> dict[str, Any]:
                 "rule": site.rule,
                 "stage": site.stage,
                 "kind": site.kind,
-                "before": site.before,
-                "after": site.after,
+                "before": str(site.replaced),
+                "after": str(site.replacement),
+                "replaced": _block_json(site.replaced),
+                "replacement": _block_json(site.replacement),
                 "params": _delta_json(site.params),
                 "flops": _delta_json(site.flops),
                 "calls": site.calls,
@@ -247,6 +167,17 @@ def _delta_json(delta: Delta) -> dict[str, int | float]:
     }
 
 
+def _block_json(block: BlockSummary) -> dict[str, Any]:
+    return {
+        "type_name": block.type_name,
+        "in_channels": block.in_channels,
+        "out_channels": block.out_channels,
+        "kernel_size": block.kernel_size,
+        "stride": block.stride,
+        "n": block.n,
+    }
+
+
 def _rounded(value: float) -> int | float:
     """Counts stay exact; percentages are rounded, so float noise never shows up in a diff of two reports."""
     return value if isinstance(value, int) else round(value, 4)
@@ -263,13 +194,39 @@ def _dump_json(data: dict[str, Any]) -> str:
 # One document, three renderers (text, markdown, HTML)
 
 
+class _Kind(Enum):
+    """What a column holds, which decides how each format shows it."""
+
+    TEXT = "text"
+    NUMBER = "number"  # already formatted; right-aligned
+    PROSE = "prose"  # free text (an fx error …): wrapped in the text format and in HTML
+    PATH = "path"  # a module path: HTML may break it after a dot
+    REWRITE = "rewrite"  # a (before, after) pair, "before → after"; HTML breaks it at the arrow only
+    VERDICT = "verdict"  # "pass" or "FAIL", coloured in HTML by the row's state
+
+
+@dataclass(frozen=True)
+class _Column:
+    header: str
+    kind: _Kind = _Kind.TEXT
+    # HTML groups a run of columns under one header ("params"), and titles each by ``short`` ("Δ %") beneath it.
+    group: str = ""
+    short: str = ""
+
+
 @dataclass
 class _Table:
-    headers: list[str]
-    rows: list[list[str]]
-    numeric: set[int] = field(default_factory=set)  # right-aligned columns
-    wrap: set[int] = field(default_factory=set)  # free-text columns, wrapped in the text format
+    columns: list[_Column]
+    rows: list[list[Any]]  # strings; a REWRITE column's cells are (before, after) pairs of strings
     failed_rows: set[int] = field(default_factory=set)  # highlighted in HTML (failed gates)
+
+
+@dataclass(frozen=True)
+class _Chart:
+    """Bars per stage: ``(stage, before, after)`` rows, ``after`` None where there is one state (a profile)."""
+
+    title: str
+    rows: list[tuple[str, int, int | None]]
 
 
 @dataclass
@@ -277,41 +234,72 @@ class _Section:
     title: str
     table: _Table | None = None  # None or no rows: the section says "none"
     items: list[str] = field(default_factory=list)  # a bullet list instead of a table
+    charts: list[_Chart] = field(default_factory=list)  # drawn under the table in HTML only
+
+
+@dataclass(frozen=True)
+class _Fact:
+    label: str
+    value: str
+    passed: bool | None = None  # a verdict (the shape check, the gates), coloured in HTML
+
+
+@dataclass(frozen=True)
+class _Alert:
+    """What a reader must see first, under the title in HTML: failed gates, a failed shape check."""
+
+    ok: bool
+    headline: str
+    details: list[str] = field(default_factory=list)
 
 
 @dataclass
 class _Document:
     title: str
-    facts: list[tuple[str, str]]
+    facts: list[_Fact]
     sections: list[_Section]
+    alerts: list[_Alert] = field(default_factory=list)
 
 
 def _plan_document(plan: Plan, gates: Sequence[GateResult]) -> _Document:
     check = plan.shape_check
     facts = [
-        (
+        _Fact(
             "result",
             plan.nothing_rewritten
             or f"{len(plan.sites)} site{'' if len(plan.sites) == 1 else 's'} rewritten",
         ),
-        ("model", plan.model_name),
-        ("rules", plan.rule_set),
-        ("scope", plan.scope or "whole model"),
-        ("input", _shapes(plan.input_shapes)),
-        ("device", plan.device),
-        (
+        _Fact("model", plan.model_name),
+        _Fact("rules", plan.rule_set),
+        _Fact("scope", plan.scope or "whole model"),
+        _Fact("input", _shapes(plan.input_shapes)),
+        _Fact("device", plan.device),
+        _Fact(
             "shape check",
             ("passed" if check.passed else "FAILED") + (f": {check.detail}" if check.detail else ""),
+            passed=check.passed,
         ),
     ]
+    failed = [g for g in gates if not g.passed]
     if gates:
-        failed = [g.gate for g in gates if not g.passed]
-        facts.append(("gates", f"FAILED: {', '.join(failed)}" if failed else f"all {len(gates)} passed"))
+        facts.append(
+            _Fact(
+                "gates",
+                f"FAILED: {', '.join(g.gate for g in failed)}" if failed else f"all {len(gates)} passed",
+                passed=not failed,
+            )
+        )
 
     totals = _Table(
-        ["", "before", "after", "change", "change %", "readable"],
+        [
+            _Column(""),
+            _Column("before", _Kind.NUMBER),
+            _Column("after", _Kind.NUMBER),
+            _Column("change", _Kind.NUMBER),
+            _Column("change %", _Kind.NUMBER),
+            _Column("readable", _Kind.REWRITE),
+        ],
         [_total_row("params", plan.params), _total_row("FLOPs", plan.flops)],
-        numeric={1, 2, 3, 4},
     )
     sections = [_Section("Totals", totals)]
     if gates:
@@ -319,7 +307,13 @@ def _plan_document(plan: Plan, gates: Sequence[GateResult]) -> _Document:
             _Section(
                 "Gates",
                 _Table(
-                    ["gate", "threshold", "measured", "result", "detail"],
+                    [
+                        _Column("gate"),
+                        _Column("threshold", _Kind.NUMBER),
+                        _Column("measured", _Kind.NUMBER),
+                        _Column("result", _Kind.VERDICT),
+                        _Column("detail"),
+                    ],
                     [
                         [
                             f"--{g.gate}",
@@ -330,23 +324,21 @@ def _plan_document(plan: Plan, gates: Sequence[GateResult]) -> _Document:
                         ]
                         for g in gates
                     ],
-                    numeric={1, 2},
                     failed_rows={i for i, g in enumerate(gates) if not g.passed},
                 ),
             )
         )
 
-    stage_rows = [
-        [name, *_delta_cells(c.params), *_delta_cells(c.flops)] for name, c in _ordered(plan.stages)
-    ]
+    stages = _ordered(plan.stages)
+    stage_rows = [[name, *_delta_cells(c.params), *_delta_cells(c.flops)] for name, c in stages]
     stage_rows.append(["total", *_delta_cells(plan.params), *_delta_cells(plan.flops)])
     sections.append(
         _Section(
             "Stages",
-            _Table(
-                ["stage", *_delta_headers("params"), *_delta_headers("FLOPs")],
-                stage_rows,
-                numeric=set(range(1, 9)),
+            _Table([_Column("stage"), *_delta_columns("params"), *_delta_columns("FLOPs")], stage_rows),
+            charts=_stage_charts(
+                [(name, c.params.before, c.params.after) for name, c in stages],
+                [(name, c.flops.before, c.flops.after) for name, c in stages],
             ),
         )
     )
@@ -354,19 +346,25 @@ def _plan_document(plan: Plan, gates: Sequence[GateResult]) -> _Document:
         _Section(
             f"Rewritten sites ({len(plan.sites)})",
             _Table(
-                ["path", "stage", "rule", "change", *_delta_headers("params"), *_delta_headers("FLOPs")],
+                [
+                    _Column("path", _Kind.PATH),
+                    _Column("stage"),
+                    _Column("rule"),
+                    _Column("change", _Kind.REWRITE),
+                    *_delta_columns("params"),
+                    *_delta_columns("FLOPs"),
+                ],
                 [
                     [
                         _path(s.path),
                         s.stage or "other",
                         s.rule,
-                        f"{s.before} → {s.after}",
+                        (str(s.replaced), str(s.replacement)),
                         *_delta_cells(s.params),
                         *_delta_cells(s.flops),
                     ]
                     for s in plan.sites
                 ],
-                numeric=set(range(4, 12)),
             ),
         )
     )
@@ -374,9 +372,8 @@ def _plan_document(plan: Plan, gates: Sequence[GateResult]) -> _Document:
         _Section(
             f"Rejected candidates ({len(plan.rejected)})",
             _Table(
-                ["path", "rule", "reason"],
+                [_Column("path", _Kind.PATH), _Column("rule"), _Column("reason", _Kind.PROSE)],
                 [[_path(r.path), r.rule, r.reason] for r in plan.rejected],
-                wrap={2},
             ),
         )
     )
@@ -387,46 +384,74 @@ def _plan_document(plan: Plan, gates: Sequence[GateResult]) -> _Document:
         )
     )
     sections.append(_Section(f"Warnings ({len(plan.warnings)})", items=list(plan.warnings)))
-    return _Document(f"rewrite plan: {plan.model_name} with {plan.rule_set}", facts, sections)
+    return _Document(
+        f"rewrite plan: {plan.model_name} with {plan.rule_set}", facts, sections, _plan_alerts(plan, gates)
+    )
+
+
+def _plan_alerts(plan: Plan, gates: Sequence[GateResult]) -> list[_Alert]:
+    """Failed gates, a failed shape check, or that every gate passed."""
+    alerts = []
+    failed = [g for g in gates if not g.passed]
+    if failed:
+        alerts.append(
+            _Alert(
+                False,
+                f"{len(failed)} of {len(gates)} gate{'' if len(gates) == 1 else 's'} failed",
+                [
+                    f"--{g.gate}: needs {'≤' if g.limit == 'max' else '≥'} {_gate_value(g.threshold, g.unit)}, "
+                    f"measured {_gate_value(g.measured, g.unit)}: {g.detail}"
+                    for g in failed
+                ],
+            )
+        )
+    if not plan.shape_check.passed:
+        alerts.append(
+            _Alert(False, "Shape check failed", [plan.shape_check.detail] if plan.shape_check.detail else [])
+        )
+    if gates and not failed:
+        alerts.append(_Alert(True, f"All {len(gates)} gate{'' if len(gates) == 1 else 's'} passed"))
+    return alerts
 
 
 def _profile_document(
     profile: Profile, blocks: list[tuple[str, Any]], model_name: str, input_shapes: Sequence[Sequence[int]]
 ) -> _Document:
     total = profile.total
-    facts = [("model", model_name), ("input", _shapes(input_shapes)), ("device", profile.device)]
+    facts = [
+        _Fact("model", model_name),
+        _Fact("input", _shapes(input_shapes)),
+        _Fact("device", profile.device),
+    ]
 
     def cost_cells(cost: Any) -> list[str]:
         share = 100.0 * cost.flops / total.flops if total.flops else 0.0
         return [f"{cost.params:,}", f"{cost.flops:,}", f"{cost.macs:,}", f"{share:.1f}%"]
 
-    headers = ["params", "FLOPs", "MACs", "FLOPs share"]
+    costs = [_Column(header, _Kind.NUMBER) for header in ("params", "FLOPs", "MACs", "FLOPs share")]
+    stages = _ordered(profile.stages)
     sections = [
         _Section(
             "Total",
             _Table(
-                ["", "count", "readable"],
+                [_Column(""), _Column("count", _Kind.NUMBER), _Column("readable", _Kind.NUMBER)],
                 [
                     ["params", f"{total.params:,}", _si(total.params)],
                     ["FLOPs", f"{total.flops:,}", _si(total.flops)],
                     ["MACs", f"{total.macs:,}", _si(total.macs)],
                 ],
-                numeric={1, 2},
             ),
         ),
         _Section(
             "Stages",
-            _Table(
-                ["stage", *headers],
-                [[name, *cost_cells(c)] for name, c in _ordered(profile.stages)],
-                numeric={1, 2, 3, 4},
+            _Table([_Column("stage"), *costs], [[name, *cost_cells(c)] for name, c in stages]),
+            charts=_stage_charts(
+                [(name, c.params, None) for name, c in stages], [(name, c.flops, None) for name, c in stages]
             ),
         ),
         _Section(
             f"Top-level modules ({len(blocks)})",
-            _Table(
-                ["module", *headers], [[_path(p), *cost_cells(c)] for p, c in blocks], numeric={1, 2, 3, 4}
-            ),
+            _Table([_Column("module", _Kind.PATH), *costs], [[_path(p), *cost_cells(c)] for p, c in blocks]),
         ),
         _leaf_section(
             f"Needed real data, could not run on meta ({len(profile.needed_real_data)})",
@@ -436,21 +461,41 @@ def _profile_document(
     return _Document(f"rewrite profile: {model_name}", facts, sections)
 
 
+def _stage_charts(
+    params: list[tuple[str, int, int | None]], flops: list[tuple[str, int, int | None]]
+) -> list[_Chart]:
+    """Params and FLOPs per stage, as bars; a plan's rows carry (stage, before, after), a profile's (stage,
+    value, None)."""
+    # A stage with nothing in it (often "other") would only be an empty row; both charts keep the same rows.
+    shown = {stage for stage, before, after in params + flops if before or after}
+    return [
+        _Chart("params per stage", [row for row in params if row[0] in shown]),
+        _Chart("FLOPs per stage", [row for row in flops if row[0] in shown]),
+    ]
+
+
 def _leaf_section(title: str, leaves: Sequence[Any]) -> _Section:
     return _Section(
         title,
         _Table(
-            ["path", "type", "reason"], [[_path(x.path), x.type_name, x.reason] for x in leaves], wrap={2}
+            [_Column("path", _Kind.PATH), _Column("type"), _Column("reason", _Kind.PROSE)],
+            [[_path(x.path), x.type_name, x.reason] for x in leaves],
         ),
     )
 
 
-def _total_row(label: str, delta: Delta) -> list[str]:
-    return [label, *_delta_cells(delta), f"{_si(delta.before)} → {_si(delta.after)}"]
+def _total_row(label: str, delta: Delta) -> list[Any]:
+    return [label, *_delta_cells(delta), (_si(delta.before), _si(delta.after))]
 
 
-def _delta_headers(what: str) -> list[str]:
-    return [f"{what} before", f"{what} after", f"Δ {what}", "Δ %"]
+def _delta_columns(what: str) -> list[_Column]:
+    """Before, after and the change of one figure: four numbers, grouped under ``what`` in HTML."""
+    return [
+        _Column(f"{what} before", _Kind.NUMBER, what, "before"),
+        _Column(f"{what} after", _Kind.NUMBER, what, "after"),
+        _Column(f"Δ {what}", _Kind.NUMBER, what, "Δ"),
+        _Column("Δ %", _Kind.NUMBER, what, "Δ %"),
+    ]
 
 
 def _delta_cells(delta: Delta) -> list[str]:
@@ -493,6 +538,14 @@ def _si(value: float) -> str:
     return f"{value:g}"
 
 
+def _gate_value(value: float, unit: str) -> str:
+    if unit == "%":
+        return f"{value:.2f}%"
+    if unit == "rules":
+        return f"{value:,.0f} rule" + ("" if value == 1 else "s")
+    return f"{value:,.0f} ({_si(value)})"
+
+
 def _signed(value: int) -> str:
     return f"{value:+,}" if value else "0"
 
@@ -513,8 +566,8 @@ def _path(path: str) -> str:
 
 
 def _text(doc: _Document) -> str:
-    width = max(len(label) for label, _ in doc.facts)
-    lines = [doc.title, ""] + [f"  {label:<{width}}  {value}" for label, value in doc.facts]
+    width = max(len(fact.label) for fact in doc.facts)
+    lines = [doc.title, ""] + [f"  {fact.label:<{width}}  {fact.value}" for fact in doc.facts]
     for section in doc.sections:
         lines += ["", section.title, "-" * len(section.title)]
         if section.items:
@@ -523,12 +576,14 @@ def _text(doc: _Document) -> str:
             table = section.table
             lines.append(
                 tabulate(
-                    table.rows,
-                    table.headers,
+                    _plain_rows(table),
+                    [column.header for column in table.columns],
                     tablefmt="simple",
                     disable_numparse=True,  # "model.10" or "0" stay text; our numbers are already formatted
                     colalign=_colalign(table),
-                    maxcolwidths=[_TEXT_WRAP if i in table.wrap else None for i in range(len(table.headers))],
+                    maxcolwidths=[
+                        _TEXT_WRAP if column.kind is _Kind.PROSE else None for column in table.columns
+                    ],
                 )
             )
         else:
@@ -536,15 +591,26 @@ def _text(doc: _Document) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _plain_rows(table: _Table) -> list[list[str]]:
+    """The cells as plain text, for the text and markdown tables."""
+    return [
+        [
+            " → ".join(cell) if column.kind is _Kind.REWRITE else cell
+            for column, cell in zip(table.columns, row)
+        ]
+        for row in table.rows
+    ]
+
+
 def _colalign(table: _Table) -> list[str]:
-    return ["right" if i in table.numeric else "left" for i in range(len(table.headers))]
+    return ["right" if column.kind is _Kind.NUMBER else "left" for column in table.columns]
 
 
 # Markdown
 
 
 def _markdown(doc: _Document) -> str:
-    lines = [f"## {_md(doc.title)}", ""] + [f"- **{label}:** {_md(value)}" for label, value in doc.facts]
+    lines = [f"## {_md(doc.title)}", ""] + [f"- **{fact.label}:** {_md(fact.value)}" for fact in doc.facts]
     for section in doc.sections:
         lines += ["", f"### {_md(section.title)}", ""]
         if section.items:
@@ -553,8 +619,8 @@ def _markdown(doc: _Document) -> str:
             table = section.table
             lines.append(
                 tabulate(
-                    [[_md(cell) for cell in row] for row in table.rows],
-                    [_md(h) for h in table.headers],
+                    [[_md(cell) for cell in row] for row in _plain_rows(table)],
+                    [_md(column.header) for column in table.columns],
                     tablefmt="pipe",  # GitHub's pipe table, with the ":" alignment markers GitHub honours
                     disable_numparse=True,
                     colalign=_colalign(table),
@@ -615,47 +681,21 @@ li { overflow-wrap: anywhere; }
 """
 
 
-def _plan_alerts(plan: Plan, gates: Sequence[GateResult]) -> list[tuple[bool, str, list[str]]]:
-    """What a reader must see first, as (ok, headline, details): failed gates, a failed shape check, or
-    that every gate passed."""
-    alerts = []
-    failed = [g for g in gates if not g.passed]
-    if failed:
-        alerts.append(
-            (
-                False,
-                f"{len(failed)} of {len(gates)} gate{'' if len(gates) == 1 else 's'} failed",
-                [
-                    f"--{g.gate}: needs {'≤' if g.limit == 'max' else '≥'} {_gate_value(g.threshold, g.unit)}, "
-                    f"measured {_gate_value(g.measured, g.unit)}: {g.detail}"
-                    for g in failed
-                ],
-            )
-        )
-    if not plan.shape_check.passed:
-        alerts.append(
-            (False, "Shape check failed", [plan.shape_check.detail] if plan.shape_check.detail else [])
-        )
-    if gates and not failed:
-        alerts.append((True, f"All {len(gates)} gate{'' if len(gates) == 1 else 's'} passed", []))
-    return alerts
-
-
-def _html(doc: _Document, charts: str, alerts: Sequence[tuple[bool, str, list[str]]] = ()) -> str:
-    """The document as a page; ``alerts`` (failed gates …) stand out under the title, and ``charts`` (inline
-    SVG) go below the per-stage table they draw."""
+def _html(doc: _Document) -> str:
+    """The document as a page; its alerts stand out under the title, and a section's charts (inline SVG) go
+    below its table."""
     e = _escape
     body = [f"<h1>{e(doc.title)}</h1>"]
-    for ok, headline, details in alerts:
-        items = "".join(f"<li>{e(d)}</li>" for d in details)
+    for alert in doc.alerts:
+        items = "".join(f"<li>{e(detail)}</li>" for detail in alert.details)
         body.append(
-            f'<div class="alert {"ok" if ok else "bad"}" role="{"status" if ok else "alert"}">'
-            f"<p><strong>{e(headline)}</strong></p>" + (f"<ul>{items}</ul>" if items else "") + "</div>"
+            f'<div class="alert {"ok" if alert.ok else "bad"}" role="{"status" if alert.ok else "alert"}">'
+            f"<p><strong>{e(alert.headline)}</strong></p>" + (f"<ul>{items}</ul>" if items else "") + "</div>"
         )
     body.append('<dl class="facts">')
-    for label, value in doc.facts:
-        state = _fact_state(value) if label in ("shape check", "gates") else ""
-        body.append(f"<dt>{e(label)}</dt><dd{state}>{e(value)}</dd>")
+    for fact in doc.facts:
+        state = "" if fact.passed is None else f' class="{"ok" if fact.passed else "bad"}"'
+        body.append(f"<dt>{e(fact.label)}</dt><dd{state}>{e(fact.value)}</dd>")
     body.append("</dl>")
     for section in doc.sections:
         body.append(f"<h2>{e(section.title)}</h2>")
@@ -665,8 +705,10 @@ def _html(doc: _Document, charts: str, alerts: Sequence[tuple[bool, str, list[st
             body.append(_html_table(section.table))
         else:
             body.append('<p class="none">none</p>')
-        if section.title == "Stages":
-            body.append(charts)
+        if section.charts:
+            body.append(
+                '<div class="charts">' + "".join(_bar_chart(chart) for chart in section.charts) + "</div>"
+            )
     return (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
@@ -676,30 +718,20 @@ def _html(doc: _Document, charts: str, alerts: Sequence[tuple[bool, str, list[st
     )
 
 
-def _fact_state(value: str) -> str:
-    if value.startswith("FAILED"):
-        return ' class="bad"'
-    return ' class="ok"' if value.startswith(("passed", "all ")) else ""
+def _column_groups(columns: list[_Column]) -> list[tuple[str, int]]:
+    """Runs of columns that share a group as (group, length), every other column as ("", 1); empty when no
+    column has a group. Two "Δ %" columns side by side only read right under a "params" / "FLOPs" group header.
 
-
-# Columns whose cells are module paths: they may break after a dot rather than widen the table.
-_PATH_HEADERS = ("path", "module")
-_SUB_HEADERS = ("before", "after", "Δ", "Δ %")
-
-
-def _column_groups(headers: list[str]) -> list[tuple[str, int]]:
-    """Runs of ``_delta_headers(what)`` as (what, 4), every other column as ("", 1); empty when there are no
-    runs. Two "Δ %" columns side by side only read right under a "params" / "FLOPs" group header.
-
-    >>> _column_groups(["stage", *_delta_headers("params"), *_delta_headers("FLOPs")])
+    >>> _column_groups([_Column("stage"), *_delta_columns("params"), *_delta_columns("FLOPs")])
     [('', 1), ('params', 4), ('FLOPs', 4)]
     """
-    groups, i = [], 0
-    while i < len(headers):
-        what = next((w for w in ("params", "FLOPs") if headers[i : i + 4] == _delta_headers(w)), None)
-        groups.append((what, 4) if what else ("", 1))
-        i += 4 if what else 1
-    return groups if any(what for what, _ in groups) else []
+    groups: list[tuple[str, int]] = []
+    for column in columns:
+        if column.group and groups and groups[-1][0] == column.group:
+            groups[-1] = (column.group, groups[-1][1] + 1)
+        else:
+            groups.append((column.group, 1))
+    return groups if any(group for group, _ in groups) else []
 
 
 def _path_chunks(path: str, short: int = 12) -> list[str]:
@@ -724,52 +756,50 @@ def _path_chunks(path: str, short: int = 12) -> list[str]:
 
 def _html_table(table: _Table) -> str:
     e = _escape
-
-    def cls(i: int) -> str:
-        if i in table.numeric:
-            return "num"
-        if i in table.wrap:
-            return "wrap"
-        return "path" if table.headers[i] in _PATH_HEADERS else ""
+    columns = table.columns
 
     def attr(name: str) -> str:
         return f' class="{name}"' if name else ""
 
-    def cell(i: int, value: str, failed: bool) -> str:
-        name, text = cls(i), e(value)
-        if name == "path":
-            text = "<wbr>".join(e(chunk) for chunk in _path_chunks(value))
-        elif not name and " → " in value:  # "Conv(…) → GSConv(…)" breaks at the arrow, never inside a side
-            before, _, after = value.partition(" → ")
-            name, text = "pair", f"<span>{e(before)} →</span> <span>{e(after)}</span>"
-        elif table.headers[i] == "result" and value in ("pass", "FAIL"):
-            name = "bad" if failed else "ok"
-        return f"<td{attr(name)}>{text}</td>"
+    def cell(column: _Column, value: Any, failed: bool) -> str:
+        if column.kind is _Kind.PATH:
+            return '<td class="path">' + "<wbr>".join(e(chunk) for chunk in _path_chunks(value)) + "</td>"
+        if column.kind is _Kind.REWRITE:
+            before, after = value
+            return f'<td class="pair"><span>{e(before)} →</span> <span>{e(after)}</span></td>'
+        if column.kind is _Kind.VERDICT:
+            return f"<td{attr('bad' if failed else 'ok')}>{e(value)}</td>"
+        return f"<td{attr(_KIND_CLASSES.get(column.kind, ''))}>{e(value)}</td>"
 
-    groups = _column_groups(table.headers)
+    def header(column: _Column, text: str, extra: str = "") -> str:
+        return f"<th{extra}{attr(_KIND_CLASSES.get(column.kind, ''))}>{e(text)}</th>"
+
+    groups = _column_groups(columns)
     if groups:
         top, sub, i = [], [], 0
-        for what, span in groups:
-            if what:
-                top.append(f'<th colspan="{span}" class="group">{e(what)}</th>')
-                sub += [f"<th{attr(cls(i + k))}>{e(h)}</th>" for k, h in enumerate(_SUB_HEADERS)]
+        for group, span in groups:
+            if group:
+                top.append(f'<th colspan="{span}" class="group">{e(group)}</th>')
+                sub += [header(column, column.short) for column in columns[i : i + span]]
             else:
-                top.append(f'<th rowspan="2"{attr(cls(i))}>{e(table.headers[i])}</th>')
+                top.append(header(columns[i], columns[i].header, ' rowspan="2"'))
             i += span
         head = f"<tr>{''.join(top)}</tr>\n<tr>{''.join(sub)}</tr>"
     else:
-        head = (
-            "<tr>" + "".join(f"<th{attr(cls(i))}>{e(h)}</th>" for i, h in enumerate(table.headers)) + "</tr>"
-        )
+        head = "<tr>" + "".join(header(column, column.header) for column in columns) + "</tr>"
     rows = [
         ('<tr class="failed">' if r in table.failed_rows else "<tr>")
-        + "".join(cell(i, value, r in table.failed_rows) for i, value in enumerate(row))
+        + "".join(cell(column, value, r in table.failed_rows) for column, value in zip(columns, row))
         + "</tr>"
         for r, row in enumerate(table.rows)
     ]
     body = "\n".join(rows)
     # Wide tables (the sites have 12 columns) scroll inside their box instead of widening the page.
     return f'<div class="scroll"><table>\n<thead>{head}</thead>\n<tbody>\n{body}\n</tbody>\n</table></div>'
+
+
+# The CSS class of a column's header and plain cells, by what the column holds.
+_KIND_CLASSES = {_Kind.NUMBER: "num", _Kind.PROSE: "wrap", _Kind.PATH: "path"}
 
 
 def _escape(value: object) -> str:
@@ -781,18 +811,10 @@ _LABEL_W, _LABEL_MAX_W, _BAR_W, _VALUE_W, _BAR_H, _GAP, _ROW_GAP, _TOP = 80, 200
 _BEFORE_COLOR, _AFTER_COLOR, _GROWN_COLOR = "#afb8c1", "#0969da", "#cf222e"
 
 
-def _stage_charts(params: list[tuple[str, int, int | None]], flops: list[tuple[str, int, int | None]]) -> str:
-    """Two hand-written SVG bar charts (params, FLOPs) per stage; a plan's rows carry (stage, before, after),
-    a profile's (stage, value, None)."""
-    # A stage with nothing in it (often "other") would only be an empty row; both charts keep the same rows.
-    shown = {stage for stage, before, after in params + flops if before or after}
-    params, flops = ([row for row in rows if row[0] in shown] for rows in (params, flops))
-    charts = _bar_chart("params per stage", params) + _bar_chart("FLOPs per stage", flops)
-    return f'<div class="charts">{charts}</div>'
-
-
-def _bar_chart(title: str, rows: list[tuple[str, int, int | None]]) -> str:
+def _bar_chart(chart: _Chart) -> str:
+    """One hand-written SVG bar chart: one bar per stage, or before and after side by side."""
     e = _escape
+    title, rows = chart.title, chart.rows
     compare = any(after is not None for _, _, after in rows)
     grew = any(after is not None and after > before for _, before, after in rows)
     bars_per_row = 2 if compare else 1

@@ -1,18 +1,9 @@
 import os
 
-import pytest
 from hypothesis import settings
-
-import rewrite.builders
 
 # The property tests' examples: "ci" (the default) draws the same 200 every run, so a failure reproduces;
 # HYPOTHESIS_PROFILE=explore draws new ones (and remembers failures in .hypothesis/) to hunt for more.
 settings.register_profile("ci", derandomize=True, max_examples=200, deadline=None, database=None)
 settings.register_profile("explore", max_examples=1000, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
-
-
-@pytest.fixture(autouse=True)
-def scratch_builder_registry(monkeypatch):
-    """Builders a test registers are gone after it, so no test sees another's."""
-    monkeypatch.setattr(rewrite.builders, "_REGISTRY", dict(rewrite.builders._REGISTRY))

@@ -4,6 +4,7 @@ from typing import Literal, get_args
 
 import pytest
 import torch
+from reference import BASE, GSCONV_ONLY, SLIM_NECK, SLIM_NECK_YOLOV5L_SHAPES
 from torch import nn
 
 from rewrite import builders
@@ -196,7 +197,7 @@ def test_gsbottleneck_and_vovgscsp_keep_the_shape():
 
 
 def yolov5_neck_sites(model: nn.Module) -> list[Site]:
-    """The sites slim-neck finds in a YOLOv5 neck (REFERENCE §2), made from its modules like the matcher."""
+    """The sites slim-neck finds in a YOLOv5 neck (tests/reference.py), made from its modules like the matcher."""
     sites = []
     for index in (10, 14, 18, 21):
         layer = model.model[index]
@@ -243,11 +244,11 @@ def build_with_slim_neck(site: Site) -> nn.Module:
 
 
 @pytest.mark.parametrize(
-    # REFERENCE §3: params of the base model minus those of GSConv-only, and of slim-neck
+    # params of the base model minus those of GSConv-only, and of slim-neck
     "name, gsconv_saving, slim_neck_saving",
     [
-        ("yolov5n", 1_872_157 - 1_764_317, 1_872_157 - 1_669_693),
-        ("yolov5s", 7_235_389 - 6_794_429, 7_235_389 - 6_400_381),
+        (name, BASE[name][0] - GSCONV_ONLY[name][0], BASE[name][0] - SLIM_NECK[name][0])
+        for name in ("yolov5n", "yolov5s")
     ],
 )
 def test_slim_neck_builders_reproduce_the_reference_parameter_savings(name, gsconv_saving, slim_neck_saving):
@@ -265,9 +266,9 @@ def test_slim_neck_blocks_carry_the_reference_state_dict_shapes():
     with torch.device("meta"):
         model = create_model("yolov5l")
     blocks = {site.path: build_with_slim_neck(site) for site in yolov5_neck_sites(model)}
-    # REFERENCE §3b, yolov5l slim-neck
-    assert blocks["model.10"].state_dict()["cv2.conv.weight"].shape == (256, 1, 5, 5)
-    assert blocks["model.13"].state_dict()["gsb.0.conv_lighting.0.cv1.conv.weight"].shape == (128, 256, 1, 1)
+    for key, shape in SLIM_NECK_YOLOV5L_SHAPES.items():  # model.{i}.{key in block i}
+        _, index, key_in_block = key.split(".", 2)
+        assert blocks[f"model.{index}"].state_dict()[key_in_block].shape == shape
     assert len(blocks["model.13"].gsb) == len(model.model[13].m) == 3
     assert all(p.device.type == "meta" for block in blocks.values() for p in block.parameters())
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from html_page import parse_html
+from reference import BASE, GSCONV_ONLY, SLIM_NECK, SLIM_NECK_STATE_DICTS
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = "--input 1,3,64,64 --device meta"
@@ -65,7 +67,7 @@ def test_plan_text_with_every_gate_passing_and_the_step_summary(tmp_path):
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert out.startswith("rewrite plan: yolov5n with slim-neck\n")
-    assert "1,872,157" in out and "1,669,693" in out and "-10.81%" in out  # REFERENCE.md §3, yolov5n
+    assert f"{BASE['yolov5n'][0]:,}" in out and f"{SLIM_NECK['yolov5n'][0]:,}" in out and "-10.81%" in out
     assert "Rewritten sites (8)" in out and "GSConv(" in out and "VoVGSCSP(" in out
     gates = out.split("Gates\n")[1].split("\n\n")[0]
     assert gates.count(" pass ") == 5 and "FAIL" not in gates and "all 5 passed" in out
@@ -100,7 +102,8 @@ def test_plan_json_to_a_file_with_every_gate_failing(tmp_path):
         ("min-params-reduction", 50.0, False),
         ("min-flops-reduction", 50.0, False),
     ]
-    assert data["gates"][0]["measured"] == 1_669_693 and data["gates"][0]["margin"] == -669_693
+    assert data["gates"][0]["measured"] == SLIM_NECK["yolov5n"][0]
+    assert data["gates"][0]["margin"] == 1_000_000 - SLIM_NECK["yolov5n"][0]
 
 
 def test_fail_on_no_match_fails_when_the_scope_leaves_nothing_to_rewrite(tmp_path):
@@ -118,13 +121,15 @@ def test_plan_markdown_and_html(tmp_path):
     markdown = rewrite(f"plan yolov5n --rules gsconv-only {SMALL} --format markdown", tmp_path)
     assert markdown.returncode == 0, markdown.stderr
     assert markdown.stdout.startswith("## rewrite plan: yolov5n with gsconv-only\n")
-    assert "| params |" in markdown.stdout and "1,764,317" in markdown.stdout  # REFERENCE.md §3 GSConv-only
+    assert "| params |" in markdown.stdout and f"{GSCONV_ONLY['yolov5n'][0]:,}" in markdown.stdout
     assert re.search(r"(?m)^\| path +\| stage +\| rule", markdown.stdout)
 
     html = rewrite(f"plan yolov5n --rules slim-neck {SMALL} --format html --output r.html", tmp_path)
     assert html.returncode == 0, html.stderr
     page = (tmp_path / "r.html").read_text()
-    assert page.startswith("<!DOCTYPE html>") and page.count("<svg") == 2 and "1,669,693" in page
+    tree = parse_html(page)
+    assert page.startswith("<!DOCTYPE html>") and len(tree.find_all("svg")) == 2
+    assert f"{SLIM_NECK['yolov5n'][0]:,}" in tree.text()
     assert not re.search(r"https?://|<script|<link", page)
 
 
@@ -211,7 +216,7 @@ def test_profile_of_a_model_file_with_model_args(tmp_path):
     assert data["report"] == "profile" and data["device"] == "meta"
     assert data["model"] == "models/det.py:build(nc=3, scale=0.5, half=False, tag=None, name='v5')"
     # nc=3 shrinks the head's three 1x1 convs (64, 128, 256 inputs, with bias) from 3 * 85 to 3 * 8 outputs.
-    assert data["totals"]["params"] == 1_872_157 - 3 * 77 * (64 + 128 + 256 + 3)
+    assert data["totals"]["params"] == BASE["yolov5n"][0] - 3 * 77 * (64 + 128 + 256 + 3)
     assert [m["path"] for m in data["modules"]] == [f"model.{i}" for i in range(25)]
     assert list(data["stages"])[:3] == ["backbone", "neck", "head"]
     assert summary.read_text().startswith("## rewrite profile: models/det.py:build(")
@@ -228,12 +233,12 @@ def test_apply_writes_recipe_weights_and_plan_that_load_back(tmp_path):
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == ["plan.json", "recipe.json", "weights.safetensors"]
     state = load_file(out / "weights.safetensors")
-    assert len(state) == 445  # REFERENCE.md §3b, slim-neck yolov5n
+    assert len(state) == SLIM_NECK_STATE_DICTS["yolov5n"][0]
     assert state["model.10.cv2.conv.weight"].shape == (64, 1, 5, 5)
     params = [t for key, t in state.items() if not re.search(r"running_|num_batches|anchors", key)]
-    assert sum(t.numel() for t in params) == 1_669_693
+    assert sum(t.numel() for t in params) == SLIM_NECK["yolov5n"][0]
     plan = json.loads((out / "plan.json").read_text())
-    assert plan["totals"]["params"]["after"] == 1_669_693 and plan["device"] == "meta"
+    assert plan["totals"]["params"]["after"] == SLIM_NECK["yolov5n"][0] and plan["device"] == "meta"
     recipe = json.loads((out / "recipe.json").read_text())
     assert recipe["model"] == {"spec": "yolov5n", "args": {}} and recipe["input_shape"] == [1, 3, 64, 64]
     loaded = library.load(out)
@@ -289,8 +294,8 @@ def test_slim_neck_yolov5l_reproduces_the_reference_figures(tmp_path, device):
     result = rewrite(f"plan yolov5l --rules slim-neck --format json --device {device}", tmp_path)
     assert result.returncode == 0, result.stderr
     totals = json.loads(result.stdout)["totals"]
-    assert (totals["params"]["before"], totals["params"]["after"]) == (46_563_709, 39_958_781)
-    assert (totals["flops"]["before"], totals["flops"]["after"]) == (108_993_740_800, 96_927_744_000)
+    assert (totals["params"]["before"], totals["flops"]["before"]) == BASE["yolov5l"]
+    assert (totals["params"]["after"], totals["flops"]["after"]) == SLIM_NECK["yolov5l"]
 
 
 def test_the_ci_example_runs_the_documented_command():

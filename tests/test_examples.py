@@ -11,15 +11,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import reference
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SCRIPT = EXAMPLES / "slim_neck_yolov5l.py"
 NOTEBOOK = EXAMPLES / "yolov5l_slim_neck.ipynb"
 
-# REFERENCE.md §3, the yolov5l row: (params, FLOPs) of base, GSConv-only and slim-neck.
-BASE = (46_563_709, 108_993_740_800)
-GSCONV_ONLY = (44_780_669, 106_717_593_600)
-SLIM_NECK = (39_958_781, 96_927_744_000)
+# (params, FLOPs) of YOLOv5-L: base, GSConv-only and slim-neck.
+BASE = reference.BASE["yolov5l"]
+GSCONV_ONLY = reference.GSCONV_ONLY["yolov5l"]
+SLIM_NECK = reference.SLIM_NECK["yolov5l"]
 
 
 def code_cells(notebook: dict) -> list[str]:
@@ -39,8 +40,12 @@ def test_script_prints_the_report_and_the_three_way_table(tmp_path):
     out = result.stdout
     # The text report of the slim-neck plan: totals, and the eight neck sites.
     assert "rewrite plan: yolov5l with slim-neck" in out
-    assert "46,563,709      39,958,781       -6,604,928     -14.18%" in out
-    assert "108,993,740,800  96,927,744,000  -12,065,996,800     -11.07%" in out
+    totals = out[out.index("Totals\n") :].split("\n\n")[0].splitlines()
+    params, flops = (
+        next(line.split() for line in totals if line.startswith(what)) for what in ("params", "FLOPs")
+    )
+    assert params[1:5] == [f"{BASE[0]:,}", f"{SLIM_NECK[0]:,}", f"{SLIM_NECK[0] - BASE[0]:,}", "-14.18%"]
+    assert flops[1:5] == [f"{BASE[1]:,}", f"{SLIM_NECK[1]:,}", f"{SLIM_NECK[1] - BASE[1]:,}", "-11.07%"]
     assert "Rewritten sites (8)" in out
     assert "Conv(1024→512, k1, s1) → GSConv(1024→512, k1, s1)" in out
     assert "C3(1024→1024, s1) → VoVGSCSP(1024→1024, s1, n=3)" in out
@@ -55,7 +60,7 @@ def test_script_prints_the_report_and_the_three_way_table(tmp_path):
     assert "all 429 parameter tensors got a gradient" in out
     assert "original model untouched: model.10 is still Conv, model.13 still C3, same weights" in out
     assert html.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
-    assert "39,958,781" in html.read_text(encoding="utf-8")
+    assert f"{SLIM_NECK[0]:,}" in html.read_text(encoding="utf-8")
 
 
 def test_notebook_code_runs_in_order(tmp_path, monkeypatch):

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import copy
-import doctest
 
 import pytest
 import torch
 from torch import nn
 
-import rewrite.execution
 from rewrite.execution import RunFailed, Runner, attributes_restored, on_meta_else_real, one_line, run
 
 
@@ -182,7 +180,3 @@ def test_one_line_keeps_the_first_sentence_and_the_models_own_line() -> None:
     assert reason.startswith("RuntimeError: shapes cannot be multiplied (test_execution.py:")
     assert one_line(ValueError("x" * 200)) == f"ValueError: {'x' * 157}..."
     assert one_line(KeyError()) == "KeyError"
-
-
-def test_docstring_examples() -> None:
-    assert doctest.testmod(rewrite.execution).failed == 0

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import copy
-import doctest
 
 import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from reference import BASE
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-import rewrite.profiler
 from rewrite.errors import TraceError
 from rewrite.graph import StageMap, resolve_stages
 from rewrite.profiler import Cost, Profile, profile
@@ -26,14 +25,6 @@ DETECTORS = {
     "retinanet_resnet50_fpn": "RetinaNet",
     "fcos_resnet50_fpn": "FCOS",
     "ssdlite320_mobilenet_v3_large": "SSD",
-}
-# REFERENCE.md section 3, "base" columns: nc=80, 1x3x640x640, eval, BatchNorm not fused.
-YOLOV5 = {
-    "yolov5n": (1_872_157, 4_468_121_600),
-    "yolov5s": (7_235_389, 16_433_561_600),
-    "yolov5m": (21_190_557, 48_872_448_000),
-    "yolov5l": (46_563_709, 108_993_740_800),
-    "yolov5x": (86_749_405, 205_448_192_000),
 }
 NO_STAGES = StageMap()
 
@@ -132,10 +123,6 @@ def test_cost_macs_and_addition() -> None:
     assert Cost(1, 2) + Cost(10, 20) == Cost(11, 22)
     with pytest.raises(TypeError):
         Cost(1, 2) + 3
-
-
-def test_docstring_example_runs() -> None:
-    assert doctest.testmod(rewrite.profiler).failed == 0
 
 
 # --- torchvision classifiers: on meta, equal to FlopCounterMode -------------------------------------------------
@@ -322,12 +309,12 @@ def test_model_failing_on_real_data_too_raises() -> None:
         profile(Outer(), (torch.randn(5, 3),), stages=NO_STAGES)
 
 
-# --- the zoo's YOLOv5: REFERENCE.md figures, on CPU and on meta, default stages, no mutation --------------------
+# --- the zoo's YOLOv5: the reference figures, on CPU and on meta, default stages, no mutation --------------------
 
 
-@pytest.mark.parametrize("name", YOLOV5)
+@pytest.mark.parametrize("name", BASE)
 def test_yolov5_matches_reference_on_cpu_and_meta(name: str) -> None:
-    params, flops = YOLOV5[name]
+    params, flops = BASE[name]
     x = torch.randn(1, 3, 640, 640)
     with torch.device("meta"):
         meta_model = create_model(name).eval()

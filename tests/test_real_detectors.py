@@ -12,7 +12,8 @@ from models import (
     share_activations,
     with_opaque_root,
 )
-from test_slim_neck_zoo import FIGURES, NECK_CONVS, NECK_CSPS
+from reference import BASE, SLIM_NECK
+from test_slim_neck_zoo import NECK_CONVS, NECK_CSPS
 
 import rewrite
 from rewrite.blocks import GSConv, VoVGSCSP
@@ -54,9 +55,8 @@ def test_shared_class_attribute_activation_rewrites_as_the_zoo_does(opaque):
     assert [site.path for site in plan.sites] == sorted(NECK_CONVS + NECK_CSPS, key=lambda p: int(p[6:]))
     assert all(site.kind == "module" for site in plan.sites)
     assert not plan.rejected and plan.nothing_rewritten is None
-    base, _, slim = FIGURES["yolov5l"]
-    assert (plan.params.before, plan.flops.before) == base
-    assert (plan.params.after, plan.flops.after) == slim
+    assert (plan.params.before, plan.flops.before) == BASE["yolov5l"]
+    assert (plan.params.after, plan.flops.after) == SLIM_NECK["yolov5l"]
     assert [leaf.path for leaf in plan.leaves][:1] == ([""] if opaque else ["model.24"])
 
 

@@ -1,5 +1,7 @@
 """rewrite.report: every format of a plan (and a profile) parses, carries the figures and is safe to open."""
 
+from __future__ import annotations
+
 import dataclasses
 import json
 import re
@@ -7,16 +9,30 @@ from html.parser import HTMLParser
 
 import pytest
 import torch
+from html_page import Element, parse_html
+from reference import BASE, SLIM_NECK
 
-from rewrite.planner import Delta, Plan, Rejection, ShapeCheck, SiteChange, StageChange, plan
+import rewrite
+import rewrite.report
+from rewrite.gates import GateResult, check_gates
+from rewrite.planner import BlockSummary, Delta, Plan, Rejection, ShapeCheck, SiteChange, StageChange, plan
 from rewrite.profiler import Cost, Profile
-from rewrite.report import FORMATS, JSON_SCHEMA_VERSION, GateResult, check_gates, render, render_profile
+from rewrite.report import FORMATS, JSON_SCHEMA_VERSION, render, render_profile
 from rewrite.tracer import Leaf
 from rewrite.zoo import create_model
 
 # docs/report-schema.md, as types: a dict is a nested object, a list [T] an array of T.
 DELTA = {"before": int, "after": int, "change": int, "percent": float}
 LEAF = {"path": str, "type_name": str, "reason": str}
+OPTIONAL_SPATIAL = (int, list, type(None))
+BLOCK = {
+    "type_name": str,
+    "in_channels": (int, type(None)),
+    "out_channels": (int, type(None)),
+    "kernel_size": OPTIONAL_SPATIAL,
+    "stride": OPTIONAL_SPATIAL,
+    "n": (int, type(None)),
+}
 PLAN_SCHEMA = {
     "schema_version": int,
     "report": str,
@@ -35,6 +51,8 @@ PLAN_SCHEMA = {
             "kind": str,
             "before": str,
             "after": str,
+            "replaced": BLOCK,
+            "replacement": BLOCK,
             "params": DELTA,
             "flops": DELTA,
         }
@@ -83,7 +101,7 @@ def follows(value, schema, where="report"):
         assert isinstance(value, schema) and not (schema is int and isinstance(value, bool)), where
 
 
-# A hand-built plan with slim-neck YOLOv5-L's totals (REFERENCE.md §3) and one of everything.
+# A hand-built plan with slim-neck YOLOv5-L's totals (tests/reference.py) and one of everything.
 SLIM_NECK_L = Plan(
     model_name="yolov5l",
     rule_set="slim-neck",
@@ -96,8 +114,8 @@ SLIM_NECK_L = Plan(
             "conv-to-gsconv",
             "neck",
             "module",
-            "Conv(1024→512, k1, s1)",
-            "GSConv(1024→512, k1, s1)",
+            BlockSummary("Conv", 1024, 512, stride=1, kernel_size=1),
+            BlockSummary("GSConv", 1024, 512, stride=1, kernel_size=1),
             Delta(525_312, 269_568),
             Delta(859_832_320, 441_548_800),
         ),
@@ -106,8 +124,8 @@ SLIM_NECK_L = Plan(
             "csp-to-vovgscsp",
             "neck",
             "module",
-            "C3(1024→512, s1, n=3)",
-            "VoVGSCSP(1024→512, s1, n=3)",
+            BlockSummary("C3", 1024, 512, stride=1),
+            BlockSummary("VoVGSCSP", 1024, 512, stride=1, n=3),
             Delta(2_757_632, 1_600_000),
             Delta(9_000_000_000, 6_000_000_000),
         ),
@@ -115,8 +133,8 @@ SLIM_NECK_L = Plan(
     rejected=[Rejection("model.24.m.0", "conv-to-gsconv", "out_channels 255 is not a multiple of 2")],
     leaves=[Leaf("model.24", "Detect", "symbolically traced variables cannot be used in control flow")],
     warnings=["slim-neck.toml: rule 'c2f-to-vovgscsp' matched nothing in stage 'neck'"],
-    params=Delta(46_563_709, 39_958_781),
-    flops=Delta(108_993_740_800, 96_927_744_000),
+    params=Delta(BASE["yolov5l"][0], SLIM_NECK["yolov5l"][0]),
+    flops=Delta(BASE["yolov5l"][1], SLIM_NECK["yolov5l"][1]),
     stages={
         "backbone": StageChange(Delta(27_000_000, 27_000_000), Delta(60_000_000_000, 60_000_000_000)),
         "neck": StageChange(Delta(19_000_000, 12_395_072), Delta(48_000_000_000, 35_934_003_200)),
@@ -151,13 +169,41 @@ class ResourceFinder(HTMLParser):
         self.found += [f"{tag}[{name}]" for name in names if name.startswith("on")]
 
 
+def section_table(page: Element, title_start: str) -> Element:
+    """The table under the ``<h2>`` whose title starts with ``title_start``."""
+    body = page.find("body").elements()
+    heading = next(i for i, e in enumerate(body) if e.tag == "h2" and e.text().startswith(title_start))
+    return body[heading + 1].find("table")
+
+
+def column(table: Element, header: str) -> list[Element]:
+    """The body cells under ``header`` (a table without grouped headers)."""
+    headers = [th.text() for th in table.find("thead").find_all("th")]
+    return [row.find_all("td")[headers.index(header)] for row in table.find("tbody").find_all("tr")]
+
+
+def chart(page: Element, title: str) -> Element:
+    return next(svg for svg in page.find_all("svg") if svg.find("title").text() == title)
+
+
+def labelled_rects(svg: Element) -> dict[str, Element]:
+    """A chart's squares and bars by the text drawn right after each: "before", "after" … for the legend's
+    squares, the value ("48.00 G (-25.00%)") for a bar."""
+    shapes = svg.elements()
+    return {
+        shapes[i + 1].text(): shape
+        for i, shape in enumerate(shapes[:-1])
+        if shape.tag == "rect" and shapes[i + 1].tag == "text"
+    }
+
+
 def test_json_follows_the_schema_and_carries_the_figures():
     data = json.loads(render(slim_neck_l(), "json"))
     follows(data, PLAN_SCHEMA)
     assert data["schema_version"] == JSON_SCHEMA_VERSION == 1 and data["report"] == "plan"
     assert data["totals"]["params"] == {
-        "before": 46_563_709,
-        "after": 39_958_781,
+        "before": BASE["yolov5l"][0],
+        "after": SLIM_NECK["yolov5l"][0],
         "change": -6_604_928,
         "percent": -14.1847,
     }
@@ -165,6 +211,18 @@ def test_json_follows_the_schema_and_carries_the_figures():
     assert list(data["stages"]) == ["backbone", "neck", "head", "other"]
     follows(data["stages"]["neck"], {"params": DELTA, "flops": DELTA})
     assert [site["path"] for site in data["sites"]] == ["model.10", "model.13"]
+    conv, csp = data["sites"]
+    assert (conv["before"], conv["after"]) == ("Conv(1024→512, k1, s1)", "GSConv(1024→512, k1, s1)")
+    assert conv["replaced"] == {
+        "type_name": "Conv",
+        "in_channels": 1024,
+        "out_channels": 512,
+        "kernel_size": 1,
+        "stride": 1,
+        "n": None,
+    }
+    assert csp["after"] == "VoVGSCSP(1024→512, s1, n=3)"
+    assert (csp["replacement"]["type_name"], csp["replacement"]["n"]) == ("VoVGSCSP", 3)
     assert data["input_shapes"] == [[1, 3, 640, 640]]
     assert "gates" not in data and "gates_passed" not in data  # only when gates ran
     assert render(slim_neck_l(), "json") == render(slim_neck_l(), "json")  # stable for CI diffs
@@ -186,7 +244,10 @@ def test_gates_say_which_missed_and_by_how_much():
         ("min-params-reduction", True),
         ("min-flops-reduction", False),
     ]
-    assert gates[2].measured == 96_927_744_000 and gates[2].margin == -6_927_744_000
+    assert (
+        gates[2].measured == SLIM_NECK["yolov5l"][1]
+        and gates[2].margin == 90_000_000_000 - SLIM_NECK["yolov5l"][1]
+    )
     assert gates[2].detail == "missed by 6,927,744,000 FLOPs"
     assert gates[4].detail == "missed by 0.93 percentage points"
     assert gates[1].detail == "41,219 params to spare"
@@ -198,7 +259,7 @@ def test_gates_say_which_missed_and_by_how_much():
         "gate": "max-flops",
         "limit": "max",
         "threshold": 90_000_000_000,
-        "measured": 96_927_744_000,
+        "measured": SLIM_NECK["yolov5l"][1],
         "unit": "FLOPs",
         "passed": False,
         "margin": None,
@@ -215,17 +276,22 @@ def test_gates_say_which_missed_and_by_how_much():
     assert check_gates(nothing) == []
 
 
+def test_gate_policy_lives_in_its_own_module_and_keeps_its_old_names():
+    assert rewrite.report.check_gates is rewrite.check_gates is check_gates
+    assert rewrite.report.GateResult is rewrite.GateResult is GateResult
+
+
 def test_text_has_every_section_and_the_totals():
     text = render(slim_neck_l(), "text")
     for expected in [
         "rewrite plan: yolov5l with slim-neck",
-        "46,563,709",
-        "39,958,781",
+        f"{BASE['yolov5l'][0]:,}",
+        f"{SLIM_NECK['yolov5l'][0]:,}",
         "-6,604,928",
         "-14.18%",
         "46.56 M → 39.96 M",
-        "108,993,740,800",
-        "96,927,744,000",
+        f"{BASE['yolov5l'][1]:,}",
+        f"{SLIM_NECK['yolov5l'][1]:,}",
         "-11.07%",
         "Conv(1024→512, k1, s1) → GSConv(1024→512, k1, s1)",
         "out_channels 255 is not a multiple of 2",
@@ -250,7 +316,7 @@ def test_markdown_tables_have_a_header_row_and_a_separator():
         header, separator, *rows = table
         assert rows and re.fullmatch(r"\|( *:?-+:? *\|)+", separator), table
         assert header.count("|") == separator.count("|") == rows[0].count("|")
-    assert "| params |" in text and "46,563,709" in text and "### Rewritten sites (2)" in text
+    assert "| params |" in text and f"{BASE['yolov5l'][0]:,}" in text and "### Rewritten sites (2)" in text
     assert re.search(r"\|\s+-11\.07% \|", text)  # numbers right-aligned (":|" separators)
 
 
@@ -265,56 +331,113 @@ def test_markdown_escapes_what_github_would_interpret():
 def test_html_is_one_self_contained_file_with_charts():
     page = render(slim_neck_l(), "html", gates=check_gates(slim_neck_l(), min_flops_reduction=10))
     assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
-    assert page.count("<svg") == 2 and "params per stage" in page and "FLOPs per stage" in page
     assert "http://" not in page and "https://" not in page and "url(" not in page and "@import" not in page
     finder = ResourceFinder()
     finder.feed(page)
     assert finder.found == []
-    assert "46,563,709" in page and "<table>" in page and "-11.07%" in page
+    tree = parse_html(page)
+    assert [svg.find("title").text() for svg in tree.find_all("svg")] == [
+        "params per stage",
+        "FLOPs per stage",
+    ]
+    assert tree.find_all("table") and f"{BASE['yolov5l'][0]:,}" in tree.text() and "-11.07%" in tree.text()
     # One bar per stage and state (before, after) for every stage that has params or FLOPs ("other" has none).
-    assert page.count("<rect") == 2 * (2 + 3 * 2)  # per chart: two legend squares, three stages × two bars
+    for svg in tree.find_all("svg"):
+        texts = [text.text() for text in svg.find_all("text")]
+        assert {"backbone", "neck", "head"} <= set(texts) and "other" not in texts
+        assert len(svg.find_all("rect")) == 2 + 3 * 2  # two legend squares, three stages × two bars
 
 
 def test_html_reads_at_a_glance():
-    failing = render(slim_neck_l(), "html", gates=check_gates(slim_neck_l(), min_flops_reduction=12.0))
-    # A failed gate is a red banner above everything else, saying which gate and by how much.
-    banner = re.search(r'<div class="alert bad" role="alert">(.*?)</div>', failing).group(1)
-    assert failing.index(banner) < failing.index("<h2>")
-    assert "1 of 1 gate failed" in banner and "--min-flops-reduction" in banner
-    assert "missed by 0.93 percentage points" in banner
-    assert (
-        '<dd class="bad">FAILED: min-flops-reduction</dd>' in failing
-        and '<td class="bad">FAIL</td>' in failing
+    failing = parse_html(
+        render(slim_neck_l(), "html", gates=check_gates(slim_neck_l(), min_flops_reduction=12.0))
     )
-    passing = render(slim_neck_l(), "html", gates=check_gates(slim_neck_l(), min_flops_reduction=10))
-    assert 'class="alert ok"' in passing and "All 1 gate passed" in passing and "alert bad" not in passing
-    assert '<div class="alert' not in render(slim_neck_l(), "html")  # no gates, nothing to announce
-    broken = render(slim_neck_l(shape_check=ShapeCheck(False, "output 0 was 1×255, now 1×254")), "html")
-    assert "Shape check failed" in broken and "output 0 was 1×255, now 1×254" in broken
+    # A failed gate is a red banner above everything else, saying which gate and by how much.
+    body = failing.find("body").elements()
+    banner = failing.find("div", "alert")
+    assert banner.classes == {"alert", "bad"} and banner.attrs["role"] == "alert"
+    assert body.index(banner) < min(i for i, e in enumerate(body) if e.tag == "h2")
+    assert "1 of 1 gate failed" in banner.text() and "--min-flops-reduction" in banner.text()
+    assert "missed by 0.93 percentage points" in banner.text()
+    facts = failing.find("dl", "facts").elements()
+    verdicts = {dt.text(): dd for dt, dd in zip(facts[::2], facts[1::2], strict=True)}
+    assert verdicts["gates"].text() == "FAILED: min-flops-reduction" and verdicts["gates"].classes == {"bad"}
+    assert verdicts["shape check"].classes == {"ok"} and verdicts["model"].classes == set()
+    [result] = column(section_table(failing, "Gates"), "result")
+    assert result.text() == "FAIL" and result.classes == {"bad"}
+
+    passing = parse_html(
+        render(slim_neck_l(), "html", gates=check_gates(slim_neck_l(), min_flops_reduction=10))
+    )
+    [banner] = passing.find_all("div", "alert")
+    assert banner.classes == {"alert", "ok"} and banner.text() == "All 1 gate passed"
+    assert (
+        parse_html(render(slim_neck_l(), "html")).find_all("div", "alert") == []
+    )  # no gates, nothing to say
+    broken = slim_neck_l(shape_check=ShapeCheck(False, "output 0 was 1×255, now 1×254"))
+    [banner] = parse_html(render(broken, "html")).find_all("div", "alert")
+    assert banner.classes == {"alert", "bad"}
+    assert "Shape check failed" in banner.text() and "output 0 was 1×255, now 1×254" in banner.text()
 
     # The two "Δ %" columns sit under "params" and "FLOPs" group headers.
-    assert '<th colspan="4" class="group">params</th><th colspan="4" class="group">FLOPs</th>' in failing
-    assert '<th rowspan="2">stage</th>' in failing and failing.count('<th class="num">Δ %</th>') == 4
+    stages = section_table(failing, "Stages")
+    top, sub = stages.find("thead").find_all("tr")
+    assert [(th.text(), th.attrs.get("colspan"), th.attrs.get("rowspan")) for th in top.find_all("th")] == [
+        ("stage", None, "2"),
+        ("params", "4", None),
+        ("FLOPs", "4", None),
+    ]
+    assert [th.text() for th in sub.find_all("th")] == ["before", "after", "Δ", "Δ %"] * 2
+    assert all(th.classes == {"num"} for th in sub.find_all("th"))  # numbers line up on the right
     # A rewrite breaks at its arrow, never inside a signature; a long path breaks after a dot.
-    assert (
-        '<td class="pair"><span>Conv(1024→512, k1, s1) →</span> <span>GSConv(1024→512, k1, s1)</span>'
-        in failing
-    )
+    sites = section_table(failing, "Rewritten sites")
+    change = sites.find("tbody").find("tr").find("td", "pair")
+    assert [span.text() for span in change.find_all("span")] == [
+        "Conv(1024→512, k1, s1) →",
+        "GSConv(1024→512, k1, s1)",
+    ]
     long_path = slim_neck_l(leaves=[Leaf("model.backbone.body.layer4.2.downsample.0", "Conv2d", "x")])
-    assert "model.backbone.<wbr>body.layer4.<wbr>2.downsample.0" in render(long_path, "html")
+    [path] = column(section_table(parse_html(render(long_path, "html")), "Leaves"), "path")
+    assert path.classes == {"path"} and [e.tag for e in path.elements()] == ["wbr", "wbr"]
+    assert [piece for piece in path.children if isinstance(piece, str)] == [
+        "model.backbone.",
+        "body.layer4.",
+        "2.downsample.0",
+    ]
 
     # Bars grow from one drawn zero line; a stage that grew is red, and the legend says what red means.
-    assert failing.count("<line") == 2 and "after, grew" not in failing
+    for svg in failing.find_all("svg"):
+        assert len(svg.find_all("line")) == 1
+        assert "after, grew" not in labelled_rects(svg)
     grown = slim_neck_l(
         stages={"neck": StageChange(Delta(19_000_000, 12_395_072), Delta(48_000_000_000, 50_000_000_000))}
     )
-    chart = render(grown, "html").split("FLOPs per stage</text>")[1]
-    assert "after, grew" in chart and 'fill="#cf222e">50.00 G (+4.17%)' in chart
+    flops = chart(parse_html(render(grown, "html")), "FLOPs per stage")
+    squares = labelled_rects(flops)
+    grew = squares["after, grew"].attrs["fill"]
+    assert squares["50.00 G (+4.17%)"].attrs["fill"] == grew != squares["after"].attrs["fill"]
+    value = next(text for text in flops.find_all("text") if text.text() == "50.00 G (+4.17%)")
+    assert value.attrs["fill"] == grew
+    params = chart(parse_html(render(grown, "html")), "params per stage")
+    assert "after, grew" not in labelled_rects(params)  # the neck's params shrank
+
     # A long stage name widens the label column (up to a limit) instead of running into the bars.
+    def bars_start(plan: Plan) -> float:
+        bars = labelled_rects(chart(parse_html(render(plan, "html")), "FLOPs per stage"))
+        return float(bars["before"].attrs["x"])  # the legend starts where the bars do
+
     named = slim_neck_l(stages={"a-very-long-stage": StageChange(Delta(10, 5), Delta(100, 50))})
-    assert '<rect x="131" y="46"' in render(named, "html")
     huge = slim_neck_l(stages={"s" * 60: StageChange(Delta(10, 5), Delta(100, 50))})
-    assert f"<title>{'s' * 60}</title>{'s' * 25}…</text>" in render(huge, "html")
+    assert bars_start(slim_neck_l()) < bars_start(named) < bars_start(huge)
+    assert "a-very-long-stage" in [
+        t.text() for t in chart(parse_html(render(named, "html")), "FLOPs per stage").find_all("text")
+    ]
+    # Past the limit the name is cut, and whole in a tooltip.
+    labels = chart(parse_html(render(huge, "html")), "FLOPs per stage").find_all("text")
+    label = next(text for text in labels if text.find_all("title"))
+    assert label.find("title").text() == "s" * 60
+    shown = label.own_text()
+    assert shown.endswith("…") and ("s" * 60).startswith(shown[:-1]) and len(shown) < 60
 
 
 def test_html_escapes_everything_user_controlled():
@@ -324,7 +447,14 @@ def test_html_escapes_everything_user_controlled():
         rule_set='"><img src=x onerror=alert(2)>',
         sites=[
             SiteChange(
-                "model.<b>", "r&d", "neck<i>", "module", "A<x>", "B</td>", Delta(10, 5), Delta(100, 50)
+                "model.<b>",
+                "r&d",
+                "neck<i>",
+                "module",
+                BlockSummary("A<x>", 3, 4, stride=1),
+                BlockSummary("B</td>", 3, 4, stride=1),
+                Delta(10, 5),
+                Delta(100, 50),
             )
         ],
         stages={"<svg onload=alert(3)>": StageChange(Delta(10, 5), Delta(100, 50))},
@@ -376,9 +506,9 @@ def test_a_real_plan_renders_in_every_format():
     real = plan(model, "slim-neck", (torch.empty(1, 3, 64, 64, device="meta"),), model_name="yolov5n")
     data = json.loads(render(real, "json"))
     follows(data, PLAN_SCHEMA)
-    assert len(data["sites"]) == 8 and data["totals"]["params"]["after"] == 1_669_693
+    assert len(data["sites"]) == 8 and data["totals"]["params"]["after"] == SLIM_NECK["yolov5n"][0]
     for what in ("params", "flops"):  # stage subtotals add up to the totals
         for state in ("before", "after"):
             assert sum(s[what][state] for s in data["stages"].values()) == data["totals"][what][state]
-    assert "1,872,157" in render(real, "text") and markdown_tables(render(real, "markdown"))
+    assert f"{BASE['yolov5n'][0]:,}" in render(real, "text") and markdown_tables(render(real, "markdown"))
     assert "<svg" in render(real, "html")

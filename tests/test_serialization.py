@@ -7,6 +7,7 @@ import textwrap
 
 import pytest
 import torch
+from reference import SLIM_NECK
 from safetensors.torch import load_file, save_file
 
 import rewrite
@@ -61,7 +62,8 @@ def test_zoo_round_trip_is_bit_identical_and_unpickles_nothing(saved, monkeypatc
     assert recipe["format_version"] == 1 and recipe["library_version"] == rewrite.__version__
     assert recipe["model"] == {"spec": "yolov5n", "args": {}}
     assert recipe["rules"]["name"] == "slim-neck" and "[[rule]]" in recipe["rules"]["toml"]
-    assert recipe["input_shape"] == [1, 3, 64, 64] and recipe["plan"]["params_after"] == 1_669_693
+    assert recipe["input_shape"] == [1, 3, 64, 64]
+    assert recipe["plan"]["params_after"] == SLIM_NECK["yolov5n"][0]
     assert (
         recipe["weights"]["sha256"]
         == hashlib.sha256((folder / "weights.safetensors").read_bytes()).hexdigest()
