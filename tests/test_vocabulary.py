@@ -8,6 +8,7 @@ and timm's norm-with-activation and padded-conv classes.
 import functools
 
 import pytest
+import test_keep_forward
 import timm
 import torch
 import torch.nn.functional as F
@@ -27,18 +28,8 @@ from rewrite.vocabulary import (
     reproduce_activation,
 )
 
-GENERIC = rewrite.parse_rules(
-    """
-[ruleset]
-name = "generic"
-[[rule]]
-name = "conv-norm-act"
-match.chain = ["conv", "norm", "activation?"]
-where.groups = 1
-replace.builder = "GSConv"
-replace.activation = "inherit"
-"""
-)
+# conv → norm → activation? → GSConv (activation "inherit", the default), where GSConv can take the conv's place.
+GENERIC = rewrite.parse_rules(test_keep_forward.GENERIC)
 
 
 class ConvThen(nn.Module):
