@@ -21,10 +21,6 @@ file is written under a temporary name and renamed into place once complete. Wit
 from __future__ import annotations
 
 import argparse
-import functools
-import importlib
-import importlib.util
-import inspect
 import math
 import os
 import re
@@ -37,9 +33,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from rewrite.errors import InputSpecError, ModelSpecError, NoMatchWarning, RewriteError
+from rewrite.errors import InputSpecError, NoMatchWarning, RewriteError
 from rewrite.files import write_atomically
 from rewrite.gates import check_gates
+from rewrite.model_spec import build_model, import_target, model_factory
 from rewrite.report import FORMATS, render, render_profile
 
 if TYPE_CHECKING:  # torch is imported by the commands that need it: --help and usage errors answer at once
@@ -55,7 +52,6 @@ __all__ = [
     "EXIT_INTERNAL_ERROR",
     "EXIT_OK",
     "EXIT_OUTPUT_FAILED",
-    "load_model",
     "main",
 ]
 
@@ -403,101 +399,6 @@ def _parse_percent(text: str) -> float:
     return value
 
 
-# Models
-
-
-def load_model(spec: str, kwargs: dict[str, object] | None = None, *, device: str = "cpu") -> nn.Module:
-    """Build the model that ``spec`` names, in eval mode, with its parameters created on ``device``.
-
-    ``spec`` is a zoo name (``"yolov5n"``), ``"package.module:callable"`` or ``"path/to/file.py:callable"``;
-    ``kwargs`` go to the callable. On ``device="meta"`` no weight is allocated: the callable runs under
-    ``with torch.device("meta")``. Anything that stops the model from being found or built from the spec
-    raises :class:`~rewrite.errors.ModelSpecError`; an error raised by the user's own code while building is
-    theirs and keeps its traceback.
-    """
-    return _build_model(spec, _factory(spec), kwargs or {}, device)
-
-
-def _build_model(spec: str, factory: Callable[..., Any], kwargs: dict[str, object], device: str) -> nn.Module:
-    import torch
-    from torch import nn
-
-    try:
-        inspect.signature(factory).bind(**kwargs)
-    except TypeError as error:
-        raise ModelSpecError(f"{spec}: {error}; check --model-arg") from None
-    except ValueError:  # no signature to check (some builtins): the call itself will tell
-        pass
-    with torch.device(device):
-        model = factory(**kwargs)
-    if not isinstance(model, nn.Module):
-        raise ModelSpecError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
-    return model.eval()
-
-
-def _factory(spec: str) -> Callable[..., Any]:
-    # rpartition: a Windows path "C:\m.py:build" keeps its drive letter.
-    target, sep, attribute = spec.rpartition(":")
-    if not sep:
-        if spec.endswith(".py"):
-            raise ModelSpecError(f"model spec {spec!r} names a file but no callable; write {spec}:CALLABLE")
-        from rewrite.zoo import create_model
-
-        # An unknown name raises ModelSpecError, with suggestions.
-        return functools.partial(create_model, spec)
-    if not target or not attribute:
-        raise ModelSpecError(
-            f"model spec {spec!r}: expected a zoo name, package.module:callable or file.py:callable"
-        )
-    module = _import(target, f"model spec {spec!r}", "model file")
-    factory = getattr(module, attribute, None)
-    if not callable(factory):
-        raise ModelSpecError(f"model spec {spec!r}: {target} has no callable named {attribute!r}")
-    return factory
-
-
-def _import(target: str, what: str, file_label: str) -> Any:
-    """The module ``target`` names: a file (``models/det.py``) or a dotted module name (``mypkg.models``).
-
-    Error messages start with ``what`` (``model spec 'pkg.mod:build'``), or for a file with ``file_label`` and
-    the path (``model file models/det.py``).
-    """
-    if target.endswith(".py") or "/" in target or os.sep in target:
-        return _import_file(target, file_label)
-    # The console script leaves the working directory off sys.path and `python -m` puts it on: agree.
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        return importlib.import_module(target)
-    except ImportError as error:
-        raise ModelSpecError(f"{what}: cannot import {target}: {error}") from None
-
-
-def _import_file(path_text: str, label: str) -> Any:
-    path = Path(path_text)
-    if not path.is_file():
-        raise ModelSpecError(f"{label} {path_text} does not exist")
-    # A private module name: a user file called e.g. "rewrite.py" or "torch.py" must not shadow the real ones.
-    name = f"_rewrite_model_{path.stem}"
-    loaded = sys.modules.get(name)
-    if loaded is not None and getattr(loaded, "__file__", None) == str(path.resolve()):
-        return loaded  # named twice (--import and MODEL): running it again would register its builders twice
-    module_spec = importlib.util.spec_from_file_location(name, path.resolve())
-    if module_spec is None or module_spec.loader is None:
-        raise ModelSpecError(f"{label} {path_text} cannot be imported as Python")
-    module = importlib.util.module_from_spec(module_spec)
-    sys.modules[name] = module
-    # So that the file imports its neighbours, as `python file.py` would.
-    sys.path.insert(0, str(path.resolve().parent))
-    try:
-        module_spec.loader.exec_module(module)
-    except (ImportError, SyntaxError) as error:
-        raise ModelSpecError(
-            f"{label} {path_text} cannot be imported: {type(error).__name__}: {error}"
-        ) from None
-    return module
-
-
 def _model_and_input(
     args: argparse.Namespace, say: Callable[[str], None], factory: Callable[..., Any] | None = None
 ) -> tuple[nn.Module, torch.Tensor, str]:
@@ -508,7 +409,7 @@ def _model_and_input(
     kwargs = dict(args.model_arg)
     name = args.model + (f"({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})" if kwargs else "")
     say(f"building {name} on {args.device}")
-    model = _build_model(args.model, factory or _factory(args.model), kwargs, args.device)
+    model = build_model(args.model, factory or model_factory(args.model), kwargs, args.device)
     return model, _example_input(args.input, args.device), name
 
 
@@ -678,7 +579,7 @@ def _run_rules_check(args: argparse.Namespace) -> int:
 def _import_all(targets: Sequence[str]) -> None:
     """The ``--import`` modules or files, imported for what they register (builders), in order."""
     for target in targets:
-        _import(target, f"--import {target}", f"--import {target}: file")
+        import_target(target, f"--import {target}", f"--import {target}: file")
 
 
 def _rule_count(rule_set: Any) -> str:
@@ -693,7 +594,7 @@ def _make_plan(args: argparse.Namespace, say: Callable[[str], None]) -> Plan:
 
     # Import the model's code (and --import's) first: builders it registers must be known when rules load.
     _import_all(args.imports)
-    factory = _factory(args.model)
+    factory = model_factory(args.model)
     rule_set = load_rules(args.rules)  # a bad rule file fails before any model is built
     model, example, name = _model_and_input(args, say, factory)
     with warnings.catch_warnings():

@@ -259,7 +259,7 @@ def _expect(path: Path, recipe: dict, key: str, kind: type, keys: tuple[str, ...
 
 
 def _base_model(recipe: dict[str, Any], path: Path) -> nn.Module:
-    from rewrite.cli import load_model
+    from rewrite.model_spec import load_model
 
     if recipe["model"] is None:
         raise RecipeError(

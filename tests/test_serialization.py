@@ -82,7 +82,7 @@ def test_file_model_round_trip(tmp_path, monkeypatch):
         )
     )
     monkeypatch.chdir(tmp_path)
-    from rewrite.cli import load_model
+    from rewrite.model_spec import load_model
 
     base = load_model("det.py:build", {"nc": 3})
     plan = rewrite.plan(base, "slim-neck", X)
