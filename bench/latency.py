@@ -1,8 +1,10 @@
 """Inference latency of slim-neck YOLOv5 next to the base model, both folded, measured side by side in one run.
 
 Both models are built from the zoo (random weights: the arithmetic is the same as with trained ones), folded with
-``rewrite.fold`` (BatchNorms into convs, GSConv channel shuffles into the neighbouring weights) and timed in three
-modes: eager fp32 (NCHW), eager channels_last, and ONNX Runtime on the CPU (``rewrite.export_onnx``). Per mode the
+``rewrite.fold`` (BatchNorms into convs, GSConv channel shuffles into the neighbouring weights, sibling convs merged)
+and timed in three modes: eager fp32 (NCHW), eager channels_last, and ONNX Runtime on the CPU (the file
+``rewrite.export_onnx`` writes: folded too, sibling convs left apart; all graph optimizations on, sequential
+execution, ``--threads`` intra-op threads). Per mode the
 repetitions are interleaved — base, slim, base, slim, … — so that a slower or faster phase of the machine affects
 both alike; the table shows medians and the ratio slim / base, next to the FLOPs ratio. Goal: slim / base <= 0.89
 (the FLOPs ratio) in at least one mode and <= 0.93 in every one.
@@ -52,7 +54,8 @@ def main() -> None:
     base = create_model(args.model).eval()
     plan = rewrite.plan(base, "slim-neck", x)
     slim = plan.apply().eval()
-    models = {"base": rewrite.fold(base, x), "slim": rewrite.fold(slim, x)}
+    sources = {"base": base, "slim": slim}
+    models = {name: rewrite.fold(model, x) for name, model in sources.items()}
     load_before = os.getloadavg()
     print(
         f"{args.model} slim-neck vs base, 1x3x{args.size}x{args.size}, folded, {args.repetitions} interleaved "
@@ -64,7 +67,7 @@ def main() -> None:
 
     rows = []
     for mode in args.modes.split(","):
-        runners = {name: _runner(mode, model, x, args.threads) for name, model in models.items()}
+        runners = {name: _runner(mode, models[name], sources[name], x, args.threads) for name in models}
         clock = time.perf_counter if args.clock == "wall" else time.process_time
         medians = _interleaved(runners, args.repetitions, clock)
         rows.append((mode, medians["base"], medians["slim"], medians["slim"] / medians["base"]))
@@ -81,7 +84,10 @@ def main() -> None:
             print(f"{name}: {_profile(model, x)}")
 
 
-def _runner(mode: str, model: torch.nn.Module, x: torch.Tensor, threads: int) -> Callable[[], object]:
+def _runner(
+    mode: str, model: torch.nn.Module, source: torch.nn.Module, x: torch.Tensor, threads: int
+) -> Callable[[], object]:
+    """One forward of ``model`` (folded) in ``mode``; ONNX Runtime runs ``source`` as ``export_onnx`` writes it."""
     if mode == "eager":
         return lambda: model(x)
     if mode == "channels_last":
@@ -92,11 +98,15 @@ def _runner(mode: str, model: torch.nn.Module, x: torch.Tensor, threads: int) ->
         import onnxruntime
 
         path = Path(tempfile.mkdtemp()) / "model.onnx"
-        exported = rewrite.export_onnx(model, x, path)
+        exported = rewrite.export_onnx(source, x, path)
         print(
             f"    exported {path.stat().st_size / 1e6:.0f} MB, largest relative difference {exported.max_difference:.1e}"
         )
         options = onnxruntime.SessionOptions()
+        # The defaults, spelled out so that the figures say what ran: every graph optimization (fusions and the
+        # blocked NCHWc layout), one operator at a time on ``threads`` threads.
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
         options.intra_op_num_threads = threads
         session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         feed = {session.get_inputs()[0].name: x.numpy()}
