@@ -1,10 +1,9 @@
 """Inference latency of slim-neck YOLOv5 next to the base model, both folded, measured side by side in one run.
 
 Both models are built from the zoo (random weights: the arithmetic is the same as with trained ones), folded with
-``rewrite.fold`` (BatchNorms into convs, GSConv channel shuffles into the neighbouring weights, sibling convs merged)
-and timed in three modes: eager fp32 (NCHW), eager channels_last, and ONNX Runtime on the CPU (the file
-``rewrite.export_onnx`` writes: folded too, sibling convs left apart; all graph optimizations on, sequential
-execution, ``--threads`` intra-op threads). Per mode the
+``rewrite.fold`` (BatchNorms into convs, GSConv channel shuffles into the neighbouring weights) and timed in
+three modes: eager fp32 (NCHW), eager channels_last, and ONNX Runtime on the CPU (the file ``rewrite.export_onnx``
+writes, folded too; all graph optimizations on, sequential execution, ``--threads`` intra-op threads). Per mode the
 repetitions are interleaved — base, slim, base, slim, … — so that a slower or faster phase of the machine affects
 both alike; the table shows medians and the ratio slim / base, next to the FLOPs ratio. Goal: slim / base <= 0.89
 (the FLOPs ratio) in at least one mode and <= 0.93 in every one.
