@@ -63,6 +63,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps per site")
     parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument(
+        "--end-to-end-steps", type=int, default=48, help="steps of all new blocks together on the outputs"
+    )
+    parser.add_argument("--end-to-end-lr", type=float, default=3e-4)
     parser.add_argument("--weights", type=Path, help="a local state dict for the zoo model (no download)")
     args = parser.parse_args()
 
@@ -80,11 +84,20 @@ def main() -> None:
 
     print(
         f"{args.model}, slim-neck, {args.images} generated images at {args.imgsz}x{args.imgsz} in batches of "
-        f"{args.batch}, {args.steps} steps per site, torch {torch.__version__}, {torch.get_num_threads()} "
+        f"{args.batch}, {args.steps} steps per site, {args.end_to_end_steps} together, torch {torch.__version__}, {torch.get_num_threads()} "
         f"thread(s), load average before {os.getloadavg()[0]:.2f}"
     )
     start, cpu_start = time.perf_counter(), time.process_time()
-    report = rewrite.warm_start(slim, original, batches, steps=args.steps, lr=args.lr, progress=print)
+    report = rewrite.warm_start(
+        slim,
+        original,
+        batches,
+        steps=args.steps,
+        lr=args.lr,
+        end_to_end_steps=args.end_to_end_steps,
+        end_to_end_lr=args.end_to_end_lr,
+        progress=print,
+    )
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     print()
     print(report)
