@@ -29,6 +29,7 @@ whole model  outputs        ...
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import math
 import time
@@ -391,16 +392,130 @@ def _fit_end_to_end(
     lr: float,
 ) -> None:
     """Train ``blocks`` together, in eval mode, on the whole ``model``'s relative output error; undone if no
-    better."""
+    better.
+
+    What the model computes before the first new block runs does not change while they train: the outermost
+    modules that run, once per forward, entirely before it are replayed from one recorded pass instead of
+    computed again at every step (the backbone of a detector whose neck was rewritten), when replaying
+    reproduces the model's outputs; otherwise every step runs the whole model.
+    """
     with _modes_kept(model):
         model.eval()
+        prefix, recorded = _prefix_outputs(model, blocks, inputs)
         before = _relative_error(_outputs(model, inputs), targets)
         kept = [{name: value.clone() for name, value in block.state_dict().items()} for block in blocks]
-        pairs = list(zip(inputs, targets))
-        _fit(model, blocks, lambda args, target: _squared_relative(model(*args), target), pairs, steps, lr)
+        with _replayed(prefix, recorded) as replay:
+
+            def replayed(index: int, args: tuple) -> Any:
+                replay.batch = index
+                return model(*args)
+
+            with torch.no_grad():
+                outputs = [_detached(replayed(index, args)) for index, args in enumerate(inputs)]
+            if not math.isclose(_relative_error(outputs, targets), before, rel_tol=1e-4):
+                replay.clear()  # the forward does not run the same way every time: compute everything
+
+            def loss(args: tuple, target_and_index: tuple[Any, int]) -> Tensor:
+                target, index = target_and_index
+                return _squared_relative(replayed(index, args), target)
+
+            pairs = [(args, (target, index)) for index, (args, target) in enumerate(zip(inputs, targets))]
+            _fit(model, blocks, loss, pairs, steps, lr)
         if not _relative_error(_outputs(model, inputs), targets) < before:
             for block, state in zip(blocks, kept):
                 block.load_state_dict(state)
+
+
+def _prefix_outputs(
+    model: nn.Module, blocks: list[nn.Module], inputs: list[tuple]
+) -> tuple[list[nn.Module], list[list[Any]]]:
+    """The outermost modules of ``model`` called exactly once per forward, every call ending before the first
+    of ``blocks`` starts, and per batch their outputs (eval mode, no gradient)."""
+    inside_blocks = {id(m) for block in blocks for m in block.modules()}
+    events = itertools.count()
+    spans: dict[nn.Module, list[list[int]]] = {}
+    first_block_start = math.inf
+
+    def pre_hook(module: nn.Module, args: tuple) -> None:
+        nonlocal first_block_start
+        event = next(events)
+        spans.setdefault(module, []).append([event, math.inf])
+        if id(module) in inside_blocks:
+            first_block_start = min(first_block_start, event)
+
+    def hook(module: nn.Module, args: tuple, output: Any) -> None:
+        spans[module][-1][1] = next(events)
+
+    modules = [m for m in model.modules() if m is not model]
+    handles = [
+        h for m in modules for h in (m.register_forward_pre_hook(pre_hook), m.register_forward_hook(hook))
+    ]
+    try:
+        with torch.no_grad():
+            model(*inputs[0])
+    finally:
+        for handle in handles:
+            handle.remove()
+    early = {id(m) for m in modules if len(spans.get(m, [])) == 1 and spans[m][0][1] < first_block_start}
+    prefix = [
+        m
+        for m in modules
+        if id(m) in early and not any(id(parent) in early for parent in _ancestors_of(model, m))
+    ]
+    recorded: list[list[Any]] = []
+
+    def recorder(module: nn.Module, args: tuple, output: Any) -> None:
+        recorded[-1].append(_detached(output))
+
+    handles = [m.register_forward_hook(recorder) for m in prefix]
+    try:
+        with torch.no_grad():
+            for args in inputs:
+                recorded.append([])
+                model(*args)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if any(len(outputs) != len(prefix) for outputs in recorded):
+        return [], []
+    # The hooks fire in call order, not in the order of ``prefix``: pair them up by that order.
+    order = sorted(prefix, key=lambda m: spans[m][0][1])
+    return order, recorded
+
+
+def _ancestors_of(model: nn.Module, module: nn.Module) -> list[nn.Module]:
+    path = next(name for name, m in model.named_modules() if m is module)
+    parts = path.split(".")
+    return [model.get_submodule(".".join(parts[:i])) for i in range(1, len(parts))]
+
+
+class _Replay:
+    """While active, each prefix module's forward returns its recorded output for batch ``batch``."""
+
+    def __init__(self, modules: list[nn.Module], recorded: list[list[Any]]) -> None:
+        self.modules, self.recorded, self.batch = modules, recorded, 0
+
+    def clear(self) -> None:
+        for module in self.modules:
+            del module.forward  # the instance attribute goes: the class's forward is back
+        self.modules = []
+
+    def install(self) -> None:
+        for position, module in enumerate(self.modules):
+            module.forward = functools.partial(self._output, position)
+
+    def _output(self, position: int, *args: Any, **kwargs: Any) -> Any:
+        return self.recorded[self.batch][position]
+
+
+@contextlib.contextmanager
+def _replayed(modules: list[nn.Module], recorded: list[list[Any]]) -> Iterator[_Replay]:
+    replay = _Replay(modules, recorded)
+    replay.install()
+    try:
+        yield replay
+    finally:
+        replay.clear()
 
 
 def _outputs(model: nn.Module, inputs: list[tuple]) -> list[Any]:

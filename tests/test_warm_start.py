@@ -251,3 +251,30 @@ def test_a_copy_that_brings_the_block_no_closer_is_undone():
     rewritten[1] = GSConv(8, 16, 3)
     report = rewrite.warm_start(rewritten, original, batches, steps=0)
     assert not report.sites[0].copied
+
+
+def test_the_end_to_end_steps_replay_what_runs_before_the_first_new_block():
+    # The first layer runs before any new block: the end-to-end steps replay its recorded outputs rather than
+    # run it, so its calls do not grow with the steps.
+    class Counted(ConvBNAct):
+        calls = 0
+
+        def forward(self, x):
+            Counted.calls += 1
+            return super().forward(x)
+
+    torch.manual_seed(0)
+    batches = [torch.rand(4, 3, 16, 16) for _ in range(2)]
+    original = trained_like(
+        nn.Sequential(Counted(3, 8, 3), ConvBNAct(8, 16, 3), ConvBNAct(16, 4, 1)), batches
+    )
+    calls = []
+    for steps in (2, 8):
+        rewritten = copy.deepcopy(original)
+        rewritten[1] = GSConv(8, 16, 3)
+        Counted.calls = 0
+        report = rewrite.warm_start(rewritten, original, batches, steps=0, end_to_end_steps=steps, lr=1e-2)
+        calls.append(Counted.calls)
+        assert math.isfinite(report.model_after)
+        assert "forward" not in vars(rewritten[0])  # its own forward is back
+    assert calls[0] == calls[1]
