@@ -209,21 +209,8 @@ def warm_start(
         else:
             _fit_half(rewritten.get_submodule(path), pairs, steps=steps, lr=lr, train_mode=True)
 
-    first, second = steps // 2, steps - steps // 2
-    for number, path in enumerate(paths, 1):
-        say(f"{path} ({number}/{len(paths)}): fitting on the original's inputs, {first} steps")
-        fit(path, calls[path], first)
-    with _modes_kept(rewritten), torch.no_grad():
-        rewritten.eval()
-        own, _ = _record(rewritten, paths, inputs)
-    for number, path in enumerate(paths, 1):
-        if len(own[path]) == len(calls[path]):  # else its calls do not pair up: it keeps its first half
-            say(f"{path} ({number}/{len(paths)}): fitting on its own inputs as well, {second} steps")
-            # Both inputs, each with the original's output: fitted to its own inputs alone, a block learns to
-            # lean on what the blocks before it got wrong in the first half, and those move again in this one.
-            own_pairs = [(args, target) for (args, _), (_, target) in zip(own[path], calls[path])]
-            pairs = [pair for both in zip(own_pairs, calls[path]) for pair in both]
-            fit(path, pairs, second)
+    if steps:
+        _fit_sites(rewritten, paths, inputs, calls, fit, steps, say)
     if end_to_end_steps:
         say(f"all {len(paths)} block(s) together on the whole model's outputs, {end_to_end_steps} steps")
         blocks = [rewritten.get_submodule(path) for path in paths]
@@ -239,6 +226,34 @@ def warm_start(
     return WarmStartReport(
         fits, model_before, model_after, steps, len(inputs), time.perf_counter() - start, end_to_end_steps
     )
+
+
+def _fit_sites(
+    rewritten: nn.Module,
+    paths: list[str],
+    inputs: list[tuple],
+    calls: dict[str, list[tuple[tuple, Any]]],
+    fit: Callable[[str, list[tuple[tuple, Any]], int], None],
+    steps: int,
+    say: Callable[[str], None],
+) -> None:
+    """The site-by-site phase: each block's first half of ``steps`` on the original's inputs at its site, then
+    the second half on those and the inputs the rewritten model gives it there."""
+    first, second = steps // 2, steps - steps // 2
+    for number, path in enumerate(paths, 1):
+        say(f"{path} ({number}/{len(paths)}): fitting on the original's inputs, {first} steps")
+        fit(path, calls[path], first)
+    with _modes_kept(rewritten), torch.no_grad():
+        rewritten.eval()
+        own, _ = _record(rewritten, paths, inputs)
+    for number, path in enumerate(paths, 1):
+        if len(own[path]) == len(calls[path]):  # else its calls do not pair up: it keeps its first half
+            say(f"{path} ({number}/{len(paths)}): fitting on its own inputs as well, {second} steps")
+            # Both inputs, each with the original's output: fitted to its own inputs alone, a block learns to
+            # lean on what the blocks before it got wrong in the first half, and those move again in this one.
+            own_pairs = [(args, target) for (args, _), (_, target) in zip(own[path], calls[path])]
+            pairs = [pair for both in zip(own_pairs, calls[path]) for pair in both]
+            fit(path, pairs, second)
 
 
 def _copy_from_replaced(block: nn.Module, replaced: nn.Module, calls: list[tuple[tuple, Any]]) -> bool:
