@@ -4,7 +4,9 @@ A rewrite gives freshly initialised blocks, so the rewritten model starts far fr
 original was trained. :func:`warm_start` closes most of that gap before any labelled training: it runs the
 original on the caller's inputs, records what goes into and comes out of every replaced module, and trains each
 new block, site by site, to map those inputs to those outputs (a regression on the original's own features, no
-labels). Then it reports, per site and for the whole model, the relative error before and after.
+labels). Blocks that can copy the replaced module's weights (a ``warm_start_from`` method, as the GS blocks
+have) start from them; with ``end_to_end_steps``, all new blocks then train together on the whole model's
+outputs. Then it reports, per site and for the whole model, the relative error before and after.
 
 A site is any module path where the rewritten model holds a module of another class than the original does
 (a GSConv where a Conv was, a VoVGSCSP where a C3 was, whatever a rule put there). Nothing here knows a detector.
