@@ -5,6 +5,10 @@
 They are plain ``nn.Module``s with no dependency on any detector, and their submodule names are those of the
 reference checkpoints (``cv1``, ``cv2``, ``conv_lighting``, ``shortcut``, ``gsb``, ``cv3``), so those
 checkpoints load by key.
+
+Warm-start hook: ``GSConv`` and ``VoVGSCSP`` have ``warm_start_from(replaced)``, which copies into the block
+the weights of the module it replaces wherever the block can compute exactly what that module computes (see
+each method). :func:`rewrite.warm_start` calls it, when a new block has it, before fitting the rest.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import copy
 from typing import Literal, get_args
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 __all__ = ["SHUFFLE_VARIANTS", "ConvBNAct", "GSBottleneck", "GSConv", "VoVGSCSP", "channel_shuffle"]
 
@@ -146,6 +150,94 @@ class GSConv(nn.Module):
         x1 = self.cv1(x)
         return channel_shuffle(torch.cat((x1, self.cv2(x1)), 1), self.shuffle)
 
+    def warm_start_from(self, replaced: nn.Module) -> bool:
+        """Make half the output channels exactly those of ``replaced``, a conv -> norm -> activation unit.
+
+        ``replaced`` qualifies when its modules are exactly one ``Conv2d`` of cv1's shape (kernel, stride,
+        padding, dilation, groups, input channels) with twice cv1's output channels, at most one BatchNorm of
+        those channels, and parameter-free modules of cv1's activation class. The channel shuffle puts cv1's
+        channel ``i`` at some output position ``p``: cv1's row ``i`` (conv weights, BatchNorm parameters and
+        statistics) becomes ``replaced``'s row ``p``, so those outputs equal ``replaced``'s (assuming it
+        computes activation(norm(conv(x))), which the caller checks on data). The depthwise half is left as it
+        is, to be fitted. Returns whether it copied; otherwise nothing changed.
+        """
+        unit = _conv_norm_act(replaced)
+        if (
+            unit is None
+            or not _same_conv_geometry(unit[0], self.cv1.conv, out_factor=2)
+            or type(unit[2]) is not type(self.cv1.act)
+        ):
+            return False
+        channels = unit[0].out_channels
+        order = channel_shuffle(torch.arange(channels, dtype=torch.float32).view(1, -1, 1, 1), self.shuffle)
+        # order[p] is the channel of cat(cv1, cv2) at output position p; cv1's channel i lands where order == i.
+        positions = torch.argsort(order.flatten().long())[: channels // 2]
+        _copy_rows(self.cv1, unit, positions)
+        return True
+
+
+# A conv -> norm -> activation unit of a replaced module: its conv, its BatchNorm if any, its activation
+# (an Identity when it has none).
+_Unit = tuple[nn.Conv2d, nn.Module | None, nn.Module]
+
+
+def _conv_norm_act(module: nn.Module) -> _Unit | None:
+    """``module``'s (conv, norm, activation) when it holds one ``Conv2d``, at most one BatchNorm and otherwise
+    only parameter-free leaves (at most one that is not an ``Identity``); ``None`` for anything else."""
+    convs, norms, activations = [], [], []
+    for child in module.modules():
+        if next(child.children(), None) is not None:
+            continue  # a container: its leaves are looked at
+        if isinstance(child, nn.Conv2d):
+            convs.append(child)
+        elif isinstance(child, nn.modules.batchnorm._BatchNorm):
+            if not child.track_running_stats:
+                return None  # batch statistics in eval mode too: no fixed function to copy
+            norms.append(child)
+        elif next(child.parameters(recurse=False), None) is None and not isinstance(child, nn.Identity):
+            activations.append(child)
+        elif not isinstance(child, nn.Identity):
+            return None
+    if len(convs) != 1 or len(norms) > 1 or len(activations) > 1:
+        return None
+    return convs[0], (norms or [None])[0], (activations or [nn.Identity()])[0]
+
+
+def _same_conv_geometry(source: nn.Conv2d, target: nn.Conv2d, *, out_factor: int = 1) -> bool:
+    """Whether ``target`` computes ``source``'s outputs when it gets a subset of its rows."""
+    return (
+        source.weight.shape[1:] == target.weight.shape[1:]
+        and source.out_channels == out_factor * target.out_channels
+        and (source.stride, source.padding, source.dilation, source.groups, source.padding_mode)
+        == (target.stride, target.padding, target.dilation, target.groups, target.padding_mode)
+    )
+
+
+def _copy_rows(target: ConvBNAct, unit: _Unit, rows: Tensor | slice) -> None:
+    """Copy the rows ``rows`` of a (conv, norm, activation) unit into ``target``, a ConvBNAct.
+
+    A missing norm becomes the identity (statistics 0 and 1 - eps, scale 1, shift 0: ``x / sqrt(1 - eps +
+    eps)``), a conv bias moves into the norm's shift, and a different ``eps`` is made up for in the variance,
+    so that ``target`` computes the same numbers.
+    """
+    conv, norm, _ = unit
+    with torch.no_grad():
+        target.conv.weight.copy_(conv.weight[rows])
+        bn = target.bn
+        if norm is None:
+            bn.running_mean.zero_()
+            bn.running_var.fill_(1 - bn.eps)
+            bn.weight.fill_(1)
+            bn.bias.zero_()
+        else:
+            bn.running_mean.copy_(norm.running_mean[rows])
+            bn.running_var.copy_((norm.running_var[rows] + norm.eps - bn.eps).clamp_min(0))
+            bn.weight.copy_(norm.weight[rows] if norm.weight is not None else torch.ones_like(bn.weight))
+            bn.bias.copy_(norm.bias[rows] if norm.bias is not None else torch.zeros_like(bn.bias))
+        if conv.bias is not None:
+            # BN(conv(x) + b) = BN'(conv(x)) with its mean shifted by -b.
+            bn.running_mean.sub_(conv.bias[rows])
+
 
 class GSBottleneck(nn.Module):
     """Two GSConvs (1x1, then ``kernel_size`` without activation) plus a 1x1 conv shortcut, added.
@@ -232,3 +324,95 @@ class VoVGSCSP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.cv3(torch.cat((self.cv2(x), self.gsb(self.cv1(x))), 1))
+
+    def warm_start_from(self, replaced: nn.Module) -> bool:
+        """Copy ``replaced``'s three outer convs into cv1, cv2 and cv3 when it is a CSP block of this shape.
+
+        The test is on the dataflow of ``replaced``'s forward (``torch.fx``, each conv -> norm -> activation
+        child a leaf), not on names: its output must be a child unit (one ``Conv2d``, at most one BatchNorm,
+        an activation of this block's class) of the channel concatenation of two branches; one branch is a
+        single unit of the input (it becomes cv2, the branch that skips the bottlenecks), the other starts with
+        a unit of the input and goes on through more modules (its first unit becomes cv1; the rest, the
+        bottlenecks, is left to fitting). cv3's input columns follow this block's concatenation order (cv2's
+        branch first). Shapes must match exactly. The GSBottlenecks, which have nothing to copy, then start
+        silent: the scales of their last norms (their second GSConv's and their shortcut's) are zeroed, so that
+        they add nothing until fitting teaches them; the output of random bottlenecks would be noise that cv3's
+        copied weights turn into a larger error than none. Returns whether it copied; a forward that does not
+        trace or any other structure (a C2f, say) leaves the block as it is and returns ``False``.
+        """
+        outer = _csp_units(replaced)
+        if outer is None:
+            return False
+        skip, deep, output, deep_first = outer
+        pairs = ((self.cv2, skip), (self.cv1, deep), (self.cv3, output))
+        if not all(
+            _same_conv_geometry(unit[0], target.conv) and type(unit[2]) is type(target.act)
+            for target, unit in pairs
+        ):
+            return False
+        for target, unit in pairs:
+            _copy_rows(target, unit, slice(None))
+        if deep_first:  # replaced concatenates (bottlenecks, skip); this block (skip, bottlenecks)
+            hidden = self.cv1.conv.out_channels
+            with torch.no_grad():
+                weight = output[0].weight
+                self.cv3.conv.weight.copy_(torch.cat((weight[:, hidden:], weight[:, :hidden]), 1))
+        with torch.no_grad():
+            for bottleneck in self.gsb:
+                last = bottleneck.conv_lighting[-1]
+                for norm in (last.cv1.bn, last.cv2.bn, bottleneck.shortcut.bn):
+                    norm.weight.zero_()
+                    norm.bias.zero_()
+        return True
+
+
+class _UnitLeaves(fx.Tracer):
+    """Traces a module down to its children that are conv -> norm -> activation units (kept as leaves)."""
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return _conv_norm_act(module) is not None or super().is_leaf_module(module, qualified_name)
+
+
+def _csp_units(module: nn.Module) -> tuple[_Unit, _Unit, _Unit, bool] | None:
+    """(skip unit, deep branch's first unit, output unit, whether the deep branch is concatenated first) of a
+    CSP-shaped ``module`` (see :meth:`VoVGSCSP.warm_start_from`), else ``None``."""
+    try:
+        graph = _UnitLeaves().trace(module)
+    except Exception:  # noqa: BLE001 -- a forward fx cannot trace: no structure to read, the caller falls back
+        return None
+    nodes = list(graph.nodes)
+    inputs = [node for node in nodes if node.op == "placeholder"]
+    (result,) = [node for node in nodes if node.op == "output"]
+    units = {
+        node: _conv_norm_act(module.get_submodule(node.target))
+        for node in nodes
+        if node.op == "call_module" and _conv_norm_act(module.get_submodule(node.target)) is not None
+    }
+    output = result.args[0]
+    if len(inputs) != 1 or output not in units or len(output.args) != 1:
+        return None
+    concat = output.args[0]
+    branches = concat.args[0] if concat.op == "call_function" and concat.target is torch.cat else None
+    dim = concat.kwargs.get("dim", concat.args[1] if len(concat.args) > 1 else 0) if branches else None
+    if not isinstance(branches, (list, tuple)) or len(branches) != 2 or dim != 1:
+        return None
+    # Per branch, the units applied to the input itself that it depends on.
+    firsts = [[n for n in _ancestors(branch) if n in units and n.args == (inputs[0],)] for branch in branches]
+    if any(len(first) != 1 for first in firsts) or firsts[0][0] is firsts[1][0]:
+        return None
+    direct = [branch is first[0] for branch, first in zip(branches, firsts)]
+    if sorted(direct) != [False, True]:
+        return None  # not one skip unit and one longer branch
+    deep_index = direct.index(False)
+    return units[firsts[1 - deep_index][0]], units[firsts[deep_index][0]], units[output], deep_index == 0
+
+
+def _ancestors(node: fx.Node) -> list[fx.Node]:
+    """``node`` and every node it is computed from."""
+    seen, stack = {node}, [node]
+    while stack:
+        for parent in stack.pop().all_input_nodes:
+            if parent not in seen:
+                seen.add(parent)
+                stack.append(parent)
+    return list(seen)

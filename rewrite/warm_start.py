@@ -4,7 +4,9 @@ A rewrite gives freshly initialised blocks, so the rewritten model starts far fr
 original was trained. :func:`warm_start` closes most of that gap before any labelled training: it runs the
 original on the caller's inputs, records what goes into and comes out of every replaced module, and trains each
 new block, site by site, to map those inputs to those outputs (a regression on the original's own features, no
-labels). Then it reports, per site and for the whole model, the relative error before and after.
+labels). Blocks that can copy the replaced module's weights (a ``warm_start_from`` method, as the GS blocks
+have) start from them; with ``end_to_end_steps``, all new blocks then train together on the whole model's
+outputs. Then it reports, per site and for the whole model, the relative error before and after.
 
 A site is any module path where the rewritten model holds a module of another class than the original does
 (a GSConv where a Conv was, a VoVGSCSP where a C3 was, whatever a rule put there). Nothing here knows a detector.
@@ -29,6 +31,7 @@ whole model  outputs        ...
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import math
 import time
@@ -55,6 +58,7 @@ class SiteFit:
     block: str  # class name of the new module
     before: float  # ||new block's outputs - replaced module's|| / ||replaced module's||, each in its model
     after: float  # the same after the warm start
+    copied: bool = False  # whether the block started from the replaced module's weights (warm_start_from)
 
 
 @dataclass(frozen=True)
@@ -71,10 +75,17 @@ class WarmStartReport:
     steps: int  # optimizer steps per site
     batches: int
     seconds: float
+    end_to_end_steps: int = 0  # optimizer steps of all new blocks together on the whole model's outputs
 
     def __str__(self) -> str:
         rows = [
-            (site.path, f"{site.replaced} → {site.block}", site.before, site.after) for site in self.sites
+            (
+                site.path,
+                f"{site.replaced} → {site.block}{' (copied)' if site.copied else ''}",
+                site.before,
+                site.after,
+            )
+            for site in self.sites
         ]
         rows.append(("whole model", "outputs", self.model_before, self.model_after))
         rows = [
@@ -86,9 +97,10 @@ class WarmStartReport:
             headers=["site", "change", "rel. error before", "after", "after / before"],
             disable_numparse=True,
         )
+        together = f", then {self.end_to_end_steps} together" if self.end_to_end_steps else ""
         return (
-            f"{table}\n\n{len(self.sites)} site(s), {self.steps} step(s) each on {self.batches} batch(es): "
-            f"{self.seconds:.1f} s"
+            f"{table}\n\n{len(self.sites)} site(s), {self.steps} step(s) each{together} on {self.batches} "
+            f"batch(es): {self.seconds:.1f} s"
         )
 
 
@@ -126,21 +138,37 @@ def warm_start(
     *,
     steps: int = 100,
     lr: float = 1e-2,
+    end_to_end_steps: int = 0,
+    end_to_end_lr: float = 3e-4,
     progress: Callable[[str], None] | None = None,
 ) -> WarmStartReport:
     """Train every new block of ``rewritten`` to compute what ``original``'s module at its path computes.
 
     ``batches`` are what the models' forward takes: input tensors (or tuples of positional arguments), unlabeled.
     The original runs once over all of them in eval mode — its trained statistics, nothing updated — with a
-    forward hook at every site recording the module's inputs and outputs. Each new block then trains on its own
-    (Adam with ``lr`` and a cosine decay, a relative squared error), in two halves of ``steps``: first on the
-    original's inputs at its site, then on those and the inputs the rewritten model itself gives it there
-    (recorded in one pass once every block has had its first half), so that it also learns to undo what the new
-    blocks before it still get wrong. The targets are always the original's outputs. It trains in train mode
-    (BatchNorm on batch statistics keeps the fit well conditioned); its running statistics are then set to the
-    plain average over its inputs, so that eval mode computes what it learnt. A half that leaves a block no
-    closer to its targets (in eval mode) is undone. The default budget is a few seconds per site of a small
-    detector on a CPU.
+    forward hook at every site recording the module's inputs and outputs.
+
+    A new block that has a ``warm_start_from(replaced)`` method (the GS blocks of :mod:`rewrite.blocks` do)
+    first gets the chance to copy the replaced module's weights where it can compute the same numbers; its
+    BatchNorm layers that the copy left untouched get the statistics of their inputs, and a copy that leaves the
+    block no closer to the replaced module's outputs is undone. Such a block is then fitted in eval mode with a
+    tenth of ``lr``, so that what it copied is kept unless moving it helps.
+
+    Each new block then trains on its own (Adam with ``lr`` and a cosine decay, a relative squared error), in two
+    halves of ``steps``: first on the original's inputs at its site, then on those and the inputs the rewritten
+    model itself gives it there (recorded in one pass once every block has had its first half), so that it also
+    learns to undo what the new blocks before it still get wrong. The targets are always the original's
+    outputs. A block with nothing copied trains in train mode (BatchNorm on batch statistics keeps a fit from
+    random weights well conditioned); its running statistics are then set to the plain average over its inputs,
+    so that eval mode computes what it learnt. A half that leaves a block no closer to its targets (in eval
+    mode) is undone.
+
+    With ``end_to_end_steps``, all new blocks then train together, in eval mode, for that many steps (Adam with
+    ``end_to_end_lr`` and a cosine decay, everything else frozen) on the relative squared difference between
+    the whole models' outputs on the batches; undone if that difference did not shrink.
+
+    Input tensors of four dimensions run in channels-last memory order: the values are the same, and on a CPU
+    the depthwise convolutions' backward pass is an order of magnitude faster that way.
 
     The report's errors are measured in place, in eval mode: per site, what the new block gives inside the
     rewritten model against what the replaced module gives inside the original, on the same batches; for the
@@ -152,7 +180,7 @@ def warm_start(
     """
     say = progress or (lambda message: None)
     start = time.perf_counter()
-    inputs = [batch if isinstance(batch, tuple) else (batch,) for batch in batches]
+    inputs = [_channels_last(batch if isinstance(batch, tuple) else (batch,)) for batch in batches]
     if not inputs:
         raise InputSpecError("warm_start: `batches` gave nothing; pass an iterable of input tensors")
     paths = changed_modules(rewritten, original)
@@ -169,10 +197,54 @@ def warm_start(
         calls, targets = _record(original, paths, inputs)
     sites_before, model_before = _errors_in_place(rewritten, paths, inputs, calls, targets)
 
+    copied = {
+        path
+        for path in paths
+        if _copy_from_replaced(rewritten.get_submodule(path), original.get_submodule(path), calls[path])
+    }
+    if copied:
+        say(f"copied the replaced modules' weights into {len(copied)} block(s): {', '.join(sorted(copied))}")
+
+    def fit(path: str, pairs: list[tuple[tuple, Any]], steps: int) -> None:
+        if path in copied:
+            _fit_half(rewritten.get_submodule(path), pairs, steps=steps, lr=lr / 10, train_mode=False)
+        else:
+            _fit_half(rewritten.get_submodule(path), pairs, steps=steps, lr=lr, train_mode=True)
+
+    if steps:
+        _fit_sites(rewritten, paths, inputs, calls, fit, steps, say)
+    if end_to_end_steps:
+        say(f"all {len(paths)} block(s) together on the whole model's outputs, {end_to_end_steps} steps")
+        blocks = [rewritten.get_submodule(path) for path in paths]
+        _fit_end_to_end(rewritten, blocks, inputs, targets, steps=end_to_end_steps, lr=end_to_end_lr)
+    sites_after, model_after = _errors_in_place(rewritten, paths, inputs, calls, targets)
+
+    fits = []
+    for path in paths:
+        old, new = type(original.get_submodule(path)).__name__, type(rewritten.get_submodule(path)).__name__
+        fits.append(SiteFit(path, old, new, sites_before[path], sites_after[path], path in copied))
+        say(f"{path}: {old} → {new}, rel. error {sites_before[path]:.4f} → {sites_after[path]:.4f}")
+    say(f"whole model: rel. error {model_before:.4f} → {model_after:.4f}")
+    return WarmStartReport(
+        fits, model_before, model_after, steps, len(inputs), time.perf_counter() - start, end_to_end_steps
+    )
+
+
+def _fit_sites(
+    rewritten: nn.Module,
+    paths: list[str],
+    inputs: list[tuple],
+    calls: dict[str, list[tuple[tuple, Any]]],
+    fit: Callable[[str, list[tuple[tuple, Any]], int], None],
+    steps: int,
+    say: Callable[[str], None],
+) -> None:
+    """The site-by-site phase: each block's first half of ``steps`` on the original's inputs at its site, then
+    the second half on those and the inputs the rewritten model gives it there."""
     first, second = steps // 2, steps - steps // 2
     for number, path in enumerate(paths, 1):
         say(f"{path} ({number}/{len(paths)}): fitting on the original's inputs, {first} steps")
-        _fit_half(rewritten.get_submodule(path), calls[path], steps=first, lr=lr)
+        fit(path, calls[path], first)
     with _modes_kept(rewritten), torch.no_grad():
         rewritten.eval()
         own, _ = _record(rewritten, paths, inputs)
@@ -183,16 +255,36 @@ def warm_start(
             # lean on what the blocks before it got wrong in the first half, and those move again in this one.
             own_pairs = [(args, target) for (args, _), (_, target) in zip(own[path], calls[path])]
             pairs = [pair for both in zip(own_pairs, calls[path]) for pair in both]
-            _fit_half(rewritten.get_submodule(path), pairs, steps=second, lr=lr)
-    sites_after, model_after = _errors_in_place(rewritten, paths, inputs, calls, targets)
+            fit(path, pairs, second)
 
-    fits = []
-    for path in paths:
-        old, new = type(original.get_submodule(path)).__name__, type(rewritten.get_submodule(path)).__name__
-        fits.append(SiteFit(path, old, new, sites_before[path], sites_after[path]))
-        say(f"{path}: {old} → {new}, rel. error {sites_before[path]:.4f} → {sites_after[path]:.4f}")
-    say(f"whole model: rel. error {model_before:.4f} → {model_after:.4f}")
-    return WarmStartReport(fits, model_before, model_after, steps, len(inputs), time.perf_counter() - start)
+
+def _copy_from_replaced(block: nn.Module, replaced: nn.Module, calls: list[tuple[tuple, Any]]) -> bool:
+    """Let ``block`` copy weights from ``replaced`` through its ``warm_start_from`` hook; whether it kept any.
+
+    The BatchNorm layers the hook left at their fresh statistics get those of their inputs, so that eval-mode
+    fitting starts well conditioned. A copy that does not bring the block closer to the recorded outputs (the
+    replaced module computes something else than its structure suggested) is undone.
+    """
+    hook = getattr(block, "warm_start_from", None)
+    if not callable(hook) or not calls:
+        return False
+    with _modes_kept(block):
+        before = _block_error(block, calls)
+        fresh = {name: value.clone() for name, value in block.state_dict().items()}
+        if not hook(replaced):
+            return False
+        untouched = [
+            norm
+            for name, norm in block.named_modules()
+            if isinstance(norm, nn.modules.batchnorm._BatchNorm)
+            and norm.track_running_stats
+            and torch.equal(fresh[f"{name}.running_mean" if name else "running_mean"], norm.running_mean)
+        ]
+        _estimate_statistics(block, calls, untouched)
+        if _block_error(block, calls) < before:
+            return True
+        block.load_state_dict(fresh)
+        return False
 
 
 def _record(
@@ -248,62 +340,227 @@ def _errors_in_place(
     return sites, _relative_error(outputs, targets)
 
 
-def _fit_half(block: nn.Module, pairs: list[tuple[tuple, Any]], *, steps: int, lr: float) -> None:
-    """Fit ``block`` to ``pairs`` (inputs, target output), then re-estimate its statistics; undone if no closer."""
+def _fit_half(
+    block: nn.Module, pairs: list[tuple[tuple, Any]], *, steps: int, lr: float, train_mode: bool
+) -> None:
+    """Fit ``block`` to ``pairs`` (inputs, target output), in train mode followed by a re-estimate of its
+    statistics, or in eval mode (statistics kept); undone if no closer."""
     if not pairs or not steps:
         return
     with _modes_kept(block):
         before = _block_error(block, pairs)
         kept = {name: value.clone() for name, value in block.state_dict().items()}
-        _fit(block, pairs, steps=steps, lr=lr)
-        _estimate_statistics(block, pairs)
+        block.train(train_mode)
+        _fit(block, [block], lambda args, target: _squared_relative(block(*args), target), pairs, steps, lr)
+        if train_mode:
+            _estimate_statistics(block, pairs, _norms(block))
         # A diverged or futile fit: hand the block back as it came.
         if not _block_error(block, pairs) < before:
             block.load_state_dict(kept)
 
 
-def _fit(block: nn.Module, pairs: list[tuple[tuple, Any]], *, steps: int, lr: float) -> None:
-    """Train ``block`` to map each pair's inputs to its output: relative squared error, Adam, cosine decay.
+def _fit(
+    model: nn.Module,
+    blocks: list[nn.Module],
+    loss: Callable[[tuple, Any], Tensor],
+    pairs: list[tuple[tuple, Any]],
+    steps: int,
+    lr: float,
+) -> None:
+    """Train ``blocks``' parameters on ``loss(inputs, target)`` cycling over ``pairs``: Adam, cosine decay.
 
-    Train mode: BatchNorm normalises by each batch's statistics, which keeps the fit well conditioned while
-    the weights move (with fixed statistics, the activations' scale drifts and the fit crawls).
+    Modes are the caller's: in train mode BatchNorm normalises by each batch's statistics, which keeps a fit
+    from random weights well conditioned while they move (with fixed statistics, the activations' scale
+    drifts and the fit crawls); in eval mode the statistics stay, and the block computes what it learnt.
+    Every other parameter of ``model`` is frozen meanwhile, so that no gradient is computed for it.
     """
-    parameters = list(block.parameters())
+    parameters = list(model.parameters())
     flags = [p.requires_grad for p in parameters]
-    optimizer = torch.optim.Adam(parameters, lr=lr)
+    trained = [p for block in blocks for p in block.parameters()]
+    optimizer = torch.optim.Adam(trained, lr=lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps))
     )
-    block.train()
     try:
         for p in parameters:
+            p.requires_grad_(False)
+        for p in trained:
             p.requires_grad_(True)
         with torch.enable_grad():
             for args, target in itertools.islice(itertools.cycle(pairs), steps):
-                loss = _squared_relative(block(*args), target)
+                value = loss(args, target)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                value.backward()
                 optimizer.step()
                 schedule.step()
     finally:
         for p, flag in zip(parameters, flags):
             p.requires_grad_(flag)
+            p.grad = None
 
 
-def _estimate_statistics(block: nn.Module, pairs: list[tuple[tuple, Any]]) -> None:
-    """Set every BatchNorm's running statistics to their plain average over the inputs (train-mode passes).
+def _fit_end_to_end(
+    model: nn.Module,
+    blocks: list[nn.Module],
+    inputs: list[tuple],
+    targets: list[Any],
+    *,
+    steps: int,
+    lr: float,
+) -> None:
+    """Train ``blocks`` together, in eval mode, on the whole ``model``'s relative output error; undone if no
+    better.
 
-    The running averages lag behind the weights the fit moved (momentum 0.03 in the GS blocks); without this,
-    eval mode would normalise with statistics of weights long gone.
+    What the model computes before the first new block runs does not change while they train: the outermost
+    modules that run, once per forward, entirely before it are replayed from one recorded pass instead of
+    computed again at every step (the backbone of a detector whose neck was rewritten), when replaying
+    reproduces the model's outputs; otherwise every step runs the whole model.
     """
-    norms = [
+    with _modes_kept(model):
+        model.eval()
+        prefix, recorded = _prefix_outputs(model, blocks, inputs)
+        before = _relative_error(_outputs(model, inputs), targets)
+        kept = [{name: value.clone() for name, value in block.state_dict().items()} for block in blocks]
+        with _replayed(prefix, recorded) as replay:
+
+            def replayed(index: int, args: tuple) -> Any:
+                replay.batch = index
+                return model(*args)
+
+            with torch.no_grad():
+                outputs = [_detached(replayed(index, args)) for index, args in enumerate(inputs)]
+            if not math.isclose(_relative_error(outputs, targets), before, rel_tol=1e-4):
+                replay.clear()  # the forward does not run the same way every time: compute everything
+
+            def loss(args: tuple, target_and_index: tuple[Any, int]) -> Tensor:
+                target, index = target_and_index
+                return _squared_relative(replayed(index, args), target)
+
+            pairs = [(args, (target, index)) for index, (args, target) in enumerate(zip(inputs, targets))]
+            _fit(model, blocks, loss, pairs, steps, lr)
+        if not _relative_error(_outputs(model, inputs), targets) < before:
+            for block, state in zip(blocks, kept):
+                block.load_state_dict(state)
+
+
+def _prefix_outputs(
+    model: nn.Module, blocks: list[nn.Module], inputs: list[tuple]
+) -> tuple[list[nn.Module], list[list[Any]]]:
+    """The outermost modules of ``model`` called exactly once per forward, every call ending before the first
+    of ``blocks`` starts, and per batch their outputs (eval mode, no gradient)."""
+    inside_blocks = {id(m) for block in blocks for m in block.modules()}
+    events = itertools.count()
+    spans: dict[nn.Module, list[list[int]]] = {}
+    first_block_start = math.inf
+
+    def pre_hook(module: nn.Module, args: tuple) -> None:
+        nonlocal first_block_start
+        event = next(events)
+        spans.setdefault(module, []).append([event, math.inf])
+        if id(module) in inside_blocks:
+            first_block_start = min(first_block_start, event)
+
+    def hook(module: nn.Module, args: tuple, output: Any) -> None:
+        spans[module][-1][1] = next(events)
+
+    modules = [m for m in model.modules() if m is not model]
+    handles = [
+        h for m in modules for h in (m.register_forward_pre_hook(pre_hook), m.register_forward_hook(hook))
+    ]
+    try:
+        with torch.no_grad():
+            model(*inputs[0])
+    finally:
+        for handle in handles:
+            handle.remove()
+    early = {id(m) for m in modules if len(spans.get(m, [])) == 1 and spans[m][0][1] < first_block_start}
+    prefix = [
+        m
+        for m in modules
+        if id(m) in early and not any(id(parent) in early for parent in _ancestors_of(model, m))
+    ]
+    recorded: list[list[Any]] = []
+
+    def recorder(module: nn.Module, args: tuple, output: Any) -> None:
+        recorded[-1].append(_detached(output))
+
+    handles = [m.register_forward_hook(recorder) for m in prefix]
+    try:
+        with torch.no_grad():
+            for args in inputs:
+                recorded.append([])
+                model(*args)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if any(len(outputs) != len(prefix) for outputs in recorded):
+        return [], []
+    # The hooks fire in call order, not in the order of ``prefix``: pair them up by that order.
+    order = sorted(prefix, key=lambda m: spans[m][0][1])
+    return order, recorded
+
+
+def _ancestors_of(model: nn.Module, module: nn.Module) -> list[nn.Module]:
+    path = next(name for name, m in model.named_modules() if m is module)
+    parts = path.split(".")
+    return [model.get_submodule(".".join(parts[:i])) for i in range(1, len(parts))]
+
+
+class _Replay:
+    """While active, each prefix module's forward returns its recorded output for batch ``batch``."""
+
+    def __init__(self, modules: list[nn.Module], recorded: list[list[Any]]) -> None:
+        self.modules, self.recorded, self.batch = modules, recorded, 0
+
+    def clear(self) -> None:
+        for module in self.modules:
+            del module.forward  # the instance attribute goes: the class's forward is back
+        self.modules = []
+
+    def install(self) -> None:
+        for position, module in enumerate(self.modules):
+            module.forward = functools.partial(self._output, position)
+
+    def _output(self, position: int, *args: Any, **kwargs: Any) -> Any:
+        return self.recorded[self.batch][position]
+
+
+@contextlib.contextmanager
+def _replayed(modules: list[nn.Module], recorded: list[list[Any]]) -> Iterator[_Replay]:
+    replay = _Replay(modules, recorded)
+    replay.install()
+    try:
+        yield replay
+    finally:
+        replay.clear()
+
+
+def _outputs(model: nn.Module, inputs: list[tuple]) -> list[Any]:
+    with torch.no_grad():
+        return [_detached(model(*args)) for args in inputs]
+
+
+def _norms(block: nn.Module) -> list[nn.Module]:
+    """``block``'s BatchNorm layers that keep running statistics."""
+    return [
         m for m in block.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
     ]
+
+
+def _estimate_statistics(block: nn.Module, pairs: list[tuple[tuple, Any]], norms: list[nn.Module]) -> None:
+    """Set the running statistics of ``norms`` (BatchNorm layers of ``block``) to their plain average over the
+    inputs, the rest of the block in eval mode; ``block`` is left in eval mode.
+
+    After a train-mode fit the running averages lag behind the weights the fit moved (momentum 0.03 in the GS
+    blocks); without this, eval mode would normalise with statistics of weights long gone.
+    """
     momenta = [m.momentum for m in norms]
     for norm in norms:
         norm.reset_running_stats()
         norm.momentum = None  # a cumulative average over the batches below
-    block.train()
+    block.eval()
+    for norm in norms:
+        norm.train()
     try:
         with torch.no_grad():
             for args, _ in pairs:
@@ -339,6 +596,15 @@ def _squared_relative(output: Any, target: Any) -> Tensor:
 
 def _tensors(value: Any) -> list[Tensor]:
     return [t for t in torch.utils._pytree.tree_leaves(value) if isinstance(t, Tensor)]
+
+
+def _channels_last(args: tuple) -> tuple:
+    return tuple(
+        arg.contiguous(memory_format=torch.channels_last)
+        if isinstance(arg, Tensor) and arg.dim() == 4
+        else arg
+        for arg in args
+    )
 
 
 def _detached(value: Any) -> Any:

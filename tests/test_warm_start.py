@@ -12,9 +12,10 @@ import torch
 from torch import nn
 
 import rewrite
-from rewrite.blocks import ConvBNAct
+from rewrite.blocks import ConvBNAct, GSConv, VoVGSCSP
 from rewrite.warm_start import changed_modules
 from rewrite.zoo import create_model
+from rewrite.zoo.yolov5 import C3, Conv
 
 
 def trained_like(model: nn.Module, batches: list[torch.Tensor]) -> nn.Module:
@@ -128,10 +129,153 @@ def test_nothing_to_warm_start_and_no_batches_are_one_line_errors(setup):
 def test_a_block_that_cannot_improve_keeps_its_fresh_weights():
     # A fresh original's neck features are ~1e-9 (default BatchNorm statistics): nothing fits them in a few
     # steps, and the block must come back as it was rather than worse.
+    # The block copies nothing (nothing it could copy would be checked here).
+    class Uncopied(GSConv):
+        def warm_start_from(self, replaced: nn.Module) -> bool:
+            return False
+
     torch.manual_seed(0)
     original = create_model("yolov5n", nc=3).eval()
     slim = rewrite.apply(original, "slim-neck", torch.zeros(1, 3, 64, 64))
+    block = slim.model[10]
+    uncopied = Uncopied(block.cv1.conv.in_channels, 2 * block.cv1.conv.out_channels)
+    uncopied.load_state_dict(block.state_dict())
+    uncopied.i, uncopied.f = block.i, block.f  # what the detector's forward reads of its layers
+    slim.model[10] = uncopied
     fresh = copy.deepcopy(slim.model[10].state_dict())
     report = rewrite.warm_start(slim, original, [torch.rand(2, 3, 64, 64)], steps=3)
     assert report.sites[0].after == report.sites[0].before
     assert all(torch.equal(fresh[name], t) for name, t in slim.model[10].state_dict().items())
+
+
+def randomised_statistics(module: nn.Module) -> nn.Module:
+    """Give every BatchNorm of ``module`` non-trivial statistics and affine parameters, so copies are tested."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for norm in module.modules():
+            if isinstance(norm, nn.BatchNorm2d):
+                norm.running_mean.normal_(generator=generator)
+                norm.running_var.uniform_(0.5, 2, generator=generator)
+                norm.weight.normal_(generator=generator)
+                norm.bias.normal_(generator=generator)
+    return module.eval()
+
+
+@pytest.mark.parametrize("shuffle", ["split", "interleave"])
+@pytest.mark.parametrize(("kernel", "stride"), [(1, 1), (3, 2)])
+def test_a_gsconv_copied_from_a_conv_computes_exactly_half_of_its_output_channels(shuffle, kernel, stride):
+    torch.manual_seed(0)
+    conv = randomised_statistics(Conv(16, 32, kernel, stride))
+    gsconv = GSConv(16, 32, kernel, stride, shuffle=shuffle).eval()
+    assert gsconv.warm_start_from(conv)
+    x = torch.randn(2, 16, 12, 12)
+    with torch.no_grad():
+        expected, got = conv(x), gsconv(x)
+    exact = [torch.allclose(got[:, c], expected[:, c], atol=1e-5) for c in range(32)]
+    assert sum(exact) == 16
+
+
+def test_a_gsconv_copies_nothing_from_a_module_of_another_shape_or_structure():
+    gsconv = GSConv(16, 32, 3, 2)
+    fresh = copy.deepcopy(gsconv.state_dict())
+    assert not gsconv.warm_start_from(Conv(16, 32, 1, 1))  # another kernel
+    assert not gsconv.warm_start_from(Conv(16, 64, 3, 2))  # other channels
+    relu = nn.Sequential(nn.Conv2d(16, 32, 3, 2, 1), nn.ReLU())
+    assert not gsconv.warm_start_from(relu)  # another activation
+    assert not gsconv.warm_start_from(C3(16, 32))  # more than one conv
+    assert all(torch.equal(fresh[name], t) for name, t in gsconv.state_dict().items())
+
+
+def test_a_vovgscsp_copied_from_a_c3_computes_it_exactly_when_given_its_bottlenecks():
+    # cv1, cv2 and cv3 are found by dataflow; with the C3's own bottlenecks in place of the GSBottlenecks the
+    # block computes the C3 exactly, which checks which conv went where and cv3's column order.
+    torch.manual_seed(0)
+    c3 = randomised_statistics(C3(32, 32, 1, shortcut=False))
+    block = VoVGSCSP(32, 32, 1).eval()
+    assert block.warm_start_from(c3)
+    x = torch.randn(2, 32, 8, 8)
+    with torch.no_grad():
+        assert torch.all(block.gsb(block.cv1(x)) == 0)  # the bottlenecks start silent
+        block.gsb = c3.m
+        torch.testing.assert_close(block(x), c3(x))
+
+
+def test_a_vovgscsp_falls_back_to_fitting_when_the_structure_does_not_match():
+    class NotCSP(nn.Module):  # three units, but the output is a sum of two branches, not a concatenation
+        def __init__(self):
+            super().__init__()
+            self.cv1, self.cv2, self.cv3 = Conv(32, 16), Conv(32, 16), Conv(16, 32)
+
+        def forward(self, x):
+            return self.cv3(self.cv1(x) + self.cv2(x))
+
+    class Untraceable(C3):
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow: fx cannot trace it
+                return super().forward(x)
+            return x
+
+    block = VoVGSCSP(32, 32, 1)
+    fresh = copy.deepcopy(block.state_dict())
+    for replaced in (NotCSP(), Untraceable(32, 32), Conv(32, 32), C3(32, 64)):
+        assert not block.warm_start_from(replaced)
+    assert all(torch.equal(fresh[name], t) for name, t in block.state_dict().items())
+
+
+def test_warm_start_copies_into_blocks_that_can_and_trains_them_together(setup):
+    original, slim, batches = setup
+    slim = copy.deepcopy(slim)
+    messages = []
+    report = rewrite.warm_start(
+        slim, original, batches, steps=2, end_to_end_steps=3, progress=messages.append
+    )
+    assert [site.path for site in report.sites if site.copied] == [site.path for site in report.sites]
+    assert "copied the replaced modules' weights into 8 block(s)" in messages[1]
+    assert any(m.startswith("all 8 block(s) together") for m in messages)
+    assert report.end_to_end_steps == 3 and "then 3 together" in str(report)
+    assert "Conv → GSConv (copied)" in str(report)
+    assert report.model_after <= report.model_before
+    assert all(site.after < site.before for site in report.sites[:1])  # the exact half shows at once
+
+
+def test_a_copy_that_brings_the_block_no_closer_is_undone():
+    # The replaced module looks like conv -> norm -> activation but computes something else (its forward
+    # negates the result): the copy cannot help, and the block keeps its fresh weights.
+    class Negated(ConvBNAct):
+        def forward(self, x):
+            return -super().forward(x)
+
+    torch.manual_seed(0)
+    batches = [torch.rand(4, 8, 12, 12) for _ in range(2)]
+    original = trained_like(nn.Sequential(ConvBNAct(8, 8, 3), Negated(8, 16, 3)), batches)
+    rewritten = copy.deepcopy(original)
+    rewritten[1] = GSConv(8, 16, 3)
+    report = rewrite.warm_start(rewritten, original, batches, steps=0)
+    assert not report.sites[0].copied
+
+
+def test_the_end_to_end_steps_replay_what_runs_before_the_first_new_block():
+    # The first layer runs before any new block: the end-to-end steps replay its recorded outputs rather than
+    # run it, so its calls do not grow with the steps.
+    class Counted(ConvBNAct):
+        calls = 0
+
+        def forward(self, x):
+            Counted.calls += 1
+            return super().forward(x)
+
+    torch.manual_seed(0)
+    batches = [torch.rand(4, 3, 16, 16) for _ in range(2)]
+    original = trained_like(
+        nn.Sequential(Counted(3, 8, 3), ConvBNAct(8, 16, 3), ConvBNAct(16, 4, 1)), batches
+    )
+    calls = []
+    for steps in (2, 8):
+        rewritten = copy.deepcopy(original)
+        rewritten[1] = GSConv(8, 16, 3)
+        Counted.calls = 0
+        report = rewrite.warm_start(rewritten, original, batches, steps=0, end_to_end_steps=steps, lr=1e-2)
+        calls.append(Counted.calls)
+        assert math.isfinite(report.model_after)
+        assert "forward" not in vars(rewritten[0])  # its own forward is back
+    assert calls[0] == calls[1]
