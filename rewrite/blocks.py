@@ -19,6 +19,8 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor, fx, nn
 
+from rewrite.vocabulary import category_of
+
 __all__ = ["SHUFFLE_VARIANTS", "ConvBNAct", "GSBottleneck", "GSConv", "VoVGSCSP", "channel_shuffle"]
 
 ShuffleVariant = Literal["split", "interleave"]
@@ -182,25 +184,29 @@ _Unit = tuple[nn.Conv2d, nn.Module | None, nn.Module]
 
 
 def _conv_norm_act(module: nn.Module) -> _Unit | None:
-    """``module``'s (conv, norm, activation) when it holds one ``Conv2d``, at most one BatchNorm and otherwise
-    only parameter-free leaves (at most one that is not an ``Identity``); ``None`` for anything else."""
-    convs, norms, activations = [], [], []
+    """``module``'s (conv, norm, activation) when its leaves are one conv, at most one norm with running
+    statistics and at most one activation other than ``Identity`` (categories as :mod:`rewrite.vocabulary`
+    defines them); ``None`` for anything else."""
+    found: dict[str, list[nn.Module]] = {"conv": [], "norm": [], "activation": []}
     for child in module.modules():
-        if next(child.children(), None) is not None:
-            continue  # a container: its leaves are looked at
-        if isinstance(child, nn.Conv2d):
-            convs.append(child)
-        elif isinstance(child, nn.modules.batchnorm._BatchNorm):
-            if not child.track_running_stats:
-                return None  # batch statistics in eval mode too: no fixed function to copy
-            norms.append(child)
-        elif next(child.parameters(recurse=False), None) is None and not isinstance(child, nn.Identity):
-            activations.append(child)
-        elif not isinstance(child, nn.Identity):
-            return None
+        if next(child.children(), None) is not None or isinstance(child, nn.Identity):
+            continue  # a container (its leaves are looked at), or nothing computed
+        category = category_of(child)
+        if category not in found or (category == "norm" and not _has_running_statistics(child)):
+            return None  # another op, or a norm with no fixed function to copy (batch statistics, GroupNorm)
+        found[category].append(child)
+    convs, norms, activations = found["conv"], found["norm"], found["activation"]
     if len(convs) != 1 or len(norms) > 1 or len(activations) > 1:
         return None
     return convs[0], (norms or [None])[0], (activations or [nn.Identity()])[0]
+
+
+def _has_running_statistics(norm: nn.Module) -> bool:
+    return (
+        getattr(norm, "track_running_stats", True)
+        and getattr(norm, "running_mean", None) is not None
+        and getattr(norm, "running_var", None) is not None
+    )
 
 
 def _same_conv_geometry(source: nn.Conv2d, target: nn.Conv2d, *, out_factor: int = 1) -> bool:
@@ -384,9 +390,9 @@ def _csp_units(module: nn.Module) -> tuple[_Unit, _Unit, _Unit, bool] | None:
     inputs = [node for node in nodes if node.op == "placeholder"]
     (result,) = [node for node in nodes if node.op == "output"]
     units = {
-        node: _conv_norm_act(module.get_submodule(node.target))
+        node: unit
         for node in nodes
-        if node.op == "call_module" and _conv_norm_act(module.get_submodule(node.target)) is not None
+        if node.op == "call_module" and (unit := _conv_norm_act(module.get_submodule(node.target))) is not None
     }
     output = result.args[0]
     if len(inputs) != 1 or output not in units or len(output.args) != 1:

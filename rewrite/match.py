@@ -50,6 +50,7 @@ from rewrite.vocabulary import (
     IrreproducibleError,
     carried_activation,
     is_idempotent,
+    node_in_category,
     reproduce_activation,
 )
 
@@ -567,7 +568,7 @@ def _activation(graph: nx.DiGraph, candidate: _Candidate) -> nn.Module | None:
             carried = carried_activation(module)
             if carried is not None:
                 return carried
-        if ChainStep("activation").accepts(data["op"], data["target"], module):
+        if node_in_category("activation", data["op"], data["target"], module):
             if isinstance(module, nn.Identity):
                 identity = identity or module
                 continue

@@ -271,15 +271,10 @@ def _copy_from_replaced(block: nn.Module, replaced: nn.Module, calls: list[tuple
     with _modes_kept(block):
         before = _block_error(block, calls)
         fresh = {name: value.clone() for name, value in block.state_dict().items()}
+        fresh_means = {norm: norm.running_mean.clone() for norm in _norms(block)}
         if not hook(replaced):
             return False
-        untouched = [
-            norm
-            for name, norm in block.named_modules()
-            if isinstance(norm, nn.modules.batchnorm._BatchNorm)
-            and norm.track_running_stats
-            and torch.equal(fresh[f"{name}.running_mean" if name else "running_mean"], norm.running_mean)
-        ]
+        untouched = [norm for norm, mean in fresh_means.items() if torch.equal(mean, norm.running_mean)]
         _estimate_statistics(block, calls, untouched)
         if _block_error(block, calls) < before:
             return True
