@@ -279,3 +279,20 @@ def test_the_end_to_end_steps_replay_what_runs_before_the_first_new_block():
         assert math.isfinite(report.model_after)
         assert "forward" not in vars(rewritten[0])  # its own forward is back
     assert calls[0] == calls[1]
+
+
+def test_bfloat16_end_to_end_steps_compute_in_bfloat16_and_keep_float32_weights():
+    torch.manual_seed(0)
+    batches = [torch.rand(4, 3, 16, 16) for _ in range(2)]
+    original = trained_like(nn.Sequential(ConvBNAct(3, 8, 3), ConvBNAct(8, 16, 3), ConvBNAct(16, 4, 1)), batches)
+    rewritten = copy.deepcopy(original)
+    rewritten[1] = GSConv(8, 16, 3)
+    dtypes = set()
+    rewritten[1].cv2.conv.register_forward_hook(lambda module, args, output: dtypes.add(output.dtype))
+    report = rewrite.warm_start(
+        rewritten, original, batches, steps=0, end_to_end_steps=20, lr=1e-2, end_to_end_lr=3e-3, bfloat16=True
+    )
+    assert torch.bfloat16 in dtypes  # the training steps
+    assert torch.float32 in dtypes  # the errors before and after, measured in float32
+    assert all(p.dtype == torch.float32 for p in rewritten.parameters())
+    assert report.model_after < report.model_before
