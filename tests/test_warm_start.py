@@ -284,7 +284,9 @@ def test_the_end_to_end_steps_replay_what_runs_before_the_first_new_block():
 def test_bfloat16_end_to_end_steps_compute_in_bfloat16_and_keep_float32_weights():
     torch.manual_seed(0)
     batches = [torch.rand(4, 3, 16, 16) for _ in range(2)]
-    original = trained_like(nn.Sequential(ConvBNAct(3, 8, 3), ConvBNAct(8, 16, 3), ConvBNAct(16, 4, 1)), batches)
+    original = trained_like(
+        nn.Sequential(ConvBNAct(3, 8, 3), ConvBNAct(8, 16, 3), ConvBNAct(16, 4, 1)), batches
+    )
     rewritten = copy.deepcopy(original)
     rewritten[1] = GSConv(8, 16, 3)
     dtypes = set()
