@@ -5,24 +5,29 @@ Both models are built from the zoo (random weights: the arithmetic is the same a
 three modes: eager fp32 (NCHW), eager channels_last, and ONNX Runtime on the CPU (the file ``rewrite.export_onnx``
 writes, folded too; all graph optimizations on, sequential execution, ``--threads`` intra-op threads). Per mode the
 repetitions are interleaved — base, slim, base, slim, … — so that a slower or faster phase of the machine affects
-both alike; the table shows medians and the ratio slim / base, next to the FLOPs ratio. Goal: slim / base <= 0.89
+both alike; the table shows medians and the ratio slim / base, next to the FLOPs ratio, and the spread of the
+ratio over the repetitions: the quartiles of slim / base taken pair by pair (each slim run over the base run just
+before it). On a shared machine that spread is the honest error bar of the median. Goal: slim / base <= 0.89
 (the FLOPs ratio) in at least one mode and <= 0.93 in every one.
 
     python bench/latency.py [--model yolov5l] [--size 640] [--repetitions 11] [--threads N] [--clock cpu]
-                            [--profile]
+                            [--modes eager,channels_last,onnxruntime] [--profile]
 
 ``--threads`` sets torch's and ONNX Runtime's thread count (default: torch's default, one per core).
 ``--clock cpu`` times each run by the process's CPU time instead of the wall clock: with ``--threads 1`` on a
 machine that other work keeps busy, that leaves out the time the process waited for a core (with more threads
 it would add up the threads' time, spinning included, so it is no latency).
-``--profile`` also prints where the time goes per op kind in eager fp32 (convolutions split by kernel, depthwise
-apart; SiLU, concatenation, addition, copies), for both models.
+``--profile`` also prints where the time goes per op kind, for both models, in eager fp32 and in ONNX Runtime
+(its own profiler): convolutions split by kernel, depthwise apart, each with its FLOPs and the rate it ran at
+(GFLOP/s); SiLU, concatenation, addition, copies. The slim model moves FLOPs from 3x3 to 1x1 convolutions; the
+rates say what that costs.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import json
 import os
 import statistics
 import tempfile
@@ -68,19 +73,25 @@ def main() -> None:
     for mode in args.modes.split(","):
         runners = {name: _runner(mode, models[name], sources[name], x, args.threads) for name in models}
         clock = time.perf_counter if args.clock == "wall" else time.process_time
-        medians = _interleaved(runners, args.repetitions, clock)
-        rows.append((mode, medians["base"], medians["slim"], medians["slim"] / medians["base"]))
-        print(f"  {mode:<14} base {medians['base'] * 1e3:8.1f} ms   slim {medians['slim'] * 1e3:8.1f} ms   "
-              f"ratio {medians['slim'] / medians['base']:.3f}", flush=True)  # fmt: skip
+        times = _interleaved(runners, args.repetitions, clock)
+        base, slim = statistics.median(times["base"]), statistics.median(times["slim"])
+        low, _, high = statistics.quantiles([s / b for b, s in zip(times["base"], times["slim"])], n=4)
+        rows.append((mode, base, slim, slim / base, low, high))
+        print(f"  {mode:<14} base {base * 1e3:8.1f} ms   slim {slim * 1e3:8.1f} ms   ratio {slim / base:.3f}"
+              f"   pairwise quartiles {low:.3f} - {high:.3f}", flush=True)  # fmt: skip
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
     print()
-    print("| mode | base ms | slim ms | slim / base |")
-    print("|---|---:|---:|---:|")
-    for mode, b, s, ratio in rows:
-        print(f"| {mode} | {b * 1e3:.1f} | {s * 1e3:.1f} | {ratio:.3f} |")
+    print("| mode | base ms | slim ms | slim / base | quartiles of slim / base per pair |")
+    print("|---|---:|---:|---:|---:|")
+    for mode, b, s, ratio, low, high in rows:
+        print(f"| {mode} | {b * 1e3:.1f} | {s * 1e3:.1f} | {ratio:.3f} | {low:.3f} - {high:.3f} |")
     if args.profile:
         for name, model in models.items():
-            print(f"{name}: {_profile(model, x)}")
+            flops = _conv_flops(model, x)
+            print(f"{name}, eager: {_format_kinds(_eager_profile(model, x), flops)}")
+            print(
+                f"{name}, onnxruntime: {_format_kinds(_onnxruntime_profile(sources[name], x, args.threads), flops)}"
+            )
 
 
 def _runner(
@@ -115,7 +126,7 @@ def _runner(
 
 def _interleaved(
     runners: dict[str, Callable[[], object]], repetitions: int, clock: Callable[[], float]
-) -> dict[str, float]:
+) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {name: [] for name in runners}
     with torch.inference_mode():
         for run in runners.values():  # warm-up: one-off allocations and kernel choices
@@ -126,10 +137,10 @@ def _interleaved(
                 start = clock()
                 run()
                 times[name].append(clock() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
 
 
-def _profile(model: torch.nn.Module, x: torch.Tensor) -> str:
+def _eager_profile(model: torch.nn.Module, x: torch.Tensor) -> collections.Counter[str]:
     """Self CPU time per op kind for one eager fp32 forward (the fastest of three), in ms."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -141,26 +152,94 @@ def _profile(model: torch.nn.Module, x: torch.Tensor) -> str:
                 model(x)
             kinds: collections.Counter[str] = collections.Counter()
             for event in prof.events():
-                kinds[_kind(event)] += event.self_cpu_time_total / 1e3
+                kinds[_eager_kind(event)] += event.self_cpu_time_total / 1e3
             if best is None or sum(kinds.values()) < sum(best.values()):
                 best = kinds
-    total = sum(best.values())
-    parts = ", ".join(f"{kind} {ms:.1f}" for kind, ms in best.most_common() if ms >= 0.005 * total)
-    return f"total {total:.1f} ms: {parts}"
+    return best
 
 
-def _kind(event: object) -> str:
+def _eager_kind(event: object) -> str:
     name = event.name.removeprefix("aten::")
     # The kernel that ran (mkldnn_convolution, or _slow_conv2d_forward for some 1x1 convs on one thread), not
     # the dispatching calls above it, which would count the same time twice.
     kernel = "conv" in name and name not in ("conv2d", "convolution", "_convolution")
-    if kernel and len(event.input_shapes) > 1:
+    if kernel and len(event.input_shapes) > 1 and len(event.input_shapes[1]) == 4:
         weight = event.input_shapes[1]
-        if len(weight) == 4:
-            return f"conv {weight[2]}x{weight[3]}" + (" depthwise" if weight[1] == 1 else "")
+        return _conv_kind(weight[2], weight[3], depthwise=weight[1] == 1)
     if name in ("silu", "cat", "add", "copy_", "max_pool2d_with_indices", "upsample_nearest2d", "sigmoid"):
         return name
     return "other"
+
+
+def _onnxruntime_profile(source: torch.nn.Module, x: torch.Tensor, threads: int) -> collections.Counter[str]:
+    """Kernel time per op kind in ONNX Runtime (its profiler), in ms per run: the mean over 5 runs after one
+    warm-up, of the file ``rewrite.export_onnx`` writes."""
+    import onnxruntime
+
+    directory = Path(tempfile.mkdtemp())
+    rewrite.export_onnx(source, x, directory / "model.onnx")
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.enable_profiling = True
+    options.profile_file_prefix = str(directory / "profile")
+    session = onnxruntime.InferenceSession(
+        str(directory / "model.onnx"), options, providers=["CPUExecutionProvider"]
+    )
+    feed = {session.get_inputs()[0].name: x.numpy()}
+    runs = 5
+    for _ in range(1 + runs):
+        session.run(None, feed)
+    events = json.loads(Path(session.end_profiling()).read_text())
+    starts = sorted(event["ts"] for event in events if event.get("name") == "model_run")
+    kinds: collections.Counter[str] = collections.Counter()
+    for event in events:
+        if (
+            event.get("cat") != "Node"
+            or not event["name"].endswith("_kernel_time")
+            or event["ts"] < starts[1]
+        ):
+            continue
+        op, shapes = event["args"]["op_name"], event["args"].get("input_type_shape", [])
+        if op == "Conv" and len(shapes) > 1:
+            weight = next(iter(shapes[1].values()))
+            op = _conv_kind(weight[2], weight[3], depthwise=weight[1] == 1)
+        kinds[op] += event["dur"] / 1e3 / runs
+    return kinds
+
+
+def _conv_kind(height: int, width: int, *, depthwise: bool) -> str:
+    return f"conv {height}x{width}" + (" depthwise" if depthwise else "")
+
+
+def _conv_flops(model: torch.nn.Module, x: torch.Tensor) -> collections.Counter[str]:
+    """Multiply-adds times two per conv kind in one forward of ``model``."""
+    flops: collections.Counter[str] = collections.Counter()
+
+    def count(conv: torch.nn.Conv2d, args: tuple, output: torch.Tensor) -> None:
+        kind = _conv_kind(*conv.kernel_size, depthwise=conv.groups > 1 and conv.groups == conv.in_channels)
+        flops[kind] += 2 * output.numel() * conv.weight[0].numel()
+
+    handles = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    try:
+        with torch.inference_mode():
+            model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return flops
+
+
+def _format_kinds(kinds: collections.Counter[str], flops: collections.Counter[str]) -> str:
+    total = sum(kinds.values())
+    parts = []
+    for kind, ms in kinds.most_common():
+        if ms < 0.005 * total:
+            continue
+        rate = (
+            f" ({flops[kind] / 1e9:.1f} GFLOP at {flops[kind] / ms / 1e6:.0f} GFLOP/s)" if flops[kind] else ""
+        )
+        parts.append(f"{kind} {ms:.1f}{rate}")
+    return f"total {total:.1f} ms: " + ", ".join(parts)
 
 
 if __name__ == "__main__":
