@@ -281,7 +281,8 @@ def test_the_end_to_end_steps_replay_what_runs_before_the_first_new_block():
     assert calls[0] == calls[1]
 
 
-def test_bfloat16_end_to_end_steps_compute_in_bfloat16_and_keep_float32_weights():
+@pytest.mark.parametrize(("steps", "end_to_end_steps"), [(0, 20), (20, 0)])
+def test_bfloat16_steps_compute_in_bfloat16_and_keep_float32_weights(steps, end_to_end_steps):
     torch.manual_seed(0)
     batches = [torch.rand(4, 3, 16, 16) for _ in range(2)]
     original = trained_like(
@@ -292,7 +293,14 @@ def test_bfloat16_end_to_end_steps_compute_in_bfloat16_and_keep_float32_weights(
     dtypes = set()
     rewritten[1].cv2.conv.register_forward_hook(lambda module, args, output: dtypes.add(output.dtype))
     report = rewrite.warm_start(
-        rewritten, original, batches, steps=0, end_to_end_steps=20, lr=1e-2, end_to_end_lr=3e-3, bfloat16=True
+        rewritten,
+        original,
+        batches,
+        steps=steps,
+        lr=1e-2,
+        end_to_end_steps=end_to_end_steps,
+        end_to_end_lr=3e-3,
+        bfloat16=True,
     )
     assert torch.bfloat16 in dtypes  # the training steps
     assert torch.float32 in dtypes  # the errors before and after, measured in float32
