@@ -41,10 +41,9 @@ def main() -> None:
                 fold_error = _relative(rewrite.fold(model, x)(x), model(x))
             cells = ["", ""]
             if not args.no_onnx:
-                path = Path(tempfile.mkdtemp()) / "model.onnx"
-                exported = rewrite.export_onnx(model, x, path, dynamic_batch=True)
+                with tempfile.TemporaryDirectory(prefix="deploy-parity-") as directory:
+                    exported = rewrite.export_onnx(model, x, Path(directory) / "model.onnx", dynamic_batch=True)
                 cells = [f"{exported.differences[b]:.1e}" for b in (1, 2)]
-                path.unlink()
             print(f"| {label} | {fold_error:.1e} | {cells[0]} | {cells[1]} |", flush=True)
 
 

@@ -107,18 +107,7 @@ def _runner(
     if mode == "onnxruntime":
         import onnxruntime
 
-        path = Path(tempfile.mkdtemp()) / "model.onnx"
-        exported = rewrite.export_onnx(source, x, path)
-        print(
-            f"    exported {path.stat().st_size / 1e6:.0f} MB, largest relative difference {exported.max_difference:.1e}"
-        )
-        options = onnxruntime.SessionOptions()
-        # The defaults, spelled out so that the figures say what ran: every graph optimization (fusions and the
-        # blocked NCHWc layout), one operator at a time on ``threads`` threads.
-        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
-        options.intra_op_num_threads = threads
-        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = _onnxruntime_session(source, x, onnxruntime.SessionOptions(), threads, verbose=True)
         feed = {session.get_inputs()[0].name: x.numpy()}
         return lambda: session.run(None, feed)
     raise SystemExit(f"unknown mode {mode!r}: eager, channels_last or onnxruntime")
@@ -176,20 +165,16 @@ def _onnxruntime_profile(source: torch.nn.Module, x: torch.Tensor, threads: int)
     warm-up, of the file ``rewrite.export_onnx`` writes."""
     import onnxruntime
 
-    directory = Path(tempfile.mkdtemp())
-    rewrite.export_onnx(source, x, directory / "model.onnx")
     options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads
     options.enable_profiling = True
-    options.profile_file_prefix = str(directory / "profile")
-    session = onnxruntime.InferenceSession(
-        str(directory / "model.onnx"), options, providers=["CPUExecutionProvider"]
-    )
-    feed = {session.get_inputs()[0].name: x.numpy()}
-    runs = 5
-    for _ in range(1 + runs):
-        session.run(None, feed)
-    events = json.loads(Path(session.end_profiling()).read_text())
+    with tempfile.TemporaryDirectory(prefix="latency-profile-") as directory:
+        options.profile_file_prefix = str(Path(directory) / "profile")
+        session = _onnxruntime_session(source, x, options, threads)
+        feed = {session.get_inputs()[0].name: x.numpy()}
+        runs = 5
+        for _ in range(1 + runs):
+            session.run(None, feed)
+        events = json.loads(Path(session.end_profiling()).read_text())
     starts = sorted(event["ts"] for event in events if event.get("name") == "model_run")
     kinds: collections.Counter[str] = collections.Counter()
     for event in events:
@@ -205,6 +190,29 @@ def _onnxruntime_profile(source: torch.nn.Module, x: torch.Tensor, threads: int)
             op = _conv_kind(weight[2], weight[3], depthwise=weight[1] == 1)
         kinds[op] += event["dur"] / 1e3 / runs
     return kinds
+
+
+def _onnxruntime_session(
+    source: torch.nn.Module, x: torch.Tensor, options: object, threads: int, *, verbose: bool = False
+) -> object:
+    """An ONNX Runtime CPU session of the file ``rewrite.export_onnx`` writes for ``source`` (folded), exported
+    to a temporary folder that is gone once the session has read it."""
+    import onnxruntime
+
+    # The defaults, spelled out so that the figures say what ran: every graph optimization (fusions and the
+    # blocked NCHWc layout), one operator at a time on ``threads`` threads.
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = threads
+    with tempfile.TemporaryDirectory(prefix="latency-") as directory:
+        path = Path(directory) / "model.onnx"
+        exported = rewrite.export_onnx(source, x, path)
+        if verbose:
+            print(
+                f"    exported {path.stat().st_size / 1e6:.0f} MB, largest relative difference "
+                f"{exported.max_difference:.1e}"
+            )
+        return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def _conv_kind(height: int, width: int, *, depthwise: bool) -> str:
