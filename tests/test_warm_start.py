@@ -290,8 +290,11 @@ def test_bfloat16_steps_compute_in_bfloat16_and_keep_float32_weights(steps, end_
     )
     rewritten = copy.deepcopy(original)
     rewritten[1] = GSConv(8, 16, 3)
-    dtypes = set()
-    rewritten[1].cv2.conv.register_forward_hook(lambda module, args, output: dtypes.add(output.dtype))
+    dtypes, depthwise_dtypes = set(), set()
+    rewritten[1].cv1.conv.register_forward_hook(lambda module, args, output: dtypes.add(output.dtype))
+    rewritten[1].cv2.conv.register_forward_hook(
+        lambda module, args, output: depthwise_dtypes.add(output.dtype)
+    )
     report = rewrite.warm_start(
         rewritten,
         original,
@@ -304,5 +307,6 @@ def test_bfloat16_steps_compute_in_bfloat16_and_keep_float32_weights(steps, end_
     )
     assert torch.bfloat16 in dtypes  # the training steps
     assert torch.float32 in dtypes  # the errors before and after, measured in float32
+    assert depthwise_dtypes == {torch.float32}  # on a CPU, faster than in bfloat16
     assert all(p.dtype == torch.float32 for p in rewritten.parameters())
     assert report.model_after < report.model_before
