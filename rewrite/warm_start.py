@@ -662,7 +662,8 @@ def _autocast(module: nn.Module, enabled: bool) -> Iterator[None]:
 
 
 class _Float32Depthwise(TorchFunctionMode):
-    """Runs every depthwise ``conv2d`` (one input channel per group) with autocast off, in float32."""
+    """Runs every depthwise ``conv2d`` (one input channel per group) with autocast off, in float32; its output
+    goes back to the input's dtype, so that what follows runs as it would have."""
 
     def __torch_function__(
         self, func: Callable, types: tuple, args: tuple = (), kwargs: dict | None = None
@@ -672,9 +673,10 @@ class _Float32Depthwise(TorchFunctionMode):
             signature = _CONV2D.bind(*args, **kwargs)
             weight, groups = signature.arguments["weight"], signature.arguments.get("groups", 1)
             if groups > 1 and weight.shape[1] == 1:
+                dtype = signature.arguments["input"].dtype
                 signature.arguments["input"] = signature.arguments["input"].float()
                 with torch.autocast("cpu", enabled=False):
-                    return func(*signature.args, **signature.kwargs)
+                    return func(*signature.args, **signature.kwargs).to(dtype)
         return func(*args, **kwargs)
 
 
