@@ -37,7 +37,7 @@ import itertools
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -79,6 +79,9 @@ class WarmStartReport:
     batches: int
     seconds: float
     end_to_end_steps: int = 0  # optimizer steps of all new blocks together on the whole model's outputs
+    tuned: list[str] = field(
+        default_factory=list
+    )  # unchanged modules trained with them (end_to_end_downstream)
 
     def __str__(self) -> str:
         rows = [
@@ -101,6 +104,8 @@ class WarmStartReport:
             disable_numparse=True,
         )
         together = f", then {self.end_to_end_steps} together" if self.end_to_end_steps else ""
+        if self.tuned:
+            together += f" with {', '.join(self.tuned)}"
         return (
             f"{table}\n\n{len(self.sites)} site(s), {self.steps} step(s) each{together} on {self.batches} "
             f"batch(es): {self.seconds:.1f} s"
@@ -143,6 +148,8 @@ def warm_start(
     lr: float = 1e-2,
     end_to_end_steps: int = 0,
     end_to_end_lr: float = 3e-4,
+    end_to_end_seconds: float | None = None,
+    end_to_end_downstream: bool = False,
     bfloat16: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> WarmStartReport:
@@ -169,7 +176,13 @@ def warm_start(
 
     With ``end_to_end_steps``, all new blocks then train together, in eval mode, for that many steps (Adam with
     ``end_to_end_lr`` and a cosine decay, everything else frozen) on the relative squared difference between
-    the whole models' outputs on the batches; undone if that difference did not shrink.
+    the whole models' outputs on the batches; undone if that difference did not shrink. With
+    ``end_to_end_seconds``, that phase's steps stop once they have taken that long (``end_to_end_steps`` then
+    caps them, or, at 0, does not), and the decay follows whichever budget is closer to spent: the most a
+    machine can do in a given time; the report gives the steps taken. With
+    ``end_to_end_downstream`` they train together with every module that runs only after the first new block
+    has started (the head behind a rewritten neck), so that unchanged layers adapt to the new blocks; modules
+    that also run earlier stay as they are. The report names those modules.
 
     With ``bfloat16``, the forward passes of every optimizer step, site by site and end to end, run under
     ``torch.autocast`` in bfloat16 (weights, gradients, the loss and every error reported stay float32):
@@ -193,6 +206,11 @@ def warm_start(
     inputs = [_channels_last(batch if isinstance(batch, tuple) else (batch,)) for batch in batches]
     if not inputs:
         raise InputSpecError("warm_start: `batches` gave nothing; pass an iterable of input tensors")
+    if end_to_end_seconds is not None and not end_to_end_seconds > 0:
+        raise InputSpecError(
+            f"warm_start: end_to_end_seconds={end_to_end_seconds!r}; pass a positive number of seconds, or None "
+            "for no time limit"
+        )
     paths = changed_modules(rewritten, original)
     if not paths:
         raise NoMatchError(
@@ -232,11 +250,23 @@ def warm_start(
 
     if steps:
         _fit_sites(rewritten, paths, inputs, calls, fit, steps, say)
-    if end_to_end_steps:
-        say(f"all {len(paths)} block(s) together on the whole model's outputs, {end_to_end_steps} steps")
+    tuned: list[str] = []
+    if end_to_end_steps or end_to_end_seconds:
+        budget = [f"{end_to_end_steps} steps"] if end_to_end_steps else []
+        if end_to_end_seconds:
+            budget.append(f"{end_to_end_seconds:g} s")
+        say(f"all {len(paths)} block(s) together on the whole model's outputs, {' or '.join(budget)}")
         blocks = [rewritten.get_submodule(path) for path in paths]
-        _fit_end_to_end(
-            rewritten, blocks, inputs, targets, steps=end_to_end_steps, lr=end_to_end_lr, bfloat16=bfloat16
+        end_to_end_steps, tuned = _fit_end_to_end(
+            rewritten,
+            blocks,
+            inputs,
+            targets,
+            steps=end_to_end_steps,
+            lr=end_to_end_lr,
+            seconds=end_to_end_seconds,
+            downstream=end_to_end_downstream,
+            bfloat16=bfloat16,
         )
     sites_after, model_after = _errors_in_place(rewritten, paths, inputs, calls, targets)
 
@@ -247,7 +277,14 @@ def warm_start(
         say(f"{path}: {old} → {new}, rel. error {sites_before[path]:.4f} → {sites_after[path]:.4f}")
     say(f"whole model: rel. error {model_before:.4f} → {model_after:.4f}")
     return WarmStartReport(
-        fits, model_before, model_after, steps, len(inputs), time.perf_counter() - start, end_to_end_steps
+        fits,
+        model_before,
+        model_after,
+        steps,
+        len(inputs),
+        time.perf_counter() - start,
+        end_to_end_steps,
+        tuned,
     )
 
 
@@ -380,7 +417,7 @@ def _fit_half(
                 output = block(*args)
             return _squared_relative(_as_float32(output), target)
 
-        _fit(block, [block], loss, pairs, steps, lr)
+        _fit(block, list(block.parameters()), loss, pairs, steps, lr)
         if train_mode:
             _estimate_statistics(block, pairs, _norms(block))
         # A diverged or futile fit: hand the block back as it came.
@@ -390,44 +427,55 @@ def _fit_half(
 
 def _fit(
     model: nn.Module,
-    blocks: list[nn.Module],
+    trained: list[nn.Parameter],
     loss: Callable[[tuple, Any], Tensor],
     pairs: list[tuple[tuple, Any]],
     steps: int,
     lr: float,
-) -> None:
-    """Train ``blocks``' parameters on ``loss(inputs, target)`` cycling over ``pairs``: Adam, cosine decay.
+    seconds: float | None = None,
+) -> int:
+    """Train the ``trained`` parameters on ``loss(inputs, target)`` cycling over ``pairs``: Adam, cosine decay,
+    for ``steps`` steps or ``seconds`` seconds, whichever is spent first (either may be 0 / None: no such
+    limit); the decay follows the budget closer to spent. Returns the steps taken.
 
     Modes are the caller's: in train mode BatchNorm normalises by each batch's statistics, which keeps a fit
     from random weights well conditioned while they move (with fixed statistics, the activations' scale
     drifts and the fit crawls); in eval mode the statistics stay, and the block computes what it learnt.
     Every other parameter of ``model`` is frozen meanwhile, so that no gradient is computed for it.
     """
+    if not steps and not seconds:
+        return 0
     parameters = list(model.parameters())
     flags = [p.requires_grad for p in parameters]
-    trained = [p for block in blocks for p in block.parameters()]
     # The fused kernel updates every parameter in one call: on a CPU a step takes a third of the time.
     fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in trained)
     optimizer = torch.optim.Adam(trained, lr=lr, fused=fused)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps))
-    )
+    start, taken = time.perf_counter(), 0
     try:
         for p in parameters:
             p.requires_grad_(False)
         for p in trained:
             p.requires_grad_(True)
         with torch.enable_grad():
-            for args, target in itertools.islice(itertools.cycle(pairs), steps):
+            for args, target in itertools.cycle(pairs):
+                spent = max(
+                    taken / steps if steps else 0.0,
+                    (time.perf_counter() - start) / seconds if seconds else 0.0,
+                )
+                if spent >= 1:
+                    break
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * spent))
                 value = loss(args, target)
                 optimizer.zero_grad(set_to_none=True)
                 value.backward()
                 optimizer.step()
-                schedule.step()
+                taken += 1
     finally:
         for p, flag in zip(parameters, flags):
             p.requires_grad_(flag)
             p.grad = None
+    return taken
 
 
 def _fit_end_to_end(
@@ -438,10 +486,14 @@ def _fit_end_to_end(
     *,
     steps: int,
     lr: float,
+    seconds: float | None = None,
+    downstream: bool = False,
     bfloat16: bool = False,
-) -> None:
+) -> tuple[int, list[str]]:
     """Train ``blocks`` together, in eval mode, on the whole ``model``'s relative output error (forward passes
-    in bfloat16 autocast with ``bfloat16``); undone if no better.
+    in bfloat16 autocast with ``bfloat16``), for ``steps`` steps or ``seconds`` seconds, whichever ends first;
+    undone if no better. With ``downstream``, the parameters of the modules that run only after the first
+    block has started train too. Returns the steps taken and the paths of those modules.
 
     What the model computes before the first new block runs does not change while they train: the outermost
     modules that run, once per forward, entirely before it are replayed from one recorded pass instead of
@@ -450,9 +502,14 @@ def _fit_end_to_end(
     """
     with _modes_kept(model):
         model.eval()
-        prefix, recorded, outputs = _prefix_outputs(model, blocks, inputs)
+        order = _call_order(model, blocks, inputs[0])
+        prefix, recorded, outputs = _prefix_outputs(model, order, inputs)
         before = _relative_error(outputs, targets)
-        kept = [{name: value.clone() for name, value in block.state_dict().items()} for block in blocks]
+        trained = [p for block in blocks for p in block.parameters()]
+        tuned = _downstream(model, blocks, order) if downstream else {}
+        known = {id(p) for p in trained}
+        trained += [p for module in tuned.values() for p in module.parameters() if id(p) not in known]
+        kept = [p.detach().clone() for p in trained]  # eval mode: parameters are all that can change
         with _replayed(prefix, recorded) as replay:
 
             def replayed(index: int, args: tuple) -> Any:
@@ -477,22 +534,32 @@ def _fit_end_to_end(
                 return _squared_relative(_as_float32(output), target, references[index])
 
             pairs = [(args, (target, index)) for index, (args, target) in enumerate(zip(inputs, targets))]
-            _fit(model, blocks, loss, pairs, steps, lr)
+            taken = _fit(model, trained, loss, pairs, steps, lr, seconds)
             after = error()
         if not after < before:
-            for block, state in zip(blocks, kept):
-                block.load_state_dict(state)
+            with torch.no_grad():
+                for parameter, value in zip(trained, kept):
+                    parameter.copy_(value)
+    return taken, sorted(tuned)
 
 
-def _prefix_outputs(
-    model: nn.Module, blocks: list[nn.Module], inputs: list[tuple]
-) -> tuple[list[nn.Module], list[list[Any]], list[Any]]:
-    """The outermost modules of ``model`` called exactly once per forward, every call ending before the first
-    of ``blocks`` starts; per batch their outputs; and per batch the model's outputs (eval mode, no
-    gradient)."""
+@dataclass(frozen=True)
+class _CallOrder:
+    """When each submodule of a model ran in one forward pass: per module, the ``[start, end]`` events of
+    each of its calls, in one count shared by all; and the event that started the first call into a new
+    block."""
+
+    spans: dict[nn.Module, list[list[float]]]
+    first_block_start: float
+
+    def ran_before_blocks(self, module: nn.Module) -> bool:
+        return any(start < self.first_block_start for start, _ in self.spans.get(module, []))
+
+
+def _call_order(model: nn.Module, blocks: list[nn.Module], args: tuple) -> _CallOrder:
     inside_blocks = {id(m) for block in blocks for m in block.modules()}
     events = itertools.count()
-    spans: dict[nn.Module, list[list[int]]] = {}
+    spans: dict[nn.Module, list[list[float]]] = {}
     first_block_start = math.inf
 
     def pre_hook(module: nn.Module, args: tuple) -> None:
@@ -511,11 +578,23 @@ def _prefix_outputs(
     ]
     try:
         with torch.no_grad():
-            model(*inputs[0])
+            model(*args)
     finally:
         for handle in handles:
             handle.remove()
-    early = {id(m) for m in modules if len(spans.get(m, [])) == 1 and spans[m][0][1] < first_block_start}
+    return _CallOrder(spans, first_block_start)
+
+
+def _prefix_outputs(
+    model: nn.Module, order: _CallOrder, inputs: list[tuple]
+) -> tuple[list[nn.Module], list[list[Any]], list[Any]]:
+    """The outermost modules of ``model`` called exactly once per forward, every call ending before the first
+    new block starts; per batch their outputs; and per batch the model's outputs (eval mode, no gradient)."""
+    spans = order.spans
+    modules = [m for m in model.modules() if m is not model]
+    early = {
+        id(m) for m in modules if len(spans.get(m, [])) == 1 and spans[m][0][1] < order.first_block_start
+    }
     prefix = [
         m
         for m in modules
@@ -539,8 +618,26 @@ def _prefix_outputs(
     if any(len(batch) != len(prefix) for batch in recorded):
         return [], [], outputs
     # The hooks fire in call order, not in the order of ``prefix``: pair them up by that order.
-    order = sorted(prefix, key=lambda m: spans[m][0][1])
-    return order, recorded, outputs
+    return sorted(prefix, key=lambda m: spans[m][0][1]), recorded, outputs
+
+
+def _downstream(model: nn.Module, blocks: list[nn.Module], order: _CallOrder) -> dict[str, nn.Module]:
+    """By path, the outermost modules outside ``blocks`` that hold parameters and ran, every time, after the
+    first new block had started, sharing no parameter with a module that ran before it (training that one
+    would change what the replayed prefix computes)."""
+    inside_blocks = {id(m) for block in blocks for m in block.modules()}
+    early = {
+        id(p) for m in model.modules() if order.ran_before_blocks(m) for p in m.parameters(recurse=False)
+    }
+    found: dict[str, nn.Module] = {}
+    for path, module in model.named_modules():
+        later = module in order.spans and not order.ran_before_blocks(module)
+        if not later or id(module) in inside_blocks or any(path.startswith(f"{p}.") for p in found):
+            continue
+        parameters = list(module.parameters())
+        if parameters and not any(id(p) in early for p in parameters):
+            found[path] = module
+    return found
 
 
 def _ancestors_of(model: nn.Module, module: nn.Module) -> list[nn.Module]:

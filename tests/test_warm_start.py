@@ -124,6 +124,8 @@ def test_nothing_to_warm_start_and_no_batches_are_one_line_errors(setup):
         rewrite.warm_start(copy.deepcopy(original), original, batches)
     with pytest.raises(rewrite.InputSpecError, match="`batches` gave nothing"):
         rewrite.warm_start(copy.deepcopy(slim), original, [])
+    with pytest.raises(rewrite.InputSpecError, match="end_to_end_seconds=0; pass a positive number"):
+        rewrite.warm_start(copy.deepcopy(slim), original, batches, end_to_end_seconds=0)
 
 
 def test_a_block_that_cannot_improve_keeps_its_fresh_weights():
@@ -279,6 +281,70 @@ def test_the_end_to_end_steps_replay_what_runs_before_the_first_new_block():
         assert math.isfinite(report.model_after)
         assert "forward" not in vars(rewritten[0])  # its own forward is back
     assert calls[0] == calls[1]
+
+
+def test_a_time_budget_ends_the_end_to_end_steps_and_a_step_budget_caps_them():
+    torch.manual_seed(0)
+    batches = [torch.rand(4, 3, 16, 16) for _ in range(2)]
+    original = trained_like(
+        nn.Sequential(ConvBNAct(3, 8, 3), ConvBNAct(8, 16, 3), ConvBNAct(16, 4, 1)), batches
+    )
+    reports = []
+    for steps, seconds in [(0, 0.5), (3, 60.0)]:
+        rewritten = copy.deepcopy(original)
+        rewritten[1] = GSConv(8, 16, 3)
+        reports.append(
+            rewrite.warm_start(
+                rewritten,
+                original,
+                batches,
+                steps=0,
+                end_to_end_steps=steps,
+                end_to_end_seconds=seconds,
+                end_to_end_lr=3e-3,
+            )
+        )
+    timed, capped = reports
+    assert timed.end_to_end_steps > 0 and timed.model_after < timed.model_before
+    assert capped.end_to_end_steps == 3  # long before a minute
+
+
+def test_end_to_end_downstream_also_trains_what_runs_only_after_the_new_blocks():
+    class SharedActivation(nn.Module):
+        """One PReLU object after the stem and after the body, as public detector code shares activations."""
+
+        def __init__(self, body: nn.Module) -> None:
+            super().__init__()
+            self.stem, self.body, self.act = ConvBNAct(3, 8, 3), body, nn.PReLU()
+            self.head = nn.Sequential(nn.Conv2d(8, 8, 1), nn.Conv2d(8, 4, 1))
+
+        def forward(self, x):
+            return self.head(self.act(self.body(self.act(self.stem(x)))))
+
+    torch.manual_seed(0)
+    batches = [torch.rand(4, 3, 16, 16) for _ in range(2)]
+    original = trained_like(SharedActivation(ConvBNAct(8, 8, 3)), batches)
+    results = {}
+    for downstream in (False, True):
+        rewritten = copy.deepcopy(original)
+        rewritten.body = GSConv(8, 8, 3)
+        before = copy.deepcopy(rewritten.state_dict())
+        report = rewrite.warm_start(
+            rewritten,
+            original,
+            batches,
+            steps=0,
+            end_to_end_steps=30,
+            end_to_end_lr=3e-3,
+            end_to_end_downstream=downstream,
+        )
+        after = rewritten.state_dict()
+        changed = {name.split(".")[0] for name in before if not torch.equal(before[name], after[name])}
+        assert changed == ({"body", "head"} if downstream else {"body"})  # the shared PReLU ran first: kept
+        assert report.tuned == (["head"] if downstream else [])
+        assert ("with head" in str(report)) == downstream
+        results[downstream] = report.model_after
+    assert results[True] < results[False]
 
 
 def test_depthwise_convolutions_compute_in_float32_inside_the_bfloat16_autocast_on_a_cpu():
