@@ -182,7 +182,8 @@ def warm_start(
     machine can do in a given time; the report gives the steps taken. With
     ``end_to_end_downstream`` they train together with every module that runs only after the first new block
     has started (the head behind a rewritten neck), so that unchanged layers adapt to the new blocks; modules
-    that also run earlier stay as they are. The report names those modules.
+    that also run earlier stay as they are, and so do parameters that do not require gradients. The report
+    names those modules.
 
     With ``bfloat16``, the forward passes of every optimizer step, site by site and end to end, run under
     ``torch.autocast`` in bfloat16 (weights, gradients, the loss and every error reported stay float32):
@@ -197,9 +198,11 @@ def warm_start(
     rewritten model against what the replaced module gives inside the original, on the same batches; for the
     whole model, the outputs.
 
-    Only the new blocks' weights and statistics change; ``original`` is left as it was (modes, weights, caches,
-    no hooks), and ``rewritten``'s modes are restored. Sites are found by :func:`changed_modules`; none at all
-    is a :class:`~rewrite.errors.NoMatchError`, and no batch an :class:`~rewrite.errors.InputSpecError`.
+    Only the new blocks' weights and statistics change (and, with ``end_to_end_downstream``, the parameters of
+    the modules the report names); ``original`` is left as it was (modes, weights, caches, no hooks), and
+    ``rewritten``'s modes are restored. Sites are found by :func:`changed_modules`; none at all is a
+    :class:`~rewrite.errors.NoMatchError`, no batch or a time budget that is not positive an
+    :class:`~rewrite.errors.InputSpecError`.
     """
     say = progress or (lambda message: None)
     start = time.perf_counter()
@@ -508,7 +511,13 @@ def _fit_end_to_end(
         trained = [p for block in blocks for p in block.parameters()]
         tuned = _downstream(model, blocks, order) if downstream else {}
         known = {id(p) for p in trained}
-        trained += [p for module in tuned.values() for p in module.parameters() if id(p) not in known]
+        # What the user froze (a DFL's fixed projection, say) stays frozen.
+        trained += [
+            p
+            for module in tuned.values()
+            for p in module.parameters()
+            if p.requires_grad and id(p) not in known
+        ]
         kept = [p.detach().clone() for p in trained]  # eval mode: parameters are all that can change
         with _replayed(prefix, recorded) as replay:
 
