@@ -42,7 +42,9 @@ def main() -> None:
             cells = ["", ""]
             if not args.no_onnx:
                 with tempfile.TemporaryDirectory(prefix="deploy-parity-") as directory:
-                    exported = rewrite.export_onnx(model, x, Path(directory) / "model.onnx", dynamic_batch=True)
+                    exported = rewrite.export_onnx(
+                        model, x, Path(directory) / "model.onnx", dynamic_batch=True
+                    )
                 cells = [f"{exported.differences[b]:.1e}" for b in (1, 2)]
             print(f"| {label} | {fold_error:.1e} | {cells[0]} | {cells[1]} |", flush=True)
 

@@ -96,7 +96,9 @@ def main() -> None:
 
     memory = {}
     for how in ("meta", "fake"):
-        out = subprocess.run([sys.executable, "-c", HUGE, how], capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            [sys.executable, "-c", HUGE, how], capture_output=True, text=True, check=True
+        ).stdout
         params, megabytes = out.split()
         memory[how] = int(megabytes)
     rows.append(

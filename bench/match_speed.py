@@ -51,9 +51,9 @@ def networkx_chains(graph: nx.DiGraph, rule) -> set[tuple[str, ...]]:
 
         for mapping in DiGraphMatcher(graph, pattern, node_match=node_match).subgraph_monomorphisms_iter():
             chain = tuple(sorted(mapping, key=mapping.get))
-            if all(list(graph.successors(a)) == [b] for a, b in zip(chain, chain[1:])):
-                if len(chain) > len(longest.get(chain[0], ())):
-                    longest[chain[0]] = chain
+            is_chain = all(list(graph.successors(a)) == [b] for a, b in itertools.pairwise(chain))
+            if is_chain and len(chain) > len(longest.get(chain[0], ())):
+                longest[chain[0]] = chain
     return set(longest.values())
 
 

@@ -143,7 +143,7 @@ class GSConv(nn.Module):
             )
         _check_shuffle(shuffle)  # at construction, not at the first forward pass
         half = out_channels // 2
-        bn = dict(bn_eps=bn_eps, bn_momentum=bn_momentum)
+        bn = {"bn_eps": bn_eps, "bn_momentum": bn_momentum}
         self.cv1 = ConvBNAct(in_channels, half, kernel_size, stride, groups, act, **bn)
         self.cv2 = ConvBNAct(half, half, dw_kernel, 1, half, act, **bn)
         self.shuffle = shuffle
@@ -273,7 +273,7 @@ class GSBottleneck(nn.Module):
     ) -> None:
         super().__init__()
         hidden = int(out_channels * expansion)
-        common = dict(dw_kernel=dw_kernel, shuffle=shuffle, bn_eps=bn_eps, bn_momentum=bn_momentum)
+        common = {"dw_kernel": dw_kernel, "shuffle": shuffle, "bn_eps": bn_eps, "bn_momentum": bn_momentum}
         self.conv_lighting = nn.Sequential(
             GSConv(in_channels, hidden, 1, 1, act=act, **common),
             GSConv(hidden, out_channels, kernel_size, 1, act=False, **common),
@@ -315,7 +315,7 @@ class VoVGSCSP(nn.Module):
     ) -> None:
         super().__init__()
         hidden = int(out_channels * expansion)
-        bn = dict(bn_eps=bn_eps, bn_momentum=bn_momentum)
+        bn = {"bn_eps": bn_eps, "bn_momentum": bn_momentum}
         self.cv1 = ConvBNAct(in_channels, hidden, 1, 1, act=act, **bn)
         self.cv2 = ConvBNAct(in_channels, hidden, 1, 1, act=act, **bn)
         self.gsb = nn.Sequential(
@@ -392,7 +392,8 @@ def _csp_units(module: nn.Module) -> tuple[_Unit, _Unit, _Unit, bool] | None:
     units = {
         node: unit
         for node in nodes
-        if node.op == "call_module" and (unit := _conv_norm_act(module.get_submodule(node.target))) is not None
+        if node.op == "call_module"
+        and (unit := _conv_norm_act(module.get_submodule(node.target))) is not None
     }
     output = result.args[0]
     if len(inputs) != 1 or output not in units or len(output.args) != 1:

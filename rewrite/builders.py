@@ -53,6 +53,7 @@ Builder = TypeVar("Builder", bound=Callable[..., nn.Module])
 # What ``activation`` options accept: the site's own activation, or one of the vocabulary's by name.
 ActivationName = Literal["inherit", "silu", "relu", "hardswish", "leaky_relu", "gelu", "identity"]
 
+
 @dataclass(frozen=True)
 class Valid:
     """The values a numeric builder option can work with, declared on the builder with ``Annotated``.
@@ -193,9 +194,7 @@ def build(builder: str, site: Site, options: Mapping[str, Any]) -> nn.Module:
         return module.to(**{key: value for key, value in placement.items() if value is not None})
     except Exception as exc:
         detail = " ".join(str(exc).split()) or type(exc).__name__
-        raise BuildError(
-            f"site {site.path!r}: rule {site.rule!r}: cannot build {builder}: {detail}"
-        ) from exc
+        raise BuildError(f"site {site.path!r}: rule {site.rule!r}: cannot build {builder}: {detail}") from exc
 
 
 def _options_of(

@@ -133,7 +133,9 @@ class _Candidate:
     nodes: tuple[NodeKey, ...]  # every node of the site, for overlap and scope
     covering_call: object | None  # the call id of the module call the nodes make up exactly, if any
     covering_path: str | None
-    boundary: NodeKey | None = None  # the covering call's own call_module node, when it is one (a leaf's call)
+    boundary: NodeKey | None = (
+        None  # the covering call's own call_module node, when it is one (a leaf's call)
+    )
 
 
 @dataclass(frozen=True)
@@ -403,9 +405,7 @@ def _chain_candidates(graph: nx.DiGraph, calls: _CallIndex, rule: Rule) -> Itera
             yield _covering(graph, calls, tuple(chain))
 
 
-def _follow_chain(
-    graph: nx.DiGraph, start: NodeKey, steps: tuple[ChainStep, ...]
-) -> list[NodeKey] | None:
+def _follow_chain(graph: nx.DiGraph, start: NodeKey, steps: tuple[ChainStep, ...]) -> list[NodeKey] | None:
     """The longest node chain from ``start`` that the steps accept, each link being its predecessor's sole user."""
     if not _accepts(graph, start, steps[0]):
         return None

@@ -255,7 +255,9 @@ def _replace_nodes(
     with gm.graph.inserting_after(result):
         new_node = gm.graph.call_module(names[id(built.block)], (source,))
     path = join_path(region_path, names[id(built.block)])
-    new_node.meta = _new_node_meta(site_nodes, result, path, built.block, built.match.occurrences.index(occurrence))
+    new_node.meta = _new_node_meta(
+        site_nodes, result, path, built.block, built.match.occurrences.index(occurrence)
+    )
     result.replace_all_uses_with(new_node, delete_user_cb=lambda user: user is not new_node)
     replaced[result.name] = new_node
     inputs = {arg for node in site_nodes for arg in node.all_input_nodes if arg.op == "get_attr"}
@@ -266,11 +268,15 @@ def _replace_nodes(
             gm.graph.erase_node(node)
 
 
-def _new_node_meta(site_nodes: list[fx.Node], result: fx.Node, path: str, block: nn.Module, number: int) -> dict:
+def _new_node_meta(
+    site_nodes: list[fx.Node], result: fx.Node, path: str, block: nn.Module, number: int
+) -> dict:
     """The tracer's ``node.meta`` facts for the ``number``-th node calling a new block at ``path``: a call of it
     inside the module calls that enclosed every node of the site, with the site's output shapes."""
     enclosing = [
-        tuple(zip(node.meta["module_stack"], node.meta["call_stack"]))[: -1 if node.op == "call_module" else None]
+        tuple(zip(node.meta["module_stack"], node.meta["call_stack"]))[
+            : -1 if node.op == "call_module" else None
+        ]
         for node in site_nodes
     ]
     shared = min(len(frames) for frames in enclosing)

@@ -312,7 +312,9 @@ class _Session:
         self.opaque_calls: Counter[str] = Counter()  # calls per path seen while opaque modules ran
 
     def build(self, propagate_shapes: bool) -> Traced:
-        queue = deque([_Call("", self.model, self.args, {}, (_Frame("", type(self.model).__name__, CallId("", 0)),))])
+        queue = deque(
+            [_Call("", self.model, self.args, {}, (_Frame("", type(self.model).__name__, CallId("", 0)),))]
+        )
         visited: set[str] = set()
         captured: dict[str, _Call] = {}  # first call of every module below an opened one, in execution order
         while queue:
@@ -396,7 +398,7 @@ class _Session:
                     # Still inside attributes_restored: constants fx parks on the traced module must reach
                     # the graph module.
                     graph_module = fx.GraphModule(tracer.root, graph, class_name=type(call.module).__name__)
-            except Exception as error:
+            except Exception as error:  # noqa: BLE001 - user code may raise anything while fx traces it
                 culprit = tracer.raised_in(error)
                 # A leaf cannot raise again; should it seem to, blame the region so that the loop ends.
                 self.failures[call.path if culprit in self.failures else culprit] = one_line(error)

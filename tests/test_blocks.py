@@ -100,11 +100,11 @@ def test_gsconv_output_is_the_shuffled_concat_of_both_branches(variant: str, exp
 @pytest.mark.parametrize(
     "kwargs",
     [
-        dict(in_channels=64, out_channels=128),
-        dict(in_channels=64, out_channels=128, kernel_size=3, stride=2),
-        dict(in_channels=64, out_channels=128, kernel_size=3, groups=4),
-        dict(in_channels=32, out_channels=64, dw_kernel=3),
-        dict(in_channels=3, out_channels=32, kernel_size=3, stride=2, dw_kernel=7),
+        {"in_channels": 64, "out_channels": 128},
+        {"in_channels": 64, "out_channels": 128, "kernel_size": 3, "stride": 2},
+        {"in_channels": 64, "out_channels": 128, "kernel_size": 3, "groups": 4},
+        {"in_channels": 32, "out_channels": 64, "dw_kernel": 3},
+        {"in_channels": 3, "out_channels": 32, "kernel_size": 3, "stride": 2, "dw_kernel": 7},
     ],
 )
 def test_gsconv_param_count(kwargs: dict) -> None:

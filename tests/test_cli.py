@@ -42,7 +42,7 @@ def rewrite(command: str, cwd: Path, summary: Path | None = None) -> subprocess.
     if summary is not None:
         env["GITHUB_STEP_SUMMARY"] = str(summary)
     argv = [sys.executable, "-m", "rewrite", *shlex.split(command)]
-    return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=300, check=False)
 
 
 def one_error_line(result: subprocess.CompletedProcess) -> str:

@@ -51,5 +51,7 @@ def test_a_model_planned_in_one_thread_runs_unchanged_in_another():
     finally:
         stop.set()
         runner.join()
-    assert outcomes and all(outcome is True for outcome in outcomes), [o for o in outcomes if o is not True][:3]
+    assert outcomes and all(outcome is True for outcome in outcomes), [o for o in outcomes if o is not True][
+        :3
+    ]
     assert {(p.params.after, p.flops.after) for p in plans} == {(SLIM_NECK["yolov5n"][0], 41_449_472)}

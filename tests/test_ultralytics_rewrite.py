@@ -7,8 +7,8 @@ from torch.utils import _pytree as pytree
 from ultralytics.nn.tasks import DetectionModel
 
 import rewrite
-from rewrite.execution import run
 from rewrite.blocks import GSConv, VoVGSCSP
+from rewrite.execution import run
 
 CSP_BLOCKS = {"slim-neck": ("C3",), "slim-neck-v8": ("C2f", "C3k2")}
 
