@@ -13,9 +13,10 @@ redundancy is what GSConv is built on); the errors there have a floor well above
 rectangles on noise) alone. The defaults are the budget measured to do most in two minutes: no site-by-site
 steps (on this random original they cost more time than they gain), then all new blocks together with the
 unchanged head behind them (``end_to_end_downstream``; ``--blocks-only`` leaves the head as it was) for 100
-seconds of steps (``end_to_end_seconds``: as many steps as the machine manages, the learning rate's cosine decay
-over the time; ``--end-to-end-steps N`` caps them, or with ``--end-to-end-seconds 0`` fixes them) at a learning
-rate of 6e-4 (at 80 steps 3e-4 does better, at 400 or more 6e-4 does better than 1e-3 or 1.6e-3, 8e-4 the same),
+seconds of steps (``end_to_end_seconds``: as many steps as the machine manages, the learning rate held for
+70 % of the time, then decayed linearly to zero; ``--end-to-end-steps N`` caps them, or with
+``--end-to-end-seconds 0`` fixes them) at a learning rate of 6e-4 (chosen under a cosine decay: at 80 steps 3e-4
+did better, at 400 or more 6e-4 did better than 1e-3 or 1.6e-3, 8e-4 the same),
 their forward passes in bfloat16 autocast (``--float32`` turns it off; on this CPU, with AVX-512 BF16, a step is
 about a quarter faster so). The passes before and after the steps (recording the original, the errors, the
 copies) take another 10-15 s. Printed: the per-site table, the whole model's relative L2 output difference

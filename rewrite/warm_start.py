@@ -165,9 +165,9 @@ def warm_start(
     block no closer to the replaced module's outputs is undone. Such a block is then fitted in eval mode with a
     tenth of ``lr``, so that what it copied is kept unless moving it helps.
 
-    Each new block then trains on its own (Adam with ``lr`` and a cosine decay, a relative squared error), in two
-    halves of ``steps``: first on the original's inputs at its site, then on those and the inputs the rewritten
-    model itself gives it there (recorded in one pass once every block has had its first half), so that it also
+    Each new block then trains on its own (Adam with ``lr`` held for 70 % of the steps, then decayed linearly
+    to zero; a relative squared error), in two halves of ``steps``: first on the original's inputs at its site,
+    then on those and the inputs the rewritten model itself gives it there (recorded in one pass once every block has had its first half), so that it also
     learns to undo what the new blocks before it still get wrong. The targets are always the original's
     outputs. A block with nothing copied trains in train mode (BatchNorm on batch statistics keeps a fit from
     random weights well conditioned); its running statistics are then set to the plain average over its inputs,
@@ -175,7 +175,7 @@ def warm_start(
     mode) is undone.
 
     With ``end_to_end_steps``, all new blocks then train together, in eval mode, for that many steps (Adam with
-    ``end_to_end_lr`` and a cosine decay, everything else frozen) on the relative squared difference between
+    ``end_to_end_lr``, decayed the same way, everything else frozen) on the relative squared difference between
     the whole models' outputs on the batches; undone if that difference did not shrink. With
     ``end_to_end_seconds``, that phase's steps stop once they have taken that long (``end_to_end_steps`` then
     caps them, or, at 0, does not), and the decay follows whichever budget is closer to spent: the most a
@@ -428,6 +428,12 @@ def _fit_half(
             block.load_state_dict(kept)
 
 
+# Slim-neck YOLOv5-S, 720 end-to-end steps: 0.0243 of relative error this way (0.0242 with 20 % of cooldown,
+# 0.0247 with 50 %), 0.0280 with a cosine decay over all steps, 0.0274 with a linear one. The error still falls
+# fast at full rate; a decay that starts early gives that away.
+_COOLDOWN = 0.3
+
+
 def _fit(
     model: nn.Module,
     trained: list[nn.Parameter],
@@ -437,9 +443,10 @@ def _fit(
     lr: float,
     seconds: float | None = None,
 ) -> int:
-    """Train the ``trained`` parameters on ``loss(inputs, target)`` cycling over ``pairs``: Adam, cosine decay,
-    for ``steps`` steps or ``seconds`` seconds, whichever is spent first (either may be 0 / None: no such
-    limit); the decay follows the budget closer to spent. Returns the steps taken.
+    """Train the ``trained`` parameters on ``loss(inputs, target)`` cycling over ``pairs``: Adam, ``lr`` held,
+    then decayed linearly to zero over the last ``_COOLDOWN`` of the budget, for ``steps`` steps or ``seconds``
+    seconds, whichever is spent first (either may be 0 / None: no such limit); the decay follows the budget
+    closer to spent. Returns the steps taken.
 
     Modes are the caller's: in train mode BatchNorm normalises by each batch's statistics, which keeps a fit
     from random weights well conditioned while they move (with fixed statistics, the activations' scale
@@ -468,7 +475,7 @@ def _fit(
                 if spent >= 1:
                     break
                 for group in optimizer.param_groups:
-                    group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * spent))
+                    group["lr"] = lr * min(1.0, (1 - spent) / _COOLDOWN)
                 value = loss(args, target)
                 optimizer.zero_grad(set_to_none=True)
                 value.backward()
