@@ -79,9 +79,8 @@ class WarmStartReport:
     batches: int
     seconds: float
     end_to_end_steps: int = 0  # optimizer steps of all new blocks together on the whole model's outputs
-    tuned: list[str] = field(
-        default_factory=list
-    )  # unchanged modules trained with them (end_to_end_downstream)
+    # Unchanged modules trained with the new blocks end to end (end_to_end_downstream).
+    tuned: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         rows = [
@@ -167,9 +166,9 @@ def warm_start(
 
     Each new block then trains on its own (Adam with ``lr`` held for 70 % of the steps, then decayed linearly
     to zero; a relative squared error), in two halves of ``steps``: first on the original's inputs at its site,
-    then on those and the inputs the rewritten model itself gives it there (recorded in one pass once every block has had its first half), so that it also
-    learns to undo what the new blocks before it still get wrong. The targets are always the original's
-    outputs. A block with nothing copied trains in train mode (BatchNorm on batch statistics keeps a fit from
+    then on those and the inputs the rewritten model itself gives it there (recorded in one pass once every
+    block has had its first half), so that it also learns to undo what the new blocks before it still get
+    wrong. The targets are always the original's outputs. A block with nothing copied trains in train mode (BatchNorm on batch statistics keeps a fit from
     random weights well conditioned); its running statistics are then set to the plain average over its inputs,
     so that eval mode computes what it learnt. A half that leaves a block no closer to its targets (in eval
     mode) is undone.
