@@ -168,10 +168,10 @@ def warm_start(
     to zero; a relative squared error), in two halves of ``steps``: first on the original's inputs at its site,
     then on those and the inputs the rewritten model itself gives it there (recorded in one pass once every
     block has had its first half), so that it also learns to undo what the new blocks before it still get
-    wrong. The targets are always the original's outputs. A block with nothing copied trains in train mode (BatchNorm on batch statistics keeps a fit from
-    random weights well conditioned); its running statistics are then set to the plain average over its inputs,
-    so that eval mode computes what it learnt. A half that leaves a block no closer to its targets (in eval
-    mode) is undone.
+    wrong. The targets are always the original's outputs. A block with nothing copied trains in train mode
+    (BatchNorm on batch statistics keeps a fit from random weights well conditioned); its running statistics
+    are then set to the plain average over its inputs, so that eval mode computes what it learnt. A half that
+    leaves a block no closer to its targets (in eval mode) is undone.
 
     With ``end_to_end_steps``, all new blocks then train together, in eval mode, for that many steps (Adam with
     ``end_to_end_lr``, decayed the same way, everything else frozen) on the relative squared difference between
