@@ -220,20 +220,13 @@ def _conv_kind(height: int, width: int, *, depthwise: bool) -> str:
 
 
 def _conv_flops(model: torch.nn.Module, x: torch.Tensor) -> collections.Counter[str]:
-    """Multiply-adds times two per conv kind in one forward of ``model``."""
+    """FLOPs per conv kind in one forward of ``model``, as ``rewrite.profile`` counts them for the reports."""
+    costs = rewrite.profile(model, x).modules
     flops: collections.Counter[str] = collections.Counter()
-
-    def count(conv: torch.nn.Conv2d, args: tuple, output: torch.Tensor) -> None:
-        kind = _conv_kind(*conv.kernel_size, depthwise=conv.groups > 1 and conv.groups == conv.in_channels)
-        flops[kind] += 2 * output.numel() * conv.weight[0].numel()
-
-    handles = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
-    try:
-        with torch.inference_mode():
-            model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
+    for path, module in model.named_modules():
+        if isinstance(module, torch.nn.Conv2d) and path in costs:
+            depthwise = module.groups > 1 and module.groups == module.in_channels
+            flops[_conv_kind(*module.kernel_size, depthwise=depthwise)] += costs[path].flops
     return flops
 
 

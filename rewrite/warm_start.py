@@ -515,7 +515,7 @@ def _fit_end_to_end(
         prefix, recorded, outputs = _prefix_outputs(model, order, inputs)
         before = _relative_error(outputs, targets)
         trained = [p for block in blocks for p in block.parameters()]
-        tuned = _downstream(model, blocks, order) if downstream else {}
+        tuned = _downstream(model, order) if downstream else {}
         known = {id(p) for p in trained}
         # What the user froze (a DFL's fixed projection, say) stays frozen.
         trained += [
@@ -561,10 +561,11 @@ def _fit_end_to_end(
 @dataclass(frozen=True)
 class _CallOrder:
     """When each submodule of a model ran in one forward pass: per module, the ``[start, end]`` events of
-    each of its calls, in one count shared by all; and the event that started the first call into a new
-    block."""
+    each of its calls, in one count shared by all; the ids of the new blocks' modules; and the event that
+    started the first call into one of them."""
 
     spans: dict[nn.Module, list[list[float]]]
+    in_blocks: frozenset[int]
     first_block_start: float
 
     def ran_before_blocks(self, module: nn.Module) -> bool:
@@ -572,7 +573,7 @@ class _CallOrder:
 
 
 def _call_order(model: nn.Module, blocks: list[nn.Module], args: tuple) -> _CallOrder:
-    inside_blocks = {id(m) for block in blocks for m in block.modules()}
+    in_blocks = frozenset(id(m) for block in blocks for m in block.modules())
     events = itertools.count()
     spans: dict[nn.Module, list[list[float]]] = {}
     first_block_start = math.inf
@@ -581,7 +582,7 @@ def _call_order(model: nn.Module, blocks: list[nn.Module], args: tuple) -> _Call
         nonlocal first_block_start
         event = next(events)
         spans.setdefault(module, []).append([event, math.inf])
-        if id(module) in inside_blocks:
+        if id(module) in in_blocks:
             first_block_start = min(first_block_start, event)
 
     def hook(module: nn.Module, args: tuple, output: Any) -> None:
@@ -597,7 +598,7 @@ def _call_order(model: nn.Module, blocks: list[nn.Module], args: tuple) -> _Call
     finally:
         for handle in handles:
             handle.remove()
-    return _CallOrder(spans, first_block_start)
+    return _CallOrder(spans, in_blocks, first_block_start)
 
 
 def _prefix_outputs(
@@ -636,18 +637,17 @@ def _prefix_outputs(
     return sorted(prefix, key=lambda m: spans[m][0][1]), recorded, outputs
 
 
-def _downstream(model: nn.Module, blocks: list[nn.Module], order: _CallOrder) -> dict[str, nn.Module]:
-    """By path, the outermost modules outside ``blocks`` that hold parameters and ran, every time, after the
-    first new block had started, sharing no parameter with a module that ran before it (training that one
+def _downstream(model: nn.Module, order: _CallOrder) -> dict[str, nn.Module]:
+    """By path, the outermost modules outside the new blocks that hold parameters and ran, every time, after
+    the first new block had started, sharing no parameter with a module that ran before it (training that one
     would change what the replayed prefix computes)."""
-    inside_blocks = {id(m) for block in blocks for m in block.modules()}
     early = {
         id(p) for m in model.modules() if order.ran_before_blocks(m) for p in m.parameters(recurse=False)
     }
     found: dict[str, nn.Module] = {}
     for path, module in model.named_modules():
         later = module in order.spans and not order.ran_before_blocks(module)
-        if not later or id(module) in inside_blocks or any(path.startswith(f"{p}.") for p in found):
+        if not later or id(module) in order.in_blocks or any(path.startswith(f"{p}.") for p in found):
             continue
         parameters = list(module.parameters())
         if parameters and not any(id(p) in early for p in parameters):
