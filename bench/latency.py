@@ -19,8 +19,10 @@ machine that other work keeps busy, that leaves out the time the process waited 
 it would add up the threads' time, spinning included, so it is no latency).
 ``--profile`` also prints where the time goes per op kind, for both models, in eager fp32 and in ONNX Runtime
 (its own profiler): convolutions split by kernel, depthwise apart, each with its FLOPs and the rate it ran at
-(GFLOP/s); SiLU, concatenation, addition, copies. The slim model moves FLOPs from 3x3 to 1x1 convolutions; the
-rates say what that costs.
+(GFLOP/s); SiLU, concatenation, addition, copies; per model the median of each kind over ``--repetitions``
+profiled runs, interleaved like the timed ones. The slim model moves FLOPs from 3x3 to 1x1 convolutions; the
+rates say what that costs. A last line sets the dense convolutions' time ratio on its own next to their FLOPs
+ratio: the ratio the whole model could reach if everything else cost nothing.
 """
 
 from __future__ import annotations
@@ -86,12 +88,26 @@ def main() -> None:
     for mode, b, s, ratio, low, high in rows:
         print(f"| {mode} | {b * 1e3:.1f} | {s * 1e3:.1f} | {ratio:.3f} | {low:.3f} - {high:.3f} |")
     if args.profile:
-        for name, model in models.items():
-            flops = _conv_flops(model, x)
-            print(f"{name}, eager: {_format_kinds(_eager_profile(model, x), flops)}")
+        flops = {name: _conv_flops(model, x) for name, model in models.items()}
+        profiles = {
+            "eager": _eager_profiles(models, x, args.repetitions),
+            "onnxruntime": _onnxruntime_profiles(sources, x, args.threads, args.repetitions),
+        }
+        for profiler, kinds in profiles.items():
+            for name in models:
+                print(f"{name}, {profiler}: {_format_kinds(kinds[name], flops[name])}")
+        # The bound the goal runs into: the dense convs' time ratio on its own, next to their FLOPs ratio.
+        dense_flops = {name: _dense_conv(flops[name]) for name in models}
+        print(f"dense convs, slim / base: FLOPs {dense_flops['slim'] / dense_flops['base']:.3f}", end="")
+        for profiler, kinds in profiles.items():
+            dense = {name: _dense_conv(kinds[name]) for name in models}
+            rest = {name: sum(kinds[name].values()) - dense[name] for name in models}
             print(
-                f"{name}, onnxruntime: {_format_kinds(_onnxruntime_profile(sources[name], x, args.threads), flops)}"
+                f"; {profiler} time {dense['slim'] / dense['base']:.3f} (everything else: base {rest['base']:.1f} ms, "
+                f"slim {rest['slim']:.1f} ms)",
+                end="",
             )
+        print()
 
 
 def _runner(
@@ -129,22 +145,26 @@ def _interleaved(
     return times
 
 
-def _eager_profile(model: torch.nn.Module, x: torch.Tensor) -> collections.Counter[str]:
-    """Self CPU time per op kind for one eager fp32 forward (the fastest of three), in ms."""
+def _eager_profiles(
+    models: dict[str, torch.nn.Module], x: torch.Tensor, rounds: int
+) -> dict[str, collections.Counter[str]]:
+    """Self CPU time per op kind of one eager fp32 forward, in ms: per model the median over ``rounds`` runs,
+    interleaved between the models like the timed repetitions."""
     from torch.profiler import ProfilerActivity, profile
 
-    best = None
+    runs: dict[str, list[collections.Counter[str]]] = {name: [] for name in models}
     with torch.inference_mode():
-        model(x)
-        for _ in range(3):
-            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-                model(x)
-            kinds: collections.Counter[str] = collections.Counter()
-            for event in prof.events():
-                kinds[_eager_kind(event)] += event.self_cpu_time_total / 1e3
-            if best is None or sum(kinds.values()) < sum(best.values()):
-                best = kinds
-    return best
+        for model in models.values():
+            model(x)
+        for _ in range(rounds):
+            for name, model in models.items():
+                with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+                    model(x)
+                kinds: collections.Counter[str] = collections.Counter()
+                for event in prof.events():
+                    kinds[_eager_kind(event)] += event.self_cpu_time_total / 1e3
+                runs[name].append(kinds)
+    return {name: _median_kinds(counters) for name, counters in runs.items()}
 
 
 def _eager_kind(event: object) -> str:
@@ -160,36 +180,51 @@ def _eager_kind(event: object) -> str:
     return "other"
 
 
-def _onnxruntime_profile(source: torch.nn.Module, x: torch.Tensor, threads: int) -> collections.Counter[str]:
-    """Kernel time per op kind in ONNX Runtime (its profiler), in ms per run: the mean over 5 runs after one
-    warm-up, of the file ``rewrite.export_onnx`` writes."""
+def _onnxruntime_profiles(
+    sources: dict[str, torch.nn.Module], x: torch.Tensor, threads: int, rounds: int
+) -> dict[str, collections.Counter[str]]:
+    """Kernel time per op kind in ONNX Runtime (its profiler), in ms, of the files ``rewrite.export_onnx`` writes:
+    per model the median over ``rounds`` runs after one warm-up, interleaved between the models."""
     import onnxruntime
 
-    options = onnxruntime.SessionOptions()
-    options.enable_profiling = True
     with tempfile.TemporaryDirectory(prefix="latency-profile-") as directory:
-        options.profile_file_prefix = str(Path(directory) / "profile")
-        session = _onnxruntime_session(source, x, options, threads)
-        feed = {session.get_inputs()[0].name: x.numpy()}
-        runs = 5
-        for _ in range(1 + runs):
-            session.run(None, feed)
-        events = json.loads(Path(session.end_profiling()).read_text())
-    starts = sorted(event["ts"] for event in events if event.get("name") == "model_run")
-    kinds: collections.Counter[str] = collections.Counter()
+        sessions = {}
+        for name, source in sources.items():
+            options = onnxruntime.SessionOptions()
+            options.enable_profiling = True
+            options.profile_file_prefix = str(Path(directory) / name)
+            sessions[name] = _onnxruntime_session(source, x, options, threads)
+        feeds = {name: {session.get_inputs()[0].name: x.numpy()} for name, session in sessions.items()}
+        for _ in range(1 + rounds):
+            for name, session in sessions.items():
+                session.run(None, feeds[name])
+        events = {
+            name: json.loads(Path(session.end_profiling()).read_text()) for name, session in sessions.items()
+        }
+    return {name: _median_kinds(_onnxruntime_runs(model_events)[1:]) for name, model_events in events.items()}
+
+
+def _onnxruntime_runs(events: list[dict]) -> list[collections.Counter[str]]:
+    """Kernel time per op kind of each run in an ONNX Runtime profile, in ms, in the order they ran."""
+    runs = sorted(
+        (event["ts"], event["ts"] + event["dur"]) for event in events if event.get("name") == "model_run"
+    )
+    kinds: list[collections.Counter[str]] = [collections.Counter() for _ in runs]
     for event in events:
-        if (
-            event.get("cat") != "Node"
-            or not event["name"].endswith("_kernel_time")
-            or event["ts"] < starts[1]
-        ):
+        if event.get("cat") != "Node" or not event["name"].endswith("_kernel_time"):
             continue
         op, shapes = event["args"]["op_name"], event["args"].get("input_type_shape", [])
         if op == "Conv" and len(shapes) > 1:
             weight = next(iter(shapes[1].values()))
             op = _conv_kind(weight[2], weight[3], depthwise=weight[1] == 1)
-        kinds[op] += event["dur"] / 1e3 / runs
+        run = next(i for i, (start, end) in enumerate(runs) if start <= event["ts"] <= end)
+        kinds[run][op] += event["dur"] / 1e3
     return kinds
+
+
+def _median_kinds(runs: list[collections.Counter[str]]) -> collections.Counter[str]:
+    kinds = set().union(*runs)
+    return collections.Counter({kind: statistics.median(run[kind] for run in runs) for kind in kinds})
 
 
 def _onnxruntime_session(
@@ -228,6 +263,10 @@ def _conv_flops(model: torch.nn.Module, x: torch.Tensor) -> collections.Counter[
             depthwise = module.groups > 1 and module.groups == module.in_channels
             flops[_conv_kind(*module.kernel_size, depthwise=depthwise)] += costs[path].flops
     return flops
+
+
+def _dense_conv(kinds: collections.Counter[str]) -> float:
+    return sum(value for kind, value in kinds.items() if kind.startswith("conv") and "depthwise" not in kind)
 
 
 def _format_kinds(kinds: collections.Counter[str], flops: collections.Counter[str]) -> str:
