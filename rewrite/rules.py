@@ -402,25 +402,28 @@ def _parse_predicate(key: str, value: Any, at: str) -> Predicate:
             _fail(at, f"{label}.one_of takes a non-empty array, got {_got(argument)}")
         return Predicate(key, kind, tuple(_fact_value(v, types, f"{label}.one_of", at) for v in argument))
     if kind == "range":
-        if not (isinstance(argument, list) and len(argument) == 2 and all(map(_is_number, argument))):
-            _fail(at, f"{label}.range takes two numbers [lo, hi], got {_got(argument)}")
-        low, high = argument
-        if math.isnan(low) or math.isnan(high):
-            _fail(
-                at,
-                f"{label}.range [{_show(low)}, {_show(high)}] holds nan, which no value is in; write numbers",
-            )
-        if low > high:
-            _fail(at, f"{label}.range [{low}, {high}] is empty; write [lo, hi] with lo <= hi")
-        # Numeric facts are integers: a range without one (or with nothing but an infinity) admits nothing.
-        lowest = math.ceil(low) if math.isfinite(low) else low
-        highest = math.floor(high) if math.isfinite(high) else high
-        if lowest > highest or lowest == math.inf or highest == -math.inf:
-            _fail(at, f"{label}.range [{_show(low)}, {_show(high)}] holds no integer; {key} is an integer")
-        return Predicate(key, kind, (low, high))
+        return Predicate(key, kind, _range_bounds(argument, key, label, at))
     if type(argument) is not int or argument <= 0:
         _fail(at, f"{label}.multiple_of takes a positive integer, got {_got(argument)}")
     return Predicate(key, kind, argument)
+
+
+def _range_bounds(argument: Any, key: str, label: str, at: str) -> tuple[float, float]:
+    if not (isinstance(argument, list) and len(argument) == 2 and all(map(_is_number, argument))):
+        _fail(at, f"{label}.range takes two numbers [lo, hi], got {_got(argument)}")
+    low, high = argument
+    if math.isnan(low) or math.isnan(high):
+        _fail(
+            at, f"{label}.range [{_show(low)}, {_show(high)}] holds nan, which no value is in; write numbers"
+        )
+    if low > high:
+        _fail(at, f"{label}.range [{low}, {high}] is empty; write [lo, hi] with lo <= hi")
+    # Numeric facts are integers: a range without one (or with nothing but an infinity) admits nothing.
+    lowest = math.ceil(low) if math.isfinite(low) else low
+    highest = math.floor(high) if math.isfinite(high) else high
+    if lowest > highest or lowest == math.inf or highest == -math.inf:
+        _fail(at, f"{label}.range [{_show(low)}, {_show(high)}] holds no integer; {key} is an integer")
+    return low, high
 
 
 def _fact_value(value: Any, types: tuple[type, ...], label: str, at: str) -> Any:
