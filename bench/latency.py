@@ -21,8 +21,9 @@ it would add up the threads' time, spinning included, so it is no latency).
 (its own profiler): convolutions split by kernel, depthwise apart, each with its FLOPs and the rate it ran at
 (GFLOP/s); SiLU, concatenation, addition, copies; per model the median of each kind over ``--repetitions``
 profiled runs, interleaved like the timed ones. The slim model moves FLOPs from 3x3 to 1x1 convolutions; the
-rates say what that costs. A last line sets the dense convolutions' time ratio on its own next to their FLOPs
-ratio: the ratio the whole model could reach if everything else cost nothing.
+rates say what that costs. The last lines set the dense convolutions' time ratio next to their FLOPs ratio, and
+give the bound that follows: slim / base with the slim model's dense convs at the base's rate per FLOP and
+everything else as measured.
 """
 
 from __future__ import annotations
@@ -96,18 +97,19 @@ def main() -> None:
         for profiler, kinds in profiles.items():
             for name in models:
                 print(f"{name}, {profiler}: {_format_kinds(kinds[name], flops[name])}")
-        # The bound the goal runs into: the dense convs' time ratio on its own, next to their FLOPs ratio.
-        dense_flops = {name: _dense_conv(flops[name]) for name in models}
-        print(f"dense convs, slim / base: FLOPs {dense_flops['slim'] / dense_flops['base']:.3f}", end="")
+        # The bound the goal runs into: what slim / base would be with the slim model's dense convs at the base's
+        # rate per FLOP and everything else as measured.
+        dense_flops = _dense_conv(flops["slim"]) / _dense_conv(flops["base"])
+        print(f"dense convs, slim / base: FLOPs {dense_flops:.3f}")
         for profiler, kinds in profiles.items():
             dense = {name: _dense_conv(kinds[name]) for name in models}
-            rest = {name: sum(kinds[name].values()) - dense[name] for name in models}
+            total = {name: sum(kinds[name].values()) for name in models}
+            rest = {name: total[name] - dense[name] for name in models}
+            bound = (dense_flops * dense["base"] + rest["slim"]) / total["base"]
             print(
-                f"; {profiler} time {dense['slim'] / dense['base']:.3f} (everything else: base {rest['base']:.1f} ms, "
-                f"slim {rest['slim']:.1f} ms)",
-                end="",
+                f"  {profiler}: time {dense['slim'] / dense['base']:.3f}; everything else base {rest['base']:.1f} ms, "
+                f"slim {rest['slim']:.1f} ms; slim / base with conv rates at parity: {bound:.3f}"
             )
-        print()
 
 
 def _runner(
