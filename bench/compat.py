@@ -13,6 +13,7 @@ Needs the ``test`` extra (torchvision, ultralytics). Progress goes to stderr, th
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 import time
@@ -73,12 +74,17 @@ def _image_batch(training: bool) -> tuple:
     return (torch.rand(2 if training else 1, 3, SIZE, SIZE),)
 
 
-def _image_list(training: bool) -> tuple:
+def _image_list(training: bool, *, masks: bool = False, keypoints: bool = False) -> tuple:
     # two images to train on: a batch of one has 1x1 maps deep in SSD, where BatchNorm cannot train
     images = [torch.rand(3, SIZE, SIZE) for _ in range(2 if training else 1)]
     if not training:
         return (images,)
     target = {"boxes": torch.tensor([[20.0, 30.0, 120.0, 160.0]]), "labels": torch.tensor([1])}
+    if masks:  # Mask R-CNN trains on the object's pixels: here the whole box
+        target["masks"] = torch.zeros(1, SIZE, SIZE, dtype=torch.uint8)
+        target["masks"][:, 30:160, 20:120] = 1
+    if keypoints:  # Keypoint R-CNN: 17 visible points (x, y, visibility) inside the box
+        target["keypoints"] = torch.tensor([[[20.0 + 5 * k, 30.0 + 7 * k, 1.0] for k in range(17)]])
     return (images, [target] * len(images))
 
 
@@ -103,6 +109,34 @@ CASES = [
         "torchvision-fpn-gsconv",
         _torchvision("fcos_resnet50_fpn"),
         _image_list,
+    ),
+    Case(
+        "torchvision",
+        "retinanet_resnet50_fpn_v2",
+        "torchvision-fpn-gsconv",
+        _torchvision("retinanet_resnet50_fpn_v2"),
+        _image_list,
+    ),
+    Case(
+        "torchvision",
+        "fasterrcnn_mobilenet_v3_large_fpn",
+        "torchvision-fpn-gsconv",
+        _torchvision("fasterrcnn_mobilenet_v3_large_fpn"),
+        _image_list,
+    ),
+    Case(
+        "torchvision",
+        "maskrcnn_resnet50_fpn",
+        "torchvision-fpn-gsconv",
+        _torchvision("maskrcnn_resnet50_fpn"),
+        functools.partial(_image_list, masks=True),
+    ),
+    Case(
+        "torchvision",
+        "keypointrcnn_resnet50_fpn",
+        "torchvision-fpn-gsconv",
+        _torchvision("keypointrcnn_resnet50_fpn"),
+        functools.partial(_image_list, keypoints=True),
     ),
     # SSD has no neck: its backbone's dense convs instead
     Case(
