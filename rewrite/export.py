@@ -76,7 +76,10 @@ def export_onnx(
     dynamic_shapes = None
     if dynamic_batch:
         batch = torch.export.Dim("batch", min=1)
-        dynamic_shapes = tuple({0: batch} if isinstance(a, torch.Tensor) else None for a in inputs)
+        # Mirrors the inputs' structure, tensors nested in containers included.
+        dynamic_shapes = pytree.tree_map(
+            lambda a: {0: batch} if isinstance(a, torch.Tensor) else None, inputs
+        )
 
     def write(temporary: Path) -> None:
         _export(folded, inputs, temporary, dynamic_shapes)
@@ -107,7 +110,9 @@ def _export(model: nn.Module, inputs: tuple, path: Path, dynamic_shapes: tuple |
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 model,
-                inputs,
+                # The exporter reads a trailing dict as keyword arguments; an empty one says there are none, so
+                # a dict the forward takes (say, of images) stays the positional argument it is.
+                (*inputs, {}),
                 str(path),
                 dynamo=True,
                 external_data=False,

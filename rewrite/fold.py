@@ -238,6 +238,10 @@ class _Builder:
     def __init__(self, gm: fx.GraphModule) -> None:
         self.gm = gm
         self.graph = fx.Graph()
+        # A forward taking or returning containers (a dict of images, a named tuple) was traced with fx's pytree
+        # codegen, which flattens them on the way in and rebuilds them on the way out; the new graph must keep
+        # that calling convention. fx copies a graph's codegen the same way (Graph.__deepcopy__).
+        self.graph.set_codegen(copy.deepcopy(gm.graph._codegen))
         self.attributes: dict[str, Any] = {}  # what the new graph module holds, by target
         self.env: dict[fx.Node, tuple[Any, Perm]] = {}  # old node -> (new node or constant, its permutation)
         self.origin: dict[fx.Node, list[fx.Node]] = {}  # new node -> the old nodes whose value it is

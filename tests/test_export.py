@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import rewrite
+from rewrite.blocks import GSConv
 from rewrite.cli import main
 from rewrite.zoo import create_model
 
@@ -24,6 +25,27 @@ def test_yolov5n_slim_neck_matches_pytorch_at_batch_1_and_2(tmp_path):
     assert "BatchNormalization" not in ops and "Gather" not in ops  # folded: no BN, no shuffle left
     assert graph.input[0].type.tensor_type.shape.dim[0].dim_param  # the batch is a named free dimension
     assert [p.name for p in tmp_path.iterdir()] == ["slim.onnx"]  # no temporary file left behind
+
+
+class DictOfImages(torch.nn.Module):
+    """A forward that takes its images in a dict, as detection training code often does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Sequential(GSConv(3, 8, 3), torch.nn.Conv2d(8, 4, 1))
+
+    def forward(self, batch):
+        return self.conv(batch["image"]) * batch["scale"]
+
+
+def test_a_forward_taking_a_dict_exports_it_as_its_tensors(tmp_path):
+    batch = {"image": torch.rand(1, 3, 16, 16), "scale": torch.full((1, 1, 1, 1), 2.0)}
+    exported = rewrite.export_onnx(
+        DictOfImages().eval(), (batch,), tmp_path / "dict.onnx", dynamic_batch=True
+    )
+    assert sorted(exported.differences) == [1, 2]
+    assert exported.max_difference < 1e-4
+    assert [i.name for i in onnx.load(str(tmp_path / "dict.onnx")).graph.input] == ["input_0", "input_1"]
 
 
 def test_export_command_on_a_model_file(tmp_path, monkeypatch, capsys):

@@ -120,6 +120,30 @@ def test_a_shuffle_that_no_consumer_can_absorb_is_kept_once_and_exact():
     assert shuffles_left(folded) == 2
 
 
+class DictInDictOut(nn.Module):
+    """A forward that takes a dict of images and returns a dict, as detection training code often does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.SiLU())
+        self.neck = GSConv(8, 16)
+
+    def forward(self, batch):
+        return {"features": self.neck(self.stem(batch["image"])), "count": batch["image"].shape[0]}
+
+
+def test_a_forward_taking_and_returning_containers_keeps_its_calling_convention():
+    model = with_batch_norm_statistics(DictInDictOut())
+    batch = {"image": torch.randn(2, 3, 10, 10)}
+    folded = rewrite.fold(model, (batch,))
+    with torch.no_grad():
+        got, expected = folded(batch), model(batch)
+    assert got.keys() == expected.keys()
+    assert got["count"] == 2
+    assert relative_error(got["features"], expected["features"]) < 1e-5
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+
+
 def test_graph_module_input_and_grouped_consumers_fold_exactly():
     body = nn.Sequential(
         GSConv(8, 32, 3),
