@@ -97,9 +97,12 @@ def recipe_files(
             f"rule set {prepared.rule_set.name!r} was built in Python, not parsed from TOML: a recipe keeps "
             "the rule file's text; load the rules with rewrite.load_rules or rewrite.parse_rules"
         )
-    if len(plan.input_shapes) != 1:
+    inputs = prepared.example_inputs
+    if len(inputs) != 1 or not isinstance(inputs[0], torch.Tensor):
+        described = ", ".join(type(value).__name__ for value in inputs)
         raise RecipeError(
-            f"the plan was made on {len(plan.input_shapes)} input tensors; a recipe records one input shape"
+            f"the plan was made on example inputs ({described}); a recipe records one input tensor, so "
+            "rewrite.load could not redo the rewrite: save the state dict and plan again on load instead"
         )
     state = _state_tensors(model)
     weights = _safetensors().save(state)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from reference import SLIM_NECK
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 import rewrite
 from rewrite.zoo import create_model
@@ -222,3 +223,28 @@ def test_save_refuses_what_it_could_not_load_back(tmp_path):
     with pytest.raises(rewrite.RecipeError, match="has no data .meta device."):
         rewrite.save(plan.apply(), plan, tmp_path / "meta", model_spec="yolov5n")
     assert not (tmp_path / "meta").exists()
+
+
+class DictOfImages(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.SiLU())
+
+    def forward(self, batch, scale=1.0):
+        return self.conv(batch["image"]) * scale
+
+
+@pytest.mark.parametrize(
+    ("inputs", "described"),
+    [
+        (({"image": torch.rand(1, 3, 8, 8)},), r"\(dict\)"),
+        (({"image": torch.rand(1, 3, 8, 8)}, 2.0), r"\(dict, float\)"),
+    ],
+)
+def test_save_refuses_example_inputs_a_recipe_cannot_record(tmp_path, inputs, described):
+    plan = rewrite.plan(DictOfImages().eval(), "gsconv-only", inputs, scope="*")
+    with pytest.raises(
+        rewrite.RecipeError, match=rf"made on example inputs {described}; a recipe records one"
+    ):
+        rewrite.save(plan.apply(), plan, tmp_path / "saved")
+    assert not (tmp_path / "saved").exists()
