@@ -119,8 +119,9 @@ def fold(model: nn.Module, example_inputs: Any) -> nn.Module:
         folded = _fold_region(region)
         if folded is None:
             continue
+        # Code that still runs as written (an opaque parent's forward, the user's) may read them.
+        _carry_plain_attributes(result.get_submodule(region.path), folded)
         if not region.path:
-            _carry_plain_attributes(result, folded)
             result = folded
         else:
             parent, _, name = region.path.rpartition(".")
@@ -630,7 +631,8 @@ def _attribute(gm: nn.Module, target: str) -> Any:
 
 
 def _carry_plain_attributes(old: nn.Module, new: nn.Module) -> None:
-    """The model's own plain attributes (``stride``, ``names``) stay readable on the folded graph module."""
+    """A module's own plain attributes (a model's ``stride``, a layer's routing ``f``) stay readable on the
+    graph module that replaces it."""
     for name, value in vars(old).items():
         if name.startswith("_") or name == "training" or name in vars(new) or hasattr(type(new), name):
             continue

@@ -144,6 +144,41 @@ def test_a_forward_taking_and_returning_containers_keeps_its_calling_convention(
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
 
 
+class RoutedLayers(nn.Module):
+    """The YOLOv5 / ultralytics pattern: a forward fx cannot trace that routes each layer's input by attributes
+    set on the layer (``f``, where its input comes from; ``i``, its index)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layers = [
+            nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.SiLU()),
+            GSConv(8, 8),
+            GSConv(8, 8, 3),
+        ]
+        for index, (layer, source) in enumerate(zip(layers, (-1, -1, 0), strict=True)):
+            layer.f, layer.i = source, index
+        self.model = nn.Sequential(*layers)
+
+    def forward(self, x):
+        if not torch.isfinite(x).all():  # data-dependent: this forward stays the user's code
+            raise ValueError("non-finite input")
+        outputs = []
+        for layer in self.model:
+            x = layer(x if layer.f == -1 else outputs[layer.f])
+            outputs.append(x)
+        return x
+
+
+def test_layers_keep_the_attributes_an_untraceable_forward_reads():
+    model = with_batch_norm_statistics(RoutedLayers())
+    x = torch.randn(2, 3, 10, 10)
+    folded = rewrite.fold(model, x)
+    with torch.no_grad():
+        assert relative_error(folded(x), model(x)) < 1e-5
+    assert [(layer.f, layer.i) for layer in folded.model] == [(-1, 0), (-1, 1), (0, 2)]
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+
+
 def test_graph_module_input_and_grouped_consumers_fold_exactly():
     body = nn.Sequential(
         GSConv(8, 32, 3),

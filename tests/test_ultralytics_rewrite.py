@@ -90,3 +90,18 @@ def test_the_rewritten_detector_keeps_its_class_routing_and_outputs_and_trains(p
     new_blocks = [slim.get_submodule(site.path) for site in plan.sites]
     assert torch.isfinite(loss)
     assert all(p.grad is not None for block in new_blocks for p in block.parameters())
+
+
+def test_yolov8n_slim_neck_folds_and_exports_exactly(tmp_path):
+    pytest.importorskip("onnxruntime")
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    slim = rewrite.apply(build("yolov8n.yaml"), "slim-neck-v8", x).eval()
+    folded = rewrite.fold(slim, x)
+    # The detector's forward stays its own code, routing each layer by the layer's ``f``: the folded layers keep it.
+    assert type(folded) is DetectionModel
+    assert [layer.f for layer in folded.model] == [layer.f for layer in slim.model]
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    with torch.no_grad():
+        pairs = zip(pytree.tree_leaves(folded(x)), pytree.tree_leaves(slim(x)), strict=True)
+        assert max(((a - b).abs().max() / b.abs().max()).item() for a, b in pairs) < 1e-5
+    assert rewrite.export_onnx(slim, x, tmp_path / "slim.onnx").max_difference < 1e-4
