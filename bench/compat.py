@@ -1,9 +1,10 @@
 """The compatibility table: the built-in rule sets on third-party detectors, as a new user would run them.
 
 For each detector (built from its library's code, no weights): plan with the rule set its family calls for,
-apply, run the copy in eval mode, run one training step with backward, and print one row: family, model, rule
-set, sites rewritten, candidates rejected, params and FLOPs before → after, eval / train status. Small scales
-(n) at 320×320, so that the whole table takes a few minutes on a 2-core CPU.
+apply, run the copy in eval mode, run one training step with backward, fold the copy for inference
+(``rewrite.fold``) and check the folded model's outputs, and print one row: family, model, rule set, sites
+rewritten, candidates rejected, params and FLOPs before → after, eval / train / fold status. Small scales (n) at
+320×320, so that the whole table takes a few minutes on a 2-core CPU.
 
     python bench/compat.py [--format github|plain] [--only NAME ...]
 
@@ -39,6 +40,9 @@ class Case:
     build: Callable[[], nn.Module]
     inputs: Callable[[bool], tuple]  # the example inputs, for training (True) or eval
     scope: str | None = None  # None: the rule set's own
+    # Its eval outputs are selected detections (a score threshold, NMS or a top-k): a rounding difference may
+    # select another one, so the folded model's outputs are compared by structure only.
+    selects: bool = False
 
 
 def _ultralytics(config: str) -> Callable[[], nn.Module]:
@@ -95,6 +99,7 @@ CASES = [
         "torchvision-fpn-gsconv",
         _torchvision("fasterrcnn_resnet50_fpn"),
         _image_list,
+        selects=True,
     ),
     Case(
         "torchvision",
@@ -102,6 +107,7 @@ CASES = [
         "torchvision-fpn-gsconv",
         _torchvision("retinanet_resnet50_fpn"),
         _image_list,
+        selects=True,
     ),
     Case(
         "torchvision",
@@ -109,6 +115,7 @@ CASES = [
         "torchvision-fpn-gsconv",
         _torchvision("fcos_resnet50_fpn"),
         _image_list,
+        selects=True,
     ),
     Case(
         "torchvision",
@@ -116,6 +123,7 @@ CASES = [
         "torchvision-fpn-gsconv",
         _torchvision("retinanet_resnet50_fpn_v2"),
         _image_list,
+        selects=True,
     ),
     Case(
         "torchvision",
@@ -123,6 +131,7 @@ CASES = [
         "torchvision-fpn-gsconv",
         _torchvision("fasterrcnn_mobilenet_v3_large_fpn"),
         _image_list,
+        selects=True,
     ),
     Case(
         "torchvision",
@@ -130,6 +139,7 @@ CASES = [
         "torchvision-fpn-gsconv",
         _torchvision("maskrcnn_resnet50_fpn"),
         functools.partial(_image_list, masks=True),
+        selects=True,
     ),
     Case(
         "torchvision",
@@ -137,6 +147,7 @@ CASES = [
         "torchvision-fpn-gsconv",
         _torchvision("keypointrcnn_resnet50_fpn"),
         functools.partial(_image_list, keypoints=True),
+        selects=True,
     ),
     # SSD has no neck: its backbone's dense convs instead
     Case(
@@ -146,6 +157,7 @@ CASES = [
         _torchvision("ssdlite320_mobilenet_v3_large"),
         _image_list,
         "backbone",
+        selects=True,
     ),
     Case("ultralytics", "yolov3u", "slim-neck", _ultralytics("yolov3u.yaml"), _image_batch),
     Case("ultralytics", "yolov5nu", "slim-neck", _ultralytics("yolov5nu.yaml"), _image_batch),
@@ -161,7 +173,9 @@ CASES = [
     Case("ultralytics", "yolo11n-seg", "slim-neck-v8", _ultralytics("yolo11n-seg.yaml"), _image_batch),
     Case("ultralytics", "yolo12n", "slim-neck-v8", _ultralytics("yolo12n.yaml"), _image_batch),
     Case("ultralytics", "yolo26n", "slim-neck-v8", _ultralytics("yolo26n.yaml"), _image_batch),
-    Case("ultralytics", "rtdetr-l", "slim-neck-v8", _ultralytics("rtdetr-l.yaml"), _image_batch),
+    Case(
+        "ultralytics", "rtdetr-l", "slim-neck-v8", _ultralytics("rtdetr-l.yaml"), _image_batch, selects=True
+    ),
 ]
 
 
@@ -183,6 +197,24 @@ def _train_step(model: nn.Module, inputs: tuple) -> None:
         raise FloatingPointError(f"loss {float(loss)}")
 
 
+def _fold(model: nn.Module, inputs: tuple, *, values: bool) -> None:
+    """Fold for inference; the outputs must keep their structure and, with ``values``, their values (1e-4
+    relative)."""
+    model.eval()
+    folded = rewrite.fold(model, inputs)
+    with torch.no_grad():
+        expected, got = model(*inputs), folded(*inputs)
+    if pytree.tree_structure(got) != pytree.tree_structure(expected):
+        raise AssertionError("the folded model's outputs are structured differently")
+    if not values:
+        return
+    for a, b in zip(pytree.tree_leaves(got), pytree.tree_leaves(expected), strict=True):
+        if isinstance(b, torch.Tensor) and b.is_floating_point() and b.numel():
+            error = ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+            if error > 1e-4:
+                raise AssertionError(f"folded outputs differ by {error:.1e} (relative)")
+
+
 def run_case(case: Case) -> list[str]:
     torch.manual_seed(0)
     model = case.build().eval()
@@ -195,6 +227,7 @@ def run_case(case: Case) -> list[str]:
 
     eval_status = _status(evaluate)
     train_status = _status(lambda: _train_step(slim, case.inputs(True)))
+    fold_status = _status(lambda: _fold(slim, case.inputs(False), values=not case.selects))
     kinds = "/".join(str(sum(s.kind == kind for s in plan.sites)) for kind in ("module", "modules", "graph"))
     return [
         case.family,
@@ -208,6 +241,7 @@ def run_case(case: Case) -> list[str]:
         + (" *" if plan.needed_real_data else ""),
         eval_status,
         train_status,
+        fold_status,
     ]
 
 
@@ -222,6 +256,7 @@ HEADERS = [
     "FLOPs",
     "eval",
     "train step",
+    "fold",
 ]
 
 
