@@ -92,73 +92,26 @@ def _image_list(training: bool, *, masks: bool = False, keypoints: bool = False)
     return (images, [target] * len(images))
 
 
+def _torchvision_case(
+    name: str,
+    rules: str = "torchvision-fpn-gsconv",
+    inputs: Callable[[bool], tuple] = _image_list,
+    scope: str | None = None,
+) -> Case:
+    # In eval mode a torchvision detector returns its detections after a score threshold and NMS.
+    return Case("torchvision", name, rules, _torchvision(name), inputs, scope, selects=True)
+
+
 CASES = [
-    Case(
-        "torchvision",
-        "fasterrcnn_resnet50_fpn",
-        "torchvision-fpn-gsconv",
-        _torchvision("fasterrcnn_resnet50_fpn"),
-        _image_list,
-        selects=True,
-    ),
-    Case(
-        "torchvision",
-        "retinanet_resnet50_fpn",
-        "torchvision-fpn-gsconv",
-        _torchvision("retinanet_resnet50_fpn"),
-        _image_list,
-        selects=True,
-    ),
-    Case(
-        "torchvision",
-        "fcos_resnet50_fpn",
-        "torchvision-fpn-gsconv",
-        _torchvision("fcos_resnet50_fpn"),
-        _image_list,
-        selects=True,
-    ),
-    Case(
-        "torchvision",
-        "retinanet_resnet50_fpn_v2",
-        "torchvision-fpn-gsconv",
-        _torchvision("retinanet_resnet50_fpn_v2"),
-        _image_list,
-        selects=True,
-    ),
-    Case(
-        "torchvision",
-        "fasterrcnn_mobilenet_v3_large_fpn",
-        "torchvision-fpn-gsconv",
-        _torchvision("fasterrcnn_mobilenet_v3_large_fpn"),
-        _image_list,
-        selects=True,
-    ),
-    Case(
-        "torchvision",
-        "maskrcnn_resnet50_fpn",
-        "torchvision-fpn-gsconv",
-        _torchvision("maskrcnn_resnet50_fpn"),
-        functools.partial(_image_list, masks=True),
-        selects=True,
-    ),
-    Case(
-        "torchvision",
-        "keypointrcnn_resnet50_fpn",
-        "torchvision-fpn-gsconv",
-        _torchvision("keypointrcnn_resnet50_fpn"),
-        functools.partial(_image_list, keypoints=True),
-        selects=True,
-    ),
+    _torchvision_case("fasterrcnn_resnet50_fpn"),
+    _torchvision_case("retinanet_resnet50_fpn"),
+    _torchvision_case("fcos_resnet50_fpn"),
+    _torchvision_case("retinanet_resnet50_fpn_v2"),
+    _torchvision_case("fasterrcnn_mobilenet_v3_large_fpn"),
+    _torchvision_case("maskrcnn_resnet50_fpn", inputs=functools.partial(_image_list, masks=True)),
+    _torchvision_case("keypointrcnn_resnet50_fpn", inputs=functools.partial(_image_list, keypoints=True)),
     # SSD has no neck: its backbone's dense convs instead
-    Case(
-        "torchvision",
-        "ssdlite320_mobilenet_v3_large",
-        "gsconv-only",
-        _torchvision("ssdlite320_mobilenet_v3_large"),
-        _image_list,
-        "backbone",
-        selects=True,
-    ),
+    _torchvision_case("ssdlite320_mobilenet_v3_large", rules="gsconv-only", scope="backbone"),
     Case("ultralytics", "yolov3u", "slim-neck", _ultralytics("yolov3u.yaml"), _image_batch),
     Case("ultralytics", "yolov5nu", "slim-neck", _ultralytics("yolov5nu.yaml"), _image_batch),
     Case("ultralytics", "yolov6n", "slim-neck-v8", _ultralytics("yolov6n.yaml"), _image_batch),

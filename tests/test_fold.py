@@ -34,6 +34,14 @@ def relative_error(got, expected) -> float:
     return max(((a - b).abs().max() / b.abs().max()).item() for a, b in pairs)
 
 
+def exactly_folded(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """``rewrite.fold(model, x)``, checked to compute what ``model`` does (1e-5 relative)."""
+    folded = rewrite.fold(model, x)
+    with torch.no_grad():
+        assert relative_error(folded(x), model(x)) < 1e-5
+    return folded
+
+
 def shuffles_left(model: nn.Module) -> int:
     """Strided channel slices and index_selects in the graph: what a channel shuffle is made of."""
     count = 0
@@ -55,9 +63,7 @@ def yolov5n_pair():
 @pytest.mark.parametrize("which", ["base", "slim"])
 def test_yolov5n_folds_exactly_with_no_batch_norm_shuffle_or_identity_left(yolov5n_pair, which):
     model = yolov5n_pair[which == "slim"]
-    folded = rewrite.fold(model, X)
-    with torch.no_grad():
-        assert relative_error(folded(X), model(X)) < 1e-5
+    folded = exactly_folded(model, X)
     kinds = {type(m) for m in folded.modules()}
     assert not kinds & {nn.BatchNorm2d, nn.Identity}
     assert shuffles_left(folded) == 0
@@ -113,9 +119,7 @@ class ShuffleAtTheOutputs(nn.Module):
 def test_a_shuffle_that_no_consumer_can_absorb_is_kept_once_and_exact():
     model = with_batch_norm_statistics(ShuffleAtTheOutputs())
     x = torch.randn(2, 8, 10, 10)
-    folded = rewrite.fold(model, x)
-    with torch.no_grad():
-        assert relative_error(folded(x), model(x)) < 1e-5
+    folded = exactly_folded(model, x)
     # Both shuffles of `a` and the reversal compose into one order per output; `b`'s conv absorbs its input's.
     assert shuffles_left(folded) == 2
 
@@ -172,9 +176,7 @@ class RoutedLayers(nn.Module):
 def test_layers_keep_the_attributes_an_untraceable_forward_reads():
     model = with_batch_norm_statistics(RoutedLayers())
     x = torch.randn(2, 3, 10, 10)
-    folded = rewrite.fold(model, x)
-    with torch.no_grad():
-        assert relative_error(folded(x), model(x)) < 1e-5
+    folded = exactly_folded(model, x)
     assert [(layer.f, layer.i) for layer in folded.model] == [(-1, 0), (-1, 1), (0, 2)]
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
 
@@ -191,9 +193,7 @@ def test_graph_module_input_and_grouped_consumers_fold_exactly():
     )
     model = fx.symbolic_trace(with_batch_norm_statistics(body))
     x = torch.randn(1, 8, 12, 12)
-    folded = rewrite.fold(model, x)
-    with torch.no_grad():
-        assert relative_error(folded(x), model(x)) < 1e-5
+    folded = exactly_folded(model, x)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
 
 
@@ -207,9 +207,7 @@ def test_torchvision_fpn_rewrite_folds_exactly():
         rewrite.apply(backbone.eval(), "torchvision-fpn-gsconv", x, scope="fpn")
     )
     assert sum(isinstance(m, GSConv) for m in slim.modules()) == 5  # 3 layer_blocks, P6 and P7
-    folded = rewrite.fold(slim, x)
-    with torch.no_grad():
-        assert relative_error(folded(x), slim(x)) < 1e-5
+    folded = exactly_folded(slim, x)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
     # The five FPN levels are model outputs: each keeps its order, applied once (P7's conv absorbs P6's too).
     assert shuffles_left(folded) == 5
