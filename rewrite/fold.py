@@ -18,8 +18,8 @@ Nothing here knows a particular model: permutations are recognised by what a cha
 does to a probe tensor whose entries are all different, so any spelling of a channel shuffle is found.
 
 The model is traced with :func:`rewrite.tracer.trace`. Each traced region is rebuilt as an ``fx.GraphModule``
-and put in place of the module it was traced from (the root region's graph is the result); a region where
-nothing folds is left as it was. What the tracer kept opaque (a module whose own ``forward`` cannot be traced)
+and put in place of the module it was traced from, with that module's plain attributes and hooks (the root
+region's graph is the result); a region where nothing folds is left as it was. What the tracer kept opaque (a module whose own ``forward`` cannot be traced)
 runs as before, and the modules it calls are folded as regions of their own.
 
 >>> import torch
@@ -49,6 +49,7 @@ from torch import Tensor, fx, nn
 from torch.nn import functional as F
 from torch.utils import _pytree as pytree
 
+from rewrite.rewriter import carry_hooks, carry_plain_attributes
 from rewrite.tracer import Region, trace
 
 __all__ = ["fold"]
@@ -119,8 +120,9 @@ def fold(model: nn.Module, example_inputs: Any) -> nn.Module:
         folded = _fold_region(region)
         if folded is None:
             continue
-        # Code that still runs as written (an opaque parent's forward, the user's) may read them.
-        _carry_plain_attributes(result.get_submodule(region.path), folded)
+        replaced = result.get_submodule(region.path)
+        carry_plain_attributes(replaced, folded)
+        carry_hooks(replaced, folded)
         if not region.path:
             result = folded
         else:
@@ -628,13 +630,3 @@ def _attribute(gm: nn.Module, target: str) -> Any:
     for part in target.split("."):
         value = getattr(value, part)
     return value
-
-
-def _carry_plain_attributes(old: nn.Module, new: nn.Module) -> None:
-    """A module's own plain attributes (a model's ``stride``, a layer's routing ``f``) stay readable on the
-    graph module that replaces it."""
-    for name, value in vars(old).items():
-        if name.startswith("_") or name == "training" or name in vars(new) or hasattr(type(new), name):
-            continue
-        if not isinstance(value, nn.Module):
-            setattr(new, name, value)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 
 import torch
 from torch import fx, nn
+from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
 from rewrite.builders import build
 from rewrite.errors import BuildError
@@ -168,7 +169,7 @@ def rewrite_model(
     for built in sites:
         if built.match.kind == "module":
             old = new_model.get_submodule(built.match.path)
-            _carry_plain_attributes(old, built.block)
+            carry_plain_attributes(old, built.block)
             new_model = _replace_everywhere([new_model, *new_graph_modules], old, built.block)
         elif (
             built.match.kind == "modules"
@@ -198,7 +199,8 @@ def rewrite_model(
         gm.delete_all_unused_submodules()
         gm.recompile()
         old = new_model.get_submodule(region_path) if region_path else new_model
-        _carry_hooks(old, gm)
+        carry_plain_attributes(old, gm)
+        carry_hooks(old, gm)
         new_model = _replace_everywhere([new_model, *new_graph_modules], old, gm)
     return new_model
 
@@ -333,20 +335,36 @@ _HOOK_TABLES = (
 )
 
 
-def _carry_hooks(old: nn.Module, new: nn.Module) -> None:
-    for table in _HOOK_TABLES:
-        if getattr(old, table, None):
-            getattr(new, table).update(getattr(old, table))
+def carry_hooks(old: nn.Module, new: nn.Module) -> None:
+    """``new``, taking ``old``'s place, runs the hooks the user put on ``old``."""
+    tables = [table for table in _HOOK_TABLES if getattr(old, table, None)]
+    for table in tables:
+        getattr(new, table).update(getattr(old, table))
+    _kept_by_deepcopy(new, tables)
 
 
-def _carry_plain_attributes(old: nn.Module, new: nn.Module) -> None:
-    """Copy the old module's own plain attributes (not weights, submodules or nn.Module internals) to ``new``."""
-    for name, value in vars(old).items():
-        if name.startswith("_") or name == "training" or name in vars(new):
-            continue
-        if isinstance(value, (nn.Module, torch.Tensor)):
-            continue
-        setattr(new, name, value)
+def carry_plain_attributes(old: nn.Module, new: nn.Module) -> None:
+    """``new``, taking ``old``'s place, gets ``old``'s own plain attributes (a model's ``stride``, a layer's
+    routing ``i`` and ``f``), which code that still runs as written may read; not its submodules, nor
+    ``nn.Module``'s internals, nor a name ``new`` already has."""
+    names = [
+        name
+        for name, value in vars(old).items()
+        if not (name.startswith("_") or name == "training" or name in vars(new) or hasattr(type(new), name))
+        and not isinstance(value, nn.Module)
+    ]
+    for name in names:
+        setattr(new, name, getattr(old, name))
+    _kept_by_deepcopy(new, names)
+
+
+def _kept_by_deepcopy(module: nn.Module, names: list[str]) -> None:
+    """A graph module's deep copy is rebuilt from its graph: it keeps only the attributes its ``meta`` lists as
+    preserved (torch.ao's quantize_fx keeps a model's attributes the same way). Copies are common: an EMA of
+    the weights, a trainer's checkpoint."""
+    if names and isinstance(module, fx.GraphModule):
+        preserved = module.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {})
+        preserved.update({name: getattr(module, name) for name in names})
 
 
 def _resolve(value, site: Site, match: Match):

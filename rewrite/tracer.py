@@ -212,21 +212,19 @@ def mode_dependent_regions(traced: Traced, regions: Iterable[int]) -> dict[int, 
     A region's graph fixed every Python-level decision of its forward at the values seen when tracing, among
     them ``self.training`` (a training-only branch, ``F.dropout(x, p, self.training)``). A rewrite of that graph
     would compute the traced mode's code in both modes. The model is traced again in the other mode, on a
-    weight-free copy (so the model itself is never switched), and the regions' code compared.
+    weight-free copy (so the model itself is never switched), or, where the forward needs the values to run, on
+    a full copy, and the regions' code compared.
     """
     wanted = list(regions)
     if not wanted:
         return {}
     model = traced.model
-    other = copy.deepcopy(model, meta_memo(model)).train(not model.training)
     mode, other_mode = ("training", "eval") if model.training else ("eval", "training")
-    inputs = pytree.tree_map_only(
-        torch.Tensor, lambda t: torch.empty_like(t, device="meta"), traced.example_inputs
-    )
     try:
-        twins = {region.path: region for region in trace(other, inputs, propagate_shapes=False).regions}
+        other = _traced_in_other_mode(model, traced.example_inputs)
     except TraceError as error:
         return {index: f"it cannot be traced in {other_mode} mode to compare ({error})" for index in wanted}
+    twins = {region.path: region for region in other.regions}
     found = {}
     for index in wanted:
         region = traced.regions[index]
@@ -235,6 +233,24 @@ def mode_dependent_regions(traced: Traced, regions: Iterable[int]) -> dict[int, 
             where = f"{type(region.graph_module).__name__} at {region.path or '(root)'}"
             found[index] = f"the forward of {where} runs other code in {other_mode} mode than in {mode} mode"
     return found
+
+
+def _traced_in_other_mode(model: nn.Module, example_inputs: tuple) -> Traced:
+    """``model`` traced in the other train/eval mode: on a weight-free copy, or, for a model whose forward needs
+    the values to run (it branches on them), on a full copy and the real example inputs."""
+    other = copy.deepcopy(model, meta_memo(model)).train(not model.training)
+    inputs = pytree.tree_map_only(torch.Tensor, lambda t: torch.empty_like(t, device="meta"), example_inputs)
+    try:
+        return trace(other, inputs, propagate_shapes=False)
+    except TraceError:
+        if not _holds_real_data(model, example_inputs):
+            raise
+    return trace(copy.deepcopy(model).train(not model.training), example_inputs, propagate_shapes=False)
+
+
+def _holds_real_data(model: nn.Module, example_inputs: tuple) -> bool:
+    tensors = [*model.parameters(), *model.buffers(), *pytree.tree_leaves(example_inputs)]
+    return not any(isinstance(t, torch.Tensor) and t.is_meta for t in tensors)
 
 
 def join_path(*parts: str) -> str:

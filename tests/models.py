@@ -124,6 +124,41 @@ class Routed(nn.Module):
         return x
 
 
+class ScaledCBA(nn.Module):
+    """Conv, BatchNorm and a functional SiLU, then a fixed scale: the chain is not the module's whole call and
+    ends in a function, so only a rewrite of the traced graph replaces it."""
+
+    def __init__(self, c1: int, c2: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c1, c2, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(c2)
+        self.scale = 0.5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.silu(self.bn(self.conv(x))) * self.scale
+
+
+class CheckedRoutedLayers(nn.Module):
+    """Layers routed by their own ``i`` and ``f`` (as in YOLOv5 and ultralytics) behind a forward that checks the
+    input's values first, which neither fx nor a meta tensor can answer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layers = [ScaledCBA(3, 8), ScaledCBA(8, 8), ScaledCBA(8, 8)]
+        for i, (layer, f) in enumerate(zip(layers, [-1, -1, 0], strict=True)):
+            layer.i, layer.f = i, f
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.isfinite(x).all():
+            raise ValueError("the input holds inf or nan")
+        y: list[torch.Tensor] = []
+        for m in self.layers:
+            x = m(x if m.f == -1 else y[m.f])
+            y.append(x)
+        return x
+
+
 class FailingRoot(nn.Module):
     """The root's own forward cannot be traced (data-dependent ``if``); its children can."""
 

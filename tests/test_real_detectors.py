@@ -1,12 +1,15 @@
 """Detector code as users have it: shared and aliased modules, modules called more than once, blocks that fx
 cannot trace. Each case checks the sites, the figures, and that the forward that runs is the rewritten one."""
 
+import copy
+
 import pytest
 import torch
 from models import (
     AliasAfter,
     AliasBefore,
     C2fNet,
+    CheckedRoutedLayers,
     LoopedBlock,
     ReusedConv,
     share_activations,
@@ -174,3 +177,23 @@ def test_a_plan_that_rewrites_nothing_says_so_first():
         .splitlines()[2]
         .endswith("8 sites rewritten")
     )
+
+
+def test_layers_rewritten_in_their_traced_graphs_keep_routing_and_hooks_through_copies():
+    model = CheckedRoutedLayers().eval()
+    x = torch.randn(1, 3, 16, 16)
+    seen = []
+    model.layers[1].register_forward_hook(lambda module, args, out: seen.append(tuple(out.shape)))
+    plan = rewrite.plan(model, "gsconv-only", x, scope="*")
+    # The root runs as written (it reads each layer's f); each layer's graph is rewritten. The check against
+    # the training-mode trace needs the real input: on meta the root cannot tell whether it is finite.
+    assert [(site.path, site.kind) for site in plan.sites] == [
+        (f"layers.{i}.conv", "graph") for i in range(3)
+    ]
+    assert not plan.rejected
+    new = plan.apply()
+    for result in (new, copy.deepcopy(new), rewrite.fold(new, x), copy.deepcopy(rewrite.fold(new, x))):
+        seen.clear()
+        assert [(m.i, m.f) for m in result.layers] == [(0, -1), (1, -1), (2, 0)]
+        assert result(x).shape == (1, 8, 16, 16)
+        assert seen == [(1, 8, 16, 16)]
