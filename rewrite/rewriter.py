@@ -18,6 +18,7 @@ when planning), so an error at any step leaves the input untouched.
 from __future__ import annotations
 
 import copy
+import inspect
 import operator
 import re
 from collections.abc import Sequence
@@ -345,12 +346,14 @@ def carry_hooks(old: nn.Module, new: nn.Module) -> None:
 
 def carry_plain_attributes(old: nn.Module, new: nn.Module) -> None:
     """``new``, taking ``old``'s place, gets ``old``'s own plain attributes (a model's ``stride``, a layer's
-    routing ``i`` and ``f``), which code that still runs as written may read; not its submodules, nor
-    ``nn.Module``'s internals, nor a name ``new`` already has."""
+    routing ``i``, ``f`` and ``type``), which code that still runs as written may read; not its submodules, nor
+    ``nn.Module``'s internals, nor a name ``new`` already has or its class defines as a property (a graph
+    module's ``code``). Like ``old``'s, they may shadow a method (YOLOv5's ``type`` shadows ``Module.type``)."""
     names = [
         name
         for name, value in vars(old).items()
-        if not (name.startswith("_") or name == "training" or name in vars(new) or hasattr(type(new), name))
+        if not (name.startswith("_") or name == "training" or name in vars(new))
+        and not inspect.isdatadescriptor(inspect.getattr_static(type(new), name, None))
         and not isinstance(value, nn.Module)
     ]
     for name in names:
