@@ -17,10 +17,10 @@
 Nothing here knows a particular model: permutations are recognised by what a chain of pure data-movement ops
 does to a probe tensor whose entries are all different, so any spelling of a channel shuffle is found.
 
-The model is traced with :func:`rewrite.tracer.trace`. Each traced region is rebuilt as an ``fx.GraphModule``
-and put in place of the module it was traced from, with that module's plain attributes and hooks (the root
-region's graph is the result); a region where nothing folds is left as it was. What the tracer kept opaque (a module whose own ``forward`` cannot be traced)
-runs as before, and the modules it calls are folded as regions of their own.
+The model is traced with :func:`rewrite.tracer.trace`. Each traced region is rebuilt as an ``fx.GraphModule`` and
+put in place of the module it was traced from, with that module's plain attributes and hooks (the root region's
+graph is the result); a region where nothing folds is left as it was. What the tracer kept opaque (a module whose
+own ``forward`` cannot be traced) runs as before, and the modules it calls are folded as regions of their own.
 
 >>> import torch
 >>> from torch import nn
