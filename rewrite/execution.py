@@ -255,7 +255,7 @@ def on_meta_else_real(model: nn.Module, inputs: Any, attempt: Callable[[Runner],
         with contextlib.suppress(RunFailed):
             runner = Runner(model, on_meta=True, keep_small_constants=True)
             return Outcome(attempt(runner), torch.device("meta"), None)
-    device = _real_data_device(model, inputs)
+    device = real_data_device(model, inputs)
     if device is None:
         raise meta_failure
     return Outcome(attempt(Runner(model, on_meta=False)), device, meta_failure)
@@ -269,7 +269,7 @@ def run(model: nn.Module, args: Sequence[Any], kwargs: dict[str, Any] | None = N
     return on_meta_else_real(model, (args, kwargs), lambda runner: runner.run(model, args, kwargs))
 
 
-def _real_data_device(model: nn.Module, inputs: Any) -> torch.device | None:
+def real_data_device(model: nn.Module, inputs: Any) -> torch.device | None:
     """The device of the model's first tensor (else of the inputs', else cpu); None when any is on meta."""
     tensors = [*model.parameters(), *model.buffers()]
     tensors += [t for t in pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor)]

@@ -133,9 +133,8 @@ class _Candidate:
     nodes: tuple[NodeKey, ...]  # every node of the site, for overlap and scope
     covering_call: object | None  # the call id of the module call the nodes make up exactly, if any
     covering_path: str | None
-    boundary: NodeKey | None = (
-        None  # the covering call's own call_module node, when it is one (a leaf's call)
-    )
+    # The covering call's own call_module node, when it is one (a leaf's call).
+    boundary: NodeKey | None = None
 
 
 @dataclass(frozen=True)

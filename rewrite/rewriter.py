@@ -172,9 +172,8 @@ def rewrite_model(
             old = new_model.get_submodule(built.match.path)
             carry_plain_attributes(old, built.block)
             new_model = _replace_everywhere([new_model, *new_graph_modules], old, built.block)
-        elif (
-            built.match.kind == "modules"
-        ):  # the forward stays; its calls now reach the block, then Identities
+        elif built.match.kind == "modules":
+            # The forward stays; its calls now reach the block, then Identities.
             paths = _module_paths(traced, built.match)
             olds = [new_model.get_submodule(path) for path in paths]
             new_model = _replace_everywhere([new_model, *new_graph_modules], olds[0], built.block)

@@ -102,6 +102,7 @@ from rewrite.execution import (
     model_lock,
     on_meta_else_real,
     one_line,
+    real_data_device,
     working_copy,
 )
 from rewrite.vocabulary import is_vocabulary_module
@@ -243,14 +244,9 @@ def _traced_in_other_mode(model: nn.Module, example_inputs: tuple) -> Traced:
     try:
         return trace(other, inputs, propagate_shapes=False)
     except TraceError:
-        if not _holds_real_data(model, example_inputs):
+        if real_data_device(model, example_inputs) is None:
             raise
     return trace(copy.deepcopy(model).train(not model.training), example_inputs, propagate_shapes=False)
-
-
-def _holds_real_data(model: nn.Module, example_inputs: tuple) -> bool:
-    tensors = [*model.parameters(), *model.buffers(), *pytree.tree_leaves(example_inputs)]
-    return not any(isinstance(t, torch.Tensor) and t.is_meta for t in tensors)
 
 
 def join_path(*parts: str) -> str:
