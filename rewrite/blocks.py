@@ -21,7 +21,15 @@ from torch import Tensor, fx, nn
 
 from rewrite.vocabulary import category_of
 
-__all__ = ["SHUFFLE_VARIANTS", "ConvBNAct", "GSBottleneck", "GSConv", "VoVGSCSP", "channel_shuffle"]
+__all__ = [
+    "SHUFFLE_VARIANTS",
+    "ConvBNAct",
+    "DepthwiseConv2d",
+    "GSBottleneck",
+    "GSConv",
+    "VoVGSCSP",
+    "channel_shuffle",
+]
 
 ShuffleVariant = Literal["split", "interleave"]
 SHUFFLE_VARIANTS: tuple[str, ...] = get_args(ShuffleVariant)
@@ -72,8 +80,35 @@ def _make_activation(act: Activation) -> nn.Module:
     raise TypeError(f"act must be a bool, None or an nn.Module, got {type(act).__name__}")
 
 
+class DepthwiseConv2d(nn.Conv2d):
+    """A depthwise ``Conv2d`` whose training step on a CPU runs in channels-last memory order.
+
+    It is ``nn.Conv2d`` (same arguments, parameters and function, so everything that knows a conv knows it);
+    only the memory order of its input changes, and only where gradients flow on a CPU. There, PyTorch's
+    backward pass of a depthwise convolution over contiguous (NCHW) tensors is many times slower than over
+    channels-last ones, enough to make a GS block train slower than the dense block it replaces
+    (``bench/train_speed.py`` measures it). Inference, and every other device, runs ``nn.Conv2d`` as it is.
+
+    >>> conv = DepthwiseConv2d(8, 8, 5, padding=2, groups=8)
+    >>> x = torch.randn(2, 8, 16, 16, requires_grad=True)
+    >>> torch.allclose(conv(x), nn.functional.conv2d(x, conv.weight, conv.bias, padding=2, groups=8), atol=1e-6)
+    True
+    """
+
+    def forward(self, input: Tensor) -> Tensor:
+        if isinstance(input, fx.Proxy):
+            # Plain fx keeps only torch.nn's own classes whole; to it this is one call of a conv, as Conv2d is.
+            tracer = input.tracer
+            return tracer.create_proxy("call_module", tracer.path_of_module(self), (input,), {})
+        if input.requires_grad and input.device.type == "cpu" and input.dim() == 4:
+            input = input.contiguous(memory_format=torch.channels_last)
+        return super().forward(input)
+
+
 class ConvBNAct(nn.Module):
     """``Conv2d`` (no bias, "same" padding ``kernel_size // 2``) -> ``BatchNorm2d`` -> activation.
+
+    A depthwise conv (``groups`` equal to both channel counts) is a :class:`DepthwiseConv2d`.
 
     >>> block = ConvBNAct(16, 32, kernel_size=3, stride=2)
     >>> block(torch.randn(1, 16, 20, 20)).shape
@@ -97,7 +132,8 @@ class ConvBNAct(nn.Module):
         super().__init__()
         # "same" padding per dimension, so that a (1, 7) kernel keeps the size too
         padding = tuple(k // 2 for k in kernel_size) if isinstance(kernel_size, tuple) else kernel_size // 2
-        self.conv = nn.Conv2d(
+        depthwise = 1 < groups == in_channels == out_channels
+        self.conv = (DepthwiseConv2d if depthwise else nn.Conv2d)(
             in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=False
         )
         self.bn = nn.BatchNorm2d(out_channels, eps=bn_eps, momentum=bn_momentum)

@@ -33,7 +33,7 @@ True
 >>> [node.target.__name__ for node in folded.graph.nodes if node.op == "call_function"]  # no shuffle left
 ['cat']
 >>> sorted(type(m).__name__ for m in folded.modules() if not list(m.children()))  # nor any BatchNorm
-['Conv2d', 'Conv2d', 'Conv2d', 'SiLU', 'SiLU']
+['Conv2d', 'Conv2d', 'DepthwiseConv2d', 'SiLU', 'SiLU']
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from reference import GSCONV_ONLY, SLIM_NECK, SLIM_NECK_STATE_DICTS, state_dict_
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from rewrite.blocks import ConvBNAct, GSBottleneck, GSConv, VoVGSCSP, channel_shuffle
+from rewrite.blocks import ConvBNAct, DepthwiseConv2d, GSBottleneck, GSConv, VoVGSCSP, channel_shuffle
 from rewrite.zoo import create_model
 
 
@@ -298,3 +298,33 @@ def test_slim_neck_yolov5_matches_the_reference(name, csp) -> None:
     assert (n_params(model), counter.get_total_flops()) == (SLIM_NECK if csp else GSCONV_ONLY)[name]
     if csp:
         assert (len(model.state_dict()), state_dict_signature(model)) == SLIM_NECK_STATE_DICTS[name]
+
+
+# ------------------------------------------------------------------------- the depthwise conv's training step
+
+
+def test_depthwise_conv_trains_to_the_same_values_and_gradients_as_conv2d() -> None:
+    torch.manual_seed(0)
+    fast = DepthwiseConv2d(16, 16, 5, padding=2, groups=16)
+    plain = nn.Conv2d(16, 16, 5, padding=2, groups=16)
+    plain.load_state_dict(fast.state_dict())
+    x = torch.randn(4, 16, 24, 24, requires_grad=True)
+    y = x.detach().clone().requires_grad_()
+    out_fast, out_plain = fast(x), plain(y)
+    assert out_fast.is_contiguous(memory_format=torch.channels_last)  # where gradients flow on a CPU
+    torch.testing.assert_close(out_fast, out_plain)
+    grad = torch.randn_like(out_plain)
+    out_fast.backward(grad)
+    out_plain.backward(grad)
+    torch.testing.assert_close(x.grad, y.grad)
+    # a sum over 2,304 products per weight, added up in another order: float32 rounding apart
+    torch.testing.assert_close(fast.weight.grad, plain.weight.grad, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():  # inference: Conv2d as it is
+        assert fast(y).is_contiguous()
+
+
+def test_gsconv_depthwise_branch_is_one_conv_call_to_plain_fx() -> None:
+    gsconv = GSConv(8, 16)
+    assert type(gsconv.cv2.conv) is DepthwiseConv2d and type(gsconv.cv1.conv) is nn.Conv2d
+    calls = [node.target for node in torch.fx.symbolic_trace(gsconv).graph.nodes if node.op == "call_module"]
+    assert "cv2.conv" in calls
