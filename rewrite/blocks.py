@@ -100,7 +100,8 @@ class DepthwiseConv2d(nn.Conv2d):
             # Plain fx keeps only torch.nn's own classes whole; to it this is one call of a conv, as Conv2d is.
             tracer = input.tracer
             return tracer.create_proxy("call_module", tracer.path_of_module(self), (input,), {})
-        if input.requires_grad and input.device.type == "cpu" and input.dim() == 4:
+        training = torch.is_grad_enabled() and (input.requires_grad or self.weight.requires_grad)
+        if training and input.device.type == "cpu" and input.dim() == 4:
             input = input.contiguous(memory_format=torch.channels_last)
         return super().forward(input)
 
