@@ -64,6 +64,7 @@ FORMAT_VERSION = 1
 RECIPE_FILE = "recipe.json"
 WEIGHTS_FILE = "weights.safetensors"
 
+
 def save(
     model: nn.Module,
     plan: Any,
@@ -399,12 +400,14 @@ def _check_spec(recipe: dict[str, Any], path: Path, *, trusted: bool) -> None:
         return
     if ":" in spec or spec.endswith(".py"):
         raise RecipeError(
-            f"{path}: model spec {_short(spec)} names code to import and run; a recipe is data, and only the "
+            f"{path}: model spec {_short(spec, 300)} names code to import and run; a recipe is data, and only the "
             "zoo's models are built from it unless you trust its author: build the model yourself and pass it "
             "as rewrite.load(directory, base_model=...), or, if you trust whoever wrote this folder, "
             "rewrite.load(directory, trust_model_code=True) (rewrite export --trust-model-code)"
         )
-    raise RecipeError(f"{path}: model spec {_short(spec)} is not a zoo model ({', '.join(_zoo_names())})")
+    raise RecipeError(
+        f"{path}: model spec {_short(spec, 300)} is not a zoo model ({', '.join(_zoo_names())})"
+    )
 
 
 def _zoo_names() -> list[str]:
@@ -477,7 +480,9 @@ def _as_recipe_error(path: Path) -> Iterator[None]:
     except RecipeError:
         raise
     except RewriteError as error:
-        raise RecipeError(f"{path}: {' '.join(str(error).split())}") from None
+        message = " ".join(str(error).split())
+        # The rules' errors name the recipe already (it is their source).
+        raise RecipeError(message if message.startswith(str(path)) else f"{path}: {message}") from None
 
 
 def _check_figures(plan: Any, recipe: dict[str, Any], path: Path, *, given: bool) -> None:
