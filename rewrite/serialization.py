@@ -161,7 +161,9 @@ def load(
         _check_spec(recipe, recipe_path, trusted=trust_model_code)  # before anything is imported
     weights_path, tensors = _read_weights(folder, recipe)
     with _as_recipe_error(recipe_path):
-        rules = parse_rules(recipe["rules"]["toml"], f"{recipe_path} (rules {recipe['rules']['name']!r})")
+        rules = parse_rules(
+            recipe["rules"]["toml"], f"{recipe_path} (rules {_short(recipe['rules']['name'])})"
+        )
         base = base_model
         if base is None:
             spec, arguments = recipe["model"]["spec"], recipe["model"]["args"]
@@ -482,7 +484,8 @@ def _as_recipe_error(path: Path) -> Iterator[None]:
     except RewriteError as error:
         message = " ".join(str(error).split())
         # The rules' errors name the recipe already (it is their source).
-        raise RecipeError(message if message.startswith(str(path)) else f"{path}: {message}") from None
+        message = message if message.startswith(str(path)) else f"{path}: {message}"
+        raise RecipeError(_clip(message, 1000)) from None
 
 
 def _check_figures(plan: Any, recipe: dict[str, Any], path: Path, *, given: bool) -> None:
@@ -538,7 +541,7 @@ def _count(keys: list[str], noun: str) -> str:
 
 
 def _names(keys: list[str]) -> str:
-    return ", ".join(keys[:3]) + (", …" if len(keys) > 3 else "")
+    return _clip(", ".join(keys[:3]), 300) + (", …" if len(keys) > 3 else "")
 
 
 def _short(value: Any, limit: int = 80) -> str:

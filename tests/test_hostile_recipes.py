@@ -259,6 +259,14 @@ CORPUS: dict[str, tuple[Callable[[Hostile], object], str | None]] = {
         lambda h: h.edit(lambda r: r.update(input_shape=[3, 64, 64])),
         r"DetectionModel does not run on the example inputs",
     ),
+    "input_shape 100000 dimensions": (
+        lambda h: h.edit(lambda r: r.update(input_shape=[1] * 100_000)),
+        r"DetectionModel does not run on the example inputs: RuntimeError: Expected 3D \(unbatched\) or 4D",
+    ),
+    "rules named with 1 MB of text": (
+        lambda h: h.edit(lambda r: r["rules"].update(name="x" * 2**20, toml="not toml")),
+        r"recipe.json \(rules 'xxx+…\): invalid TOML",
+    ),
     # Zoo arguments that would build an absurd model.
     "zoo nc=10**7": (
         lambda h: h.edit(lambda r: r["model"]["args"].update(nc=10**7)),
