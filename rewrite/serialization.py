@@ -434,8 +434,8 @@ def _check_model_size(factory: Any, recipe: dict[str, Any], path: Path, weights:
     size = _size(model.state_dict().values())
     if size > _MAX_SHRINK * weights + _SLACK_BYTES:
         raise RecipeError(
-            f"{path}: model {spec!r} with args {_short(arguments)} holds {size / 1e9:,.3g} GB of weights, and "
-            f"the weights file {weights / 1e9:,.3g} GB; a rewrite does not shrink a model that much, so these "
+            f"{path}: model {spec!r} with args {_short(arguments)} holds {_bytes(size)} of weights, and "
+            f"the weights file {_bytes(weights)}; a rewrite does not shrink a model that much, so these "
             "args are not the saved model's"
         )
 
@@ -546,6 +546,10 @@ def _names(keys: list[str]) -> str:
 
 def _short(value: Any, limit: int = 80) -> str:
     return _clip(repr(value), limit)
+
+
+def _bytes(size: int) -> str:
+    return f"{size / 1e9:,.3g} GB" if size >= 1e9 else f"{size / 1e6:,.3g} MB"
 
 
 def _clip(text: str, limit: int = 80) -> str:

@@ -97,6 +97,8 @@ def base_model(h: Hostile) -> None:
 
 
 def fifo(path: Path) -> None:
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no named pipes on this platform")
     path.unlink(missing_ok=True)
     os.mkfifo(path)
 
@@ -270,7 +272,7 @@ CORPUS: dict[str, tuple[Callable[[Hostile], object], str | None]] = {
     # Zoo arguments that would build an absurd model.
     "zoo nc=10**7": (
         lambda h: h.edit(lambda r: r["model"]["args"].update(nc=10**7)),
-        r"model 'yolov5n' with args \{'nc': 10000000\} holds 54.1 GB of weights, and the weights file 0.00",
+        r"model 'yolov5n' with args \{'nc': 10000000\} holds 54.1 GB of weights, and the weights file 6.72 MB; a rewrite does not shrink",
     ),
     "zoo ch=10**6": (
         lambda h: h.edit(lambda r: r["model"]["args"].update(ch=10**6)),
