@@ -426,8 +426,8 @@ def _check_model_size(factory: Any, recipe: dict[str, Any], path: Path, weights:
     spec, arguments = recipe["model"]["spec"], recipe["model"]["args"]
     try:
         model = build_model(spec, factory, arguments, "meta")
-    # Arguments the builder does not check itself (a width too large for torch's integers).
     except (TypeError, ValueError, OverflowError, RuntimeError) as error:
+        # Arguments the builder does not check itself (a width too large for torch's integers).
         raise RecipeError(
             f"{path}: model {spec!r} cannot be built with args {_short(arguments)}: {one_line(error)}"
         ) from None
