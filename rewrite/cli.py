@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from rewrite.errors import InputSpecError, NoMatchWarning, RewriteError
+from rewrite.execution import physical_memory as _physical_memory
 from rewrite.files import write_atomically
 from rewrite.gates import check_gates
 from rewrite.model_spec import build_model, import_target, model_factory
@@ -280,6 +281,12 @@ def _build_parser() -> _Parser:
         "--output", required=True, metavar="FILE", help="the .onnx file (a folder: FOLDER/model.onnx)"
     )
     export.add_argument(
+        "--trust-model-code",
+        action="store_true",
+        help="with a folder whose recipe names code (package.module:callable, file.py:callable): import and run"
+        " it to build the model (by default only the zoo's models are built from a folder)",
+    )
+    export.add_argument(
         "--dynamic-batch",
         action="store_true",
         help="leave the batch size free (checked at 1x and 2x --input)",
@@ -439,14 +446,6 @@ def _example_input(shape: tuple[int, ...], device: str) -> torch.Tensor:
         ) from None
 
 
-def _physical_memory() -> int | None:
-    """This machine's memory in bytes, where the platform says (POSIX)."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):
-        return None
-
-
 def _is_recipe(model: str) -> bool:
     """Whether MODEL names a folder written by ``rewrite apply`` / ``rewrite.save``."""
     from rewrite.serialization import RECIPE_FILE
@@ -507,7 +506,7 @@ def _run_export(args: argparse.Namespace) -> int:
         if args.rules:
             raise _UsageError(f"{args.model} holds a rewrite already; leave out --rules")
         say(f"loading the rewrite saved in {args.model}")
-        model = load(args.model)
+        model = load(args.model, trust_model_code=args.trust_model_code)
     elif args.rules:
         result = _make_plan(args, say)
         say("applying")

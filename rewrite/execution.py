@@ -75,6 +75,7 @@ __all__ = [
     "model_lock",
     "on_meta_else_real",
     "one_line",
+    "physical_memory",
     "run",
     "working_copy",
 ]
@@ -458,3 +459,15 @@ def one_line(error: BaseException) -> str:
         if not filename.startswith(_TORCH_DIR) and filename not in _DRIVER_FILES:
             where = f" ({os.path.basename(filename)}:{line})"
     return f"{type(error).__name__}: {message}{where}" if message else f"{type(error).__name__}{where}"
+
+
+def physical_memory() -> int | None:
+    """This machine's memory in bytes, where the platform says (POSIX): what an input may take at most.
+
+    Sizes are checked against it before allocating: with overcommit an allocation may succeed and the kernel
+    kill the process on first touch.
+    """
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None

@@ -93,7 +93,9 @@ def test_file_model_round_trip(tmp_path, monkeypatch):
     assert recipe["model"] == {"spec": f"{tmp_path / 'det.py'}:build", "args": {"nc": 3}}  # absolute path
 
     monkeypatch.chdir(tmp_path.parent)  # loading works from anywhere
-    loaded = rewrite.load(tmp_path / "out")
+    with pytest.raises(rewrite.RecipeError, match=r"names code to import and run; .* trust_model_code=True"):
+        rewrite.load(tmp_path / "out")
+    loaded = rewrite.load(tmp_path / "out", trust_model_code=True)
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in slim.state_dict().items())
     with torch.no_grad():
         assert outputs_equal(loaded(X), slim(X))
