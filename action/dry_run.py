@@ -62,7 +62,9 @@ def plan() -> int:
     """``rewrite plan`` on the caller's model: three reports from one run, the outputs, rewrite's exit code."""
     model = _input("model")
     if not model:
-        return _fail("the input 'model' is empty: name the model, e.g. models/det.py:build or yolov5s", code=2)
+        return _fail(
+            "the input 'model' is empty: name the model, e.g. models/det.py:build or yolov5s", code=2
+        )
     if not os.environ.get("REPORT_DIR"):
         return _fail("REPORT_DIR is not set: name the folder for the reports", code=2)
     reports = Path(os.environ["REPORT_DIR"]).resolve()
@@ -70,7 +72,14 @@ def plan() -> int:
     for stale in paths.values():  # an earlier run's reports must not pass for this one's
         stale.unlink(missing_ok=True)
     command = [sys.executable, "-m", "rewrite", "plan", model, "--rules", _input("rules") or "slim-neck"]
-    command += ["--device", _input("device") or "meta", "--format", ",".join(FORMATS), "--output", f"{reports}/"]
+    command += [
+        "--device",
+        _input("device") or "meta",
+        "--format",
+        ",".join(FORMATS),
+        "--output",
+        f"{reports}/",
+    ]
     for option in ("scope", "input"):
         if _input(option):
             command += [f"--{option}", _input(option)]

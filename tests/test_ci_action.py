@@ -19,7 +19,10 @@ from rewrite.gates import check_gates
 
 ROOT = Path(__file__).resolve().parents[1]
 ACTION = ROOT / "action.yml"
-WORKFLOWS = [ROOT / "examples" / "ci" / "slim-neck-dry-run.yml", ROOT / ".github" / "workflows" / "slim-neck-dry-run.yml"]
+WORKFLOWS = [
+    ROOT / "examples" / "ci" / "slim-neck-dry-run.yml",
+    ROOT / ".github" / "workflows" / "slim-neck-dry-run.yml",
+]
 # What GitHub checks out for `uses: OWNER/REPO@REF`, as far as installing the tool needs it.
 CHECKOUT_FILES = ["pyproject.toml", "setup.cfg", "README.md", "constraints.txt", "rewrite", "rules", "action"]
 
@@ -63,7 +66,9 @@ def test_the_action_takes_every_gate_and_hands_every_input_to_its_script():
     # Both workflows use the action on the example detector; only the copied one says where it comes from.
     for path, uses in zip(WORKFLOWS, ["OWNER/REPO@REF", "./"]):
         steps = yaml.safe_load(path.read_text())["jobs"]["slim-neck"]["steps"]
-        detector = next(step for step in steps if step.get("with", {}).get("model") == "examples/ci/detector.py:build")
+        detector = next(
+            step for step in steps if step.get("with", {}).get("model") == "examples/ci/detector.py:build"
+        )
         assert detector["uses"] == uses and detector["with"]["rules"] == "examples/ci/slim-neck-rules.toml"
 
 
@@ -92,7 +97,9 @@ def installed(tmp_path_factory) -> tuple[Path, Path]:
     python = root / "venv" / "bin" / "python"
     purelib = subprocess.run(
         [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.strip()
     outer = [path for path in site.getsitepackages() if Path(path).is_dir()]
     Path(purelib, "test-packages.pth").write_text("\n".join(outer) + "\n")
@@ -103,7 +110,9 @@ def installed(tmp_path_factory) -> tuple[Path, Path]:
 
 def step(python: Path, name: str, cwd: Path, **inputs: str) -> subprocess.CompletedProcess:
     """One of the action's steps, with the environment a runner gives it: inputs, pip's settings, no PYTHONPATH."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("PYTHON", "PIP_", "GITHUB_"))}
+    env = {
+        key: value for key, value in os.environ.items() if not key.startswith(("PYTHON", "PIP_", "GITHUB_"))
+    }
     env |= {"PIP_NO_INDEX": "1", "PIP_NO_BUILD_ISOLATION": "0", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
     script = cwd.parent / "actions" / "fx-rewrite" / "action" / "dry_run.py"  # the copy, as GitHub runs it
     return subprocess.run([python, script, name], cwd=cwd, env=env | inputs, capture_output=True, text=True)
@@ -112,8 +121,15 @@ def step(python: Path, name: str, cwd: Path, **inputs: str) -> subprocess.Comple
 def test_the_install_step_installs_fx_rewrite_from_the_checkout_into_the_fresh_environment(installed):
     python, caller = installed
     where = subprocess.run(
-        [python, "-c", "import importlib.metadata as m, rewrite; print(rewrite.__file__, m.version('fx-rewrite'))"],
-        cwd=caller, capture_output=True, text=True, check=True,
+        [
+            python,
+            "-c",
+            "import importlib.metadata as m, rewrite; print(rewrite.__file__, m.version('fx-rewrite'))",
+        ],
+        cwd=caller,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.split()
     assert Path(where[0]).is_relative_to(python.parent.parent) and where[1] == "0.1.0"
 
@@ -144,7 +160,9 @@ def test_the_plan_step_writes_the_reports_the_outputs_and_the_summary_and_exits_
     for figure in ("params", "flops"):
         delta = report["totals"][figure]
         assert [outputs[f"{figure}-{key}"] for key in ("before", "after", "change-percent")] == [
-            str(delta["before"]), str(delta["after"]), str(delta["percent"])
+            str(delta["before"]),
+            str(delta["after"]),
+            str(delta["percent"]),
         ]
     assert report["gates_passed"] and float(outputs["flops-change-percent"]) < -10
     summary = (tmp_path / "summary.md").read_text()
