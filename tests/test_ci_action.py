@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import check_jsonschema  # noqa: F401 - the test extra installs it; without it, say so here rather than below
 import pytest
 import yaml
 from html_page import parse_html
@@ -113,6 +114,8 @@ def step(python: Path, name: str, cwd: Path, **inputs: str) -> subprocess.Comple
     env = {
         key: value for key, value in os.environ.items() if not key.startswith(("PYTHON", "PIP_", "GITHUB_"))
     }
+    # No index (the test runs offline), and build in this environment: "0" is how pip's environment spells
+    # --no-build-isolation (isolation would fetch setuptools from an index).
     env |= {"PIP_NO_INDEX": "1", "PIP_NO_BUILD_ISOLATION": "0", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
     script = cwd.parent / "actions" / "fx-rewrite" / "action" / "dry_run.py"  # the copy, as GitHub runs it
     return subprocess.run([python, script, name], cwd=cwd, env=env | inputs, capture_output=True, text=True)
