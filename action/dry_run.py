@@ -19,6 +19,7 @@ goes to the step summary, ``GITHUB_STEP_SUMMARY``, as rewrite does by itself.
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -91,7 +92,7 @@ def plan() -> int:
     for gate in GATES:
         if _input(gate):
             command += [f"--{gate}", _input(gate)]
-    print("+ " + " ".join(command[1:]), flush=True)
+    print("+ " + shlex.join(["rewrite", *command[3:]]), flush=True)  # as the user would type it
     code = subprocess.run(command).returncode
     if paths["json"].exists():
         _write_outputs(paths)
@@ -120,7 +121,7 @@ def _input(name: str) -> str:
 
 
 def _pip(*args: str) -> int:
-    print("+ pip " + " ".join(args), flush=True)
+    print("+ " + shlex.join(["pip", *args]), flush=True)
     return subprocess.run([sys.executable, "-m", "pip", *args]).returncode
 
 
