@@ -227,7 +227,14 @@ def _build_parser() -> _Parser:
     )
 
     report = _Parser(add_help=False)
-    report.add_argument("--format", choices=FORMATS, default="text", help="report format (default text)")
+    report.add_argument(
+        "--format",
+        type=_parse_formats,
+        default=("text",),
+        metavar="FORMAT",
+        help=f"report format: {', '.join(FORMATS)} (default text); several, comma-separated, write"
+        " FOLDER/report.EXT each into an --output folder from one run",
+    )
     report.add_argument(
         "--output",
         metavar="FILE",
@@ -371,6 +378,24 @@ def _literal(text: str) -> object:
 _SUFFIXES = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
 
 
+def _parse_formats(text: str) -> tuple[str, ...]:
+    """One report format, or several separated by commas (each written once, in the order given).
+
+    >>> _parse_formats("html"), _parse_formats("markdown, html,json,html")
+    (('html',), ('markdown', 'html', 'json'))
+    >>> _parse_formats("pdf")
+    Traceback (most recent call last):
+    argparse.ArgumentTypeError: unknown report format 'pdf'; expected text, markdown, json or html
+    """
+    formats = tuple(dict.fromkeys(part.strip() for part in text.split(",")))
+    for fmt in formats:
+        if fmt not in FORMATS:
+            raise argparse.ArgumentTypeError(
+                f"unknown report format {fmt!r}; expected {', '.join(FORMATS[:-1])} or {FORMATS[-1]}"
+            )
+    return formats
+
+
 def _parse_count(text: str) -> int:
     """A params or FLOPs threshold, with an optional K / M / G / T suffix (powers of 1000).
 
@@ -457,6 +482,7 @@ def _is_recipe(model: str) -> bool:
 
 
 def _run_plan(args: argparse.Namespace) -> int:
+    destinations = _report_paths(args.format, args.output)
     say = _progress(args)
     result = _make_plan(args, say)
     gates = check_gates(
@@ -467,8 +493,7 @@ def _run_plan(args: argparse.Namespace) -> int:
         min_params_reduction=args.min_params_reduction,
         min_flops_reduction=args.min_flops_reduction,
     )
-    _write_report(render(result, args.format, gates=gates), args.output, args.format, say)
-    _append_step_summary(lambda: render(result, "markdown", gates=gates))
+    _write_reports(lambda fmt: render(result, fmt, gates=gates), destinations, say)
     failed = [gate for gate in gates if not gate.passed]
     if result.nothing_rewritten:
         print(f"rewrite: {result.nothing_rewritten}", file=sys.stderr)
@@ -543,6 +568,7 @@ def _run_export(args: argparse.Namespace) -> int:
 def _run_profile(args: argparse.Namespace) -> int:
     from rewrite.profiler import profile
 
+    destinations = _report_paths(args.format, args.output)
     say = _progress(args)
     model, example, name = _model_and_input(args, say)
     say("measuring")
@@ -551,8 +577,7 @@ def _run_profile(args: argparse.Namespace) -> int:
     def rendered(fmt: str) -> str:
         return render_profile(result, fmt, model_name=name, input_shapes=[tuple(example.shape)])
 
-    _write_report(rendered(args.format), args.output, args.format, say)
-    _append_step_summary(lambda: rendered("markdown"))
+    _write_reports(rendered, destinations, say)
     return 0
 
 
@@ -628,16 +653,35 @@ def _progress(args: argparse.Namespace) -> Callable[[str], None]:
     return say
 
 
-def _write_report(report: str, output: str | None, fmt: str, say: Callable[[str], None]) -> None:
-    """The report on stdout, or in the file ``output``; a folder (or a path ending in /) gets report.EXT."""
+def _report_paths(formats: Sequence[str], output: str | None) -> dict[str, Path | None]:
+    """Where each format's report goes: ``None`` for stdout, else the file ``output`` or FOLDER/report.EXT.
+
+    Checked before any work is done: several formats need a folder, since stdout or one file takes one report.
+    """
+    if len(formats) > 1 and (output is None or not _names_a_folder(output)):
+        raise _UsageError(
+            f"--format {','.join(formats)} writes one report per format: --output must name a folder (end it "
+            "with /), which gets report.EXT for each"
+        )
     if output is None:
-        sys.stdout.write(report)
-        return
-    path = Path(output)
-    if _names_a_folder(output):
-        path = path / f"report.{_REPORT_SUFFIXES[fmt]}"
-    _write(path, {path: report})
-    say(f"wrote {path}")
+        return {formats[0]: None}
+    if not _names_a_folder(output):
+        return {formats[0]: Path(output)}
+    return {fmt: Path(output) / f"report.{_REPORT_SUFFIXES[fmt]}" for fmt in formats}
+
+
+def _write_reports(
+    rendered: Callable[[str], str], destinations: dict[str, Path | None], say: Callable[[str], None]
+) -> None:
+    """Each report on stdout or in its file (all files or none), then the markdown one in the step summary."""
+    files = {path: rendered(fmt) for fmt, path in destinations.items() if path is not None}
+    if not files:
+        sys.stdout.write(rendered(next(iter(destinations))))
+    else:
+        _write(next(iter(files)), files)
+        for path in files:
+            say(f"wrote {path}")
+    _append_step_summary(lambda: rendered("markdown"))
 
 
 def _names_a_folder(output: str) -> bool:

@@ -525,7 +525,7 @@ def _safetensors() -> Any:
         import safetensors.torch
     except ImportError:
         raise RecipeError(
-            "saving and loading rewrites needs safetensors: pip install 'rewrite[deploy]'"
+            "saving and loading rewrites needs safetensors: pip install 'fx-rewrite[deploy]'"
         ) from None
     return safetensors.torch
 

@@ -133,6 +133,30 @@ def test_plan_markdown_and_html(tmp_path):
     assert not re.search(r"https?://|<script|<link", page)
 
 
+def test_several_formats_from_one_plan_into_a_folder(tmp_path):
+    summary = tmp_path / "summary.md"
+    result = rewrite(
+        f"plan yolov5n --rules slim-neck {SMALL} --format markdown,html,json --output out/", tmp_path, summary
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "" and result.stderr.count("building yolov5n") == 1  # one plan, three reports
+    reports = {path.name: path.read_text() for path in (tmp_path / "out").iterdir()}
+    assert sorted(reports) == ["report.html", "report.json", "report.md"]
+    assert json.loads(reports["report.json"])["totals"]["params"]["after"] == SLIM_NECK["yolov5n"][0]
+    assert reports["report.html"].startswith("<!DOCTYPE html>")
+    assert summary.read_text() == reports["report.md"] + "\n"  # the step summary gets the markdown once
+
+    # Stdout or one file takes one report: refused before any work is done.
+    for output in ("", "--output report.txt"):
+        line = one_error_line(
+            rewrite(f"plan yolov5n --rules slim-neck {SMALL} --format html,json {output}", tmp_path)
+        )
+        assert "--format html,json writes one report per format: --output must name a folder" in line
+    assert "unknown report format 'pdf'" in one_error_line(
+        rewrite("profile yolov5n --format text,pdf", tmp_path)
+    )
+
+
 @pytest.mark.parametrize(
     "command, message",
     [
@@ -296,14 +320,3 @@ def test_slim_neck_yolov5l_reproduces_the_reference_figures(tmp_path, device):
     totals = json.loads(result.stdout)["totals"]
     assert (totals["params"]["before"], totals["flops"]["before"]) == BASE["yolov5l"]
     assert (totals["params"]["after"], totals["flops"]["after"]) == SLIM_NECK["yolov5l"]
-
-
-def test_the_ci_example_runs_the_documented_command():
-    workflow = " ".join((ROOT / "examples" / "ci" / "slim-neck-dry-run.yml").read_text().split())
-    assert "on: pull_request:" in workflow and 'python-version: "3.11"' in workflow
-    assert "pip install -c constraints.txt -e ." in workflow
-    assert (
-        "rewrite plan yolov5l --rules slim-neck --device meta --format html --output slim-neck-report.html"
-        " --min-flops-reduction 10" in workflow
-    )
-    assert "uses: actions/upload-artifact@v4" in workflow and "path: slim-neck-report.html" in workflow
