@@ -56,12 +56,16 @@ from rewrite.vocabulary import is_idempotent
 
 __all__ = ["SiteFit", "WarmStartReport", "changed_modules", "warm_start"]
 
-# The budget's split, measured on a trained YOLOv8n rewritten with slim-neck-v8 (bench/warm_start.py): the
-# share of the time left after recording that the site-by-site fits get (the rest goes to the end-to-end
-# steps), and the learning rates of each phase.
-_SITE_SHARE = 0.25
+# The budget's split: the share of the time left after recording that the site-by-site fits get; the end-to-end
+# steps get the rest. On a YOLOv8n trained for 5 epochs, rewritten with slim-neck-v8 (bench/warm_start.py, 30 s,
+# one thread of a loaded 2-core CPU), mAP50-95 after: share 0 (end to end only) 0.004, 0.5 0.250, 0.75 0.264
+# of the base's 0.318: at this budget the block-sized steps of the fits do far more than whole-model steps.
+_SITE_SHARE = 0.75
 _SITE_LR = 1e-2  # a block fitted from fresh weights; one that copied its replaced module's gets a tenth
 _END_TO_END_LR = 3e-4
+# The batches (or a site's calls) that the checks run on (the whole model's error after a phase, a block's before
+# and after a fit, its statistics): the first few tell as well as all of them, for a fraction of the time.
+_CHECKED = 8
 
 
 @dataclass(frozen=True)
@@ -75,10 +79,9 @@ class SiteFit:
     path: str
     replaced: str  # class name(s) of the original's module(s) the block stands for
     block: str  # class name of the new module
-    before: (
-        float | None
-    )  # ||new block's outputs - replaced modules'|| / ||replaced modules'||, each in its model
-    after: float | None  # the same after the warm start
+    # ||new block's outputs - replaced modules'|| / ||replaced modules'||, each in its model; then after
+    before: float | None
+    after: float | None
     copied: bool = False  # whether the block started from the replaced module's weights (warm_start_from)
     steps: int = 0  # optimizer steps of the block on its own
 
@@ -87,8 +90,10 @@ class SiteFit:
 class WarmStartReport:
     """What :func:`warm_start` did; ``str(report)`` is a table.
 
-    ``model_before`` / ``model_after`` compare the two whole models' outputs on the same inputs (every tensor
-    of the output, flattened together): ``||rewritten(x) - original(x)|| / ||original(x)||``.
+    ``model_before`` / ``model_after`` compare the two whole models' outputs on the same inputs: the root mean,
+    over the tensors an output holds, of ``||rewritten(x) - original(x)||² / ||original(x)||²`` per tensor (a
+    detector's boxes in pixels would outweigh its maps and scores as one vector). The errors, per site and
+    whole, are measured in eval mode on the first 8 batches (all of them when there are fewer).
     """
 
     sites: list[SiteFit]
@@ -192,26 +197,29 @@ def warm_start(
     A block that replaced a chain of modules of a larger forward (``act(bn(conv(x)))``, the others now
     ``nn.Identity``) is fitted to what the whole chain computes.
 
-    Within the budget, in this order (each phase keeps what it did only if it helped):
+    Within the budget, in this order; each phase after the first is undone unless it brings the whole model's
+    outputs closer to the original's (per output tensor, relative: see :class:`WarmStartReport`):
 
     1. The original runs once over all batches in eval mode — its trained statistics, nothing updated —
        recording each site's inputs and outputs; so does ``rewritten``, for the errors before.
     2. A block with a ``warm_start_from(replaced)`` method (the GS blocks of :mod:`rewrite.blocks`) copies the
-       replaced modules' weights where it can compute the same numbers; a copy that leaves it no closer to
-       their outputs is undone.
-    3. A quarter of the time left: each block on its own, a regression on the original's outputs at its
+       replaced modules' weights where it can compute the same numbers; a copy that leaves the block no closer
+       to their outputs is undone.
+    3. Three quarters of the time left: each block on its own, a regression on the original's outputs at its
        site, first from the original's inputs there, then from those and the inputs the rewritten model gives
-       it (so that it learns to undo what the blocks before it still get wrong). A block that copied weights
-       is fitted in eval mode at a tenth of the learning rate, so that what it copied stays unless moving it
-       helps; a fresh block in train mode, its statistics re-estimated afterwards.
-    4. The rest: all new blocks together, with every unchanged module that runs only after the first new
-       block has started (a detector's head behind its rewritten neck), on the whole model's outputs, in eval
-       mode, as many steps as the time allows, the learning rate decaying over its last 30 %.
+       it (so that it learns to undo what the blocks before it still get wrong); each half of each block an
+       equal share of the time still left. A block that copied weights is fitted in eval mode at a tenth of
+       the learning rate, so that what it copied stays unless moving it helps; a fresh block in train mode,
+       its statistics re-estimated afterwards. Block-sized steps are cheap: at short budgets this phase does
+       the most (see ``bench/warm_start.py``).
+    4. The rest, when some is left: all new blocks together, with every unchanged module that runs only after
+       the first new block has started (a detector's head behind its rewritten neck), on the whole model's
+       outputs, in eval mode, as many steps as the time allows, the learning rate decaying over its last 30 %.
 
     On hardware that multiplies bfloat16 natively (a CPU with AVX-512 BF16 or AMX, a recent GPU) the training
     steps' forward passes run in bfloat16 autocast; weights, the loss and every error reported stay float32.
-    The passes that record and measure are part of the budget, so it cannot be shorter than they take (about
-    four forward passes over the batches); the report gives the time taken.
+    The passes that record and measure are part of the budget (about six forward passes over the batches):
+    a budget they use up leaves the blocks nearly as they were; the report gives the time taken.
 
     Only the new blocks' weights and statistics and the parameters of the modules the report names as tuned
     change; ``original`` is left as it was (modes, weights, caches, no hooks), and ``rewritten``'s modes are
@@ -241,9 +249,12 @@ def warm_start(
         original.eval()
         say(f"recording the original's features at {len(compared)} site(s) on {len(inputs)} batch(es)")
         calls, targets = _record(original, compared, inputs, in_original=True)
+    # The errors, and the checks that judge each phase, run on the first few batches: a fraction of a pass.
+    checked = (inputs[:_CHECKED], targets[:_CHECKED])
     measured = time.perf_counter()
-    sites_before, model_before = _errors_in_place(rewritten, compared, inputs, calls, targets)
-    measuring = time.perf_counter() - measured  # one pass of the rewritten model: what each later pass costs
+    sites_before, model_before = _errors_in_place(rewritten, compared, checked[0], calls, checked[1])
+    # What a forward pass of the rewritten model over one batch costs: what the passes still to come will.
+    per_batch = (time.perf_counter() - measured) / len(checked[0])
 
     blocks = [rewritten.get_submodule(site.path) for site in resolved]
     error = model_before
@@ -254,7 +265,7 @@ def warm_start(
         nonlocal error
         kept = [copy.deepcopy(block.state_dict()) for block in blocks]
         phase()
-        now = _model_error(rewritten, inputs, targets)
+        now = _model_error(rewritten, *checked)
         if now < error:
             error = now
             return True
@@ -267,7 +278,9 @@ def warm_start(
 
     def copy_all() -> None:
         for site in compared:
-            if _copy_from_replaced(rewritten.get_submodule(site.path), site.replaced, calls[site.path]):
+            if _copy_from_replaced(
+                rewritten.get_submodule(site.path), site.replaced, calls[site.path][:_CHECKED]
+            ):
                 copied.add(site.path)
 
     if compared and judged(copy_all, "the copies") and copied:
@@ -277,40 +290,36 @@ def warm_start(
 
     bfloat16 = _native_bfloat16(rewritten)
     steps: dict[str, int] = {}
-    # Its share of what is left once the passes still to come are paid for; less than one pass over the inputs
-    # would go to the fits' own passes (errors, statistics), not to steps.
-    share = _SITE_SHARE * (deadline - time.perf_counter() - 5 * measuring)
-    if compared and share > measuring:
-        each = share / len(compared) / 2  # two halves per site
+    # Its share of what is left once the passes still to come are paid for (its check, the errors after).
+    share = _SITE_SHARE * (deadline - time.perf_counter() - 2 * len(checked[0]) * per_batch)
+    if compared and share > 0:
 
-        def fit(path: str, pairs: list[tuple[tuple, Any]]) -> int:
+        def fit(path: str, pairs: list[tuple[tuple, Any]], seconds: float) -> int:
             fresh = path not in copied
             return _fit_half(
                 rewritten.get_submodule(path),
                 pairs,
-                seconds=each,
+                seconds=seconds,
                 lr=_SITE_LR if fresh else _SITE_LR / 10,
                 train_mode=fresh,
                 bfloat16=bfloat16,
             )
 
-        if not judged(
-            lambda: steps.update(_fit_sites(rewritten, compared, inputs, calls, fit, say)), "the fits"
-        ):
+        def fit_sites() -> None:
+            steps.update(_fit_sites(rewritten, compared, inputs, calls, fit, share, say))
+
+        if not judged(fit_sites, "the fits"):
             steps.clear()
-    # The end-to-end phase measures twice more and records the model's prefix once; then the errors after.
-    left = max(deadline - time.perf_counter() - 4 * measuring, 0.0)
-    say(f"all {len(resolved)} block(s) together on the whole model's outputs, {left:.1f} s")
-    end_to_end_steps, tuned = _fit_end_to_end(
-        rewritten,
-        blocks,
-        inputs,
-        targets,
-        lr=_END_TO_END_LR,
-        seconds=left,
-        bfloat16=bfloat16,
-    )
-    sites_after, model_after = _errors_in_place(rewritten, compared, inputs, calls, targets)
+    # The end-to-end phase records the model's prefix and measures twice (both replayed: cheaper than a whole
+    # pass); then the errors after.
+    left = deadline - time.perf_counter() - (2 * len(inputs) + len(checked[0])) * per_batch
+    end_to_end_steps, tuned = 0, []
+    if left > 0:
+        say(f"all {len(resolved)} block(s) together on the whole model's outputs, {left:.1f} s")
+        end_to_end_steps, tuned = _fit_end_to_end(
+            rewritten, blocks, inputs, targets, lr=_END_TO_END_LR, seconds=left, bfloat16=bfloat16
+        )
+    sites_after, model_after = _errors_in_place(rewritten, compared, checked[0], calls, checked[1])
 
     fits = []
     for site in resolved:
@@ -490,29 +499,39 @@ def _fit_sites(
     sites: list[_Site],
     inputs: list[tuple],
     calls: dict[str, list[tuple[tuple, Any]]],
-    fit: Callable[[str, list[tuple[tuple, Any]]], int],
+    fit: Callable[[str, list[tuple[tuple, Any]], float], int],
+    seconds: float,
     say: Callable[[str], None],
 ) -> dict[str, int]:
-    """The site-by-site phase: each block's first half on the original's inputs at its site, then the second
-    half on those and the inputs the rewritten model gives it there. Returns the steps taken per site."""
+    """The site-by-site phase, within ``seconds``: each block's first half on the original's inputs at its
+    site, then the second half on those and the inputs the rewritten model gives it there. Each half gets an
+    equal share of the time still left, so that what the checks between them take comes out of the later
+    ones. Returns the steps taken per site."""
+    deadline = time.perf_counter() + seconds
+    halves = 2 * len(sites)
+
+    def share() -> float:
+        nonlocal halves
+        halves -= 1
+        return max(deadline - time.perf_counter(), 0.0) / (halves + 1)
+
     steps = {}
     for number, site in enumerate(sites, 1):
         say(f"{site.path} ({number}/{len(sites)}): fitting on the original's inputs")
-        steps[site.path] = fit(site.path, calls[site.path])
+        steps[site.path] = fit(site.path, calls[site.path], share())
     with _modes_kept(rewritten), torch.no_grad():
         rewritten.eval()
         own, _ = _record(rewritten, sites, inputs, in_original=False)
     for number, site in enumerate(sites, 1):
-        if len(own[site.path]) == len(
-            calls[site.path]
-        ):  # else its calls do not pair up: it keeps its first half
-            say(f"{site.path} ({number}/{len(sites)}): fitting on its own inputs as well")
-            # Both inputs, each with the original's output: fitted to its own inputs alone, a block learns to
-            # lean on what the blocks before it got wrong in the first half, and those move again in this one.
-            own_pairs = [(args, target) for (args, _), (_, target) in zip(own[site.path], calls[site.path])]
-            steps[site.path] += fit(
-                site.path, [pair for both in zip(own_pairs, calls[site.path]) for pair in both]
-            )
+        if len(own[site.path]) != len(calls[site.path]):  # its calls do not pair up: it keeps its first half
+            continue
+        say(f"{site.path} ({number}/{len(sites)}): fitting on its own inputs as well")
+        # Both inputs, each with the original's output: fitted to its own inputs alone, a block learns to lean
+        # on what the blocks before it got wrong in the first half, and those move again in this one.
+        own_pairs = [(args, target) for (args, _), (_, target) in zip(own[site.path], calls[site.path])]
+        steps[site.path] += fit(
+            site.path, [pair for both in zip(own_pairs, calls[site.path]) for pair in both], share()
+        )
     return steps
 
 
@@ -604,8 +623,9 @@ def _fit_half(
     ``bfloat16``; undone if no closer. Returns the steps taken."""
     if not pairs:
         return 0
+    checked = pairs[:_CHECKED]
     with _modes_kept(block):
-        before = _block_error(block, pairs)
+        before = _block_error(block, checked)
         kept = {name: value.clone() for name, value in block.state_dict().items()}
         block.train(train_mode)
 
@@ -616,9 +636,9 @@ def _fit_half(
 
         taken = _fit(block, list(block.parameters()), loss, pairs, lr, seconds)
         if train_mode:
-            _estimate_statistics(block, pairs, _norms(block))
+            _estimate_statistics(block, checked, _norms(block))
         # A diverged or futile fit: hand the block back as it came.
-        if not _block_error(block, pairs) < before:
+        if not _block_error(block, checked) < before:
             block.load_state_dict(kept)
     return taken
 
@@ -735,7 +755,7 @@ def _fit_end_to_end(
             if not math.isclose(error(), before, rel_tol=1e-4):
                 replay.clear()  # the forward does not run the same way every time: compute everything
 
-            references = [_squared_norm(target) for target in targets]
+            references = [_squared_norms(target) for target in targets]
 
             def loss(args: tuple, target_and_index: tuple[Any, int]) -> Tensor:
                 target, index = target_and_index
@@ -923,28 +943,39 @@ def _block_error(block: nn.Module, calls: list[tuple[tuple, Any]]) -> float:
 
 
 def _relative_error(outputs: Iterable[Any], targets: list[Any]) -> float:
-    """``||outputs - targets|| / ||targets||`` over every tensor of every output, as one vector."""
-    difference = reference = 0.0
+    """The root mean, over the tensors an output holds, of ``||output - target||² / ||target||²`` per tensor,
+    each summed over all batches.
+
+    Per tensor, not over all of them as one vector: a detector's outputs hold boxes decoded in pixels beside
+    raw maps and class scores, and the pixel coordinates would outweigh everything else by orders of magnitude.
+    """
+    difference: dict[int, float] = {}
+    reference: dict[int, float] = {}
     for output, target in zip(outputs, targets, strict=True):
-        for new, old in zip(_tensors(output), _tensors(target), strict=True):
-            difference += float((new.float() - old.float()).square().sum())
-            reference += float(old.float().square().sum())
-    return math.sqrt(difference / reference) if reference else math.sqrt(difference)
+        for k, (new, old) in enumerate(zip(_tensors(output), _tensors(target), strict=True)):
+            difference[k] = difference.get(k, 0.0) + float((new.float() - old.float()).square().sum())
+            reference[k] = reference.get(k, 0.0) + float(old.float().square().sum())
+    ratios = [d / reference[k] if reference[k] else d for k, d in difference.items()]
+    return math.sqrt(sum(ratios) / len(ratios)) if ratios else 0.0
 
 
-def _squared_relative(output: Any, target: Any, reference: Tensor | None = None) -> Tensor:
-    """``||output - target||² / ||target||²`` over every tensor, as one vector; ``reference`` is
-    ``||target||²`` when the caller has it already (a target seen at every step)."""
+def _squared_relative(output: Any, target: Any, references: list[Tensor] | None = None) -> Tensor:
+    """The mean, over the tensors ``output`` holds, of ``||output - target||² / ||target||²`` per tensor (see
+    :func:`_relative_error`); ``references`` are the targets' ``||target||²`` when the caller has them already
+    (a target seen at every step)."""
     pairs = list(zip(_tensors(output), _tensors(target), strict=True))
+    if references is None:
+        references = _squared_norms(target)
     # mse_loss is one kernel forward and one backward: half the time of a difference squared and summed.
-    difference = sum(F.mse_loss(new, old, reduction="sum") for new, old in pairs)
-    if reference is None:
-        reference = _squared_norm(target)
-    return difference / reference.clamp_min(1e-12)
+    ratios = [
+        F.mse_loss(new, old, reduction="sum") / reference.clamp_min(1e-12)
+        for (new, old), reference in zip(pairs, references, strict=True)
+    ]
+    return sum(ratios) / len(ratios)
 
 
-def _squared_norm(value: Any) -> Tensor:
-    return sum(t.detach().float().square().sum() for t in _tensors(value))
+def _squared_norms(value: Any) -> list[Tensor]:
+    return [t.detach().float().square().sum() for t in _tensors(value)]
 
 
 def _tensors(value: Any) -> list[Tensor]:

@@ -76,7 +76,7 @@ def test_a_new_block_that_can_compute_the_old_function_learns_it():
     assert (site.path, site.replaced, site.block) == ("1", "ConvBNAct", "Replacement")
     assert site.before > 0.5 and site.after < 0.5 * site.before
     assert report.model_after < 0.5 * report.model_before
-    assert report.end_to_end_steps >= 1 and report.budget == 3
+    assert site.steps > 0 and report.budget == 3
 
 
 def test_a_slim_neck_yolov5_warm_starts_from_its_plan(setup):
@@ -95,7 +95,7 @@ def test_a_slim_neck_yolov5_warm_starts_from_its_plan(setup):
     errors = [e for site in report.sites for e in (site.before, site.after)]
     assert all(math.isfinite(e) and e > 0 for e in [*errors, report.model_before, report.model_after])
     assert report.model_after <= report.model_before
-    assert report.batches == 3 and report.seconds > 0 and report.end_to_end_steps >= 1
+    assert report.batches == 3 and report.seconds > 0
     assert slim.training and all(m.training for m in slim.modules())  # its modes are put back
     assert messages[0] == "recording the original's features at 8 site(s) on 3 batch(es)"
     assert messages[-1].startswith("whole model: rel. error")
@@ -339,7 +339,6 @@ def test_warm_start_copies_into_blocks_that_can_and_trains_them_together(setup):
     report = rewrite.warm_start(slim, original, batches, seconds=1, progress=messages.append)
     assert [site.path for site in report.sites if site.copied] == [site.path for site in report.sites]
     assert "copied the replaced modules' weights into 8 block(s)" in messages[1]
-    assert any(m.startswith("all 8 block(s) together") for m in messages)
     assert f"then {report.end_to_end_steps} together" in str(report)
     assert "Conv → GSConv (copied)" in str(report)
     assert report.model_after <= report.model_before
