@@ -12,22 +12,23 @@ before and after.
 The sites are a plan's (:class:`rewrite.Plan`), module paths the caller names, or the new blocks found by
 :func:`changed_modules`. Nothing here knows a detector.
 
->>> import torch, rewrite
->>> from rewrite.zoo import create_model
+>>> import copy, torch, rewrite
+>>> from torch import nn
+>>> from rewrite.blocks import ConvBNAct, GSConv
 >>> _ = torch.manual_seed(0)
->>> model = create_model("yolov5n", nc=2).eval()
->>> the_plan = rewrite.plan(model, "slim-neck", torch.zeros(1, 3, 64, 64))
->>> slim = the_plan.apply()
->>> report = rewrite.warm_start(slim, model, [torch.rand(2, 3, 64, 64)], sites=the_plan, seconds=2)
->>> [site.path for site in report.sites][:3]
-['model.10', 'model.13', 'model.14']
+>>> model = nn.Sequential(ConvBNAct(3, 16, 3), ConvBNAct(16, 32, 3), nn.Conv2d(32, 4, 1)).eval()
+>>> slim = copy.deepcopy(model)
+>>> slim[1] = GSConv(16, 32, 3)  # what a rule would put there; rewrite.plan(...).apply() is the usual way
+>>> report = rewrite.warm_start(slim, model, [torch.rand(8, 3, 32, 32)], sites=["1"], seconds=2)
+>>> report.sites[0].replaced, report.sites[0].block, report.model_after <= report.model_before
+('ConvBNAct', 'GSConv', True)
 >>> print(report)  # doctest: +ELLIPSIS
-site         change                  rel. error before    after    after / before
------------  ----------------------  -------------------  -------  ----------------
-model.10     Conv → GSConv (copied)  ...
-whole model  outputs                 ...
+site         change...rel. error before    after    after / before
+-----------  -------...-------------------  -------  ----------------
+1            ConvBNAct → GSConv...
+whole model  outputs...
 <BLANKLINE>
-8 site(s) on 1 batch(es) in ... s (budget 2 s): ...
+1 site(s) on 1 batch(es) in ... s (budget 2 s): ... step(s) site by site, then ... together
 """
 
 from __future__ import annotations
@@ -259,12 +260,14 @@ def warm_start(
     blocks = [rewritten.get_submodule(site.path) for site in resolved]
     error = model_before
 
-    def judged(phase: Callable[[], object], name: str) -> bool:
-        """Run ``phase``; undo what it did to the blocks unless it brought the whole model closer. Each block
-        closer to its own targets, they may still take the model further away together (their errors add up)."""
+    def judged(phase: Callable[[], bool], name: str) -> bool:
+        """Run ``phase`` (which says whether it changed anything); undo what it did to the blocks unless it
+        brought the whole model closer. Each block closer to its own targets, they may still take the model
+        further away together (their errors add up)."""
         nonlocal error
         kept = [copy.deepcopy(block.state_dict()) for block in blocks]
-        phase()
+        if not phase():
+            return False
         now = _model_error(rewritten, *checked)
         if now < error:
             error = now
@@ -276,14 +279,15 @@ def warm_start(
 
     copied: set[str] = set()
 
-    def copy_all() -> None:
+    def copy_all() -> bool:
         for site in compared:
             if _copy_from_replaced(
                 rewritten.get_submodule(site.path), site.replaced, calls[site.path][:_CHECKED]
             ):
                 copied.add(site.path)
+        return bool(copied)
 
-    if compared and judged(copy_all, "the copies") and copied:
+    if compared and judged(copy_all, "the copies"):
         say(f"copied the replaced modules' weights into {len(copied)} block(s): {', '.join(sorted(copied))}")
     else:
         copied.clear()
@@ -305,8 +309,9 @@ def warm_start(
                 bfloat16=bfloat16,
             )
 
-        def fit_sites() -> None:
+        def fit_sites() -> bool:
             steps.update(_fit_sites(rewritten, compared, inputs, calls, fit, share, say))
+            return True
 
         if not judged(fit_sites, "the fits"):
             steps.clear()
