@@ -28,6 +28,7 @@ from rewrite.rewriter import (
     check_outputs,
     rewrite_model,
     site_module,
+    site_module_paths,
 )
 from rewrite.rules import RuleSet, load_rules
 from rewrite.site import Site
@@ -109,6 +110,9 @@ class SiteChange:
     flops: Delta  # of every call the site's new block serves
     calls: int = 1  # how many calls of the old modules one new block now serves (kept shared)
     untied: str = ""  # set when the site's old modules were shared and its new block is not
+    # "module" / "modules" sites: the paths of the modules whose calls the new block replaces, in call order
+    # (the first becomes the block; the others nn.Identity, but a trailing shared activation that stays).
+    modules: tuple[str, ...] = ()
 
     @property
     def before(self) -> str:
@@ -486,7 +490,14 @@ def _measure_site(traced: Traced, built: BuiltSite, stages: StageMap) -> SiteCha
         ),
         params=Delta(old.params, new.params),
         flops=Delta(old.flops * match.calls, new.flops * match.calls),
+        modules=_replaced_modules(traced, match),
     )
+
+
+def _replaced_modules(traced: Traced, match: Match) -> tuple[str, ...]:
+    if match.kind == "module":
+        return (match.path,)
+    return tuple(site_module_paths(traced, match)) if match.kind == "modules" else ()
 
 
 def _summary(type_name: str, site: Site, options: dict, *, show_kernel: bool) -> BlockSummary:

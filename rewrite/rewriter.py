@@ -43,6 +43,7 @@ __all__ = [
     "check_outputs",
     "rewrite_model",
     "site_module",
+    "site_module_paths",
 ]
 
 
@@ -174,7 +175,7 @@ def rewrite_model(
             new_model = _replace_everywhere([new_model, *new_graph_modules], old, built.block)
         elif built.match.kind == "modules":
             # The forward stays; its calls now reach the block, then Identities.
-            paths = _module_paths(traced, built.match)
+            paths = site_module_paths(traced, built.match)
             olds = [new_model.get_submodule(path) for path in paths]
             new_model = _replace_everywhere([new_model, *new_graph_modules], olds[0], built.block)
             for path, old in zip(paths[1:], olds[1:], strict=True):
@@ -226,7 +227,7 @@ def site_module(traced: Traced, match: Match) -> nn.Module:
     return fx.GraphModule(gm, graph)
 
 
-def _module_paths(traced: Traced, match: Match) -> list[str]:
+def site_module_paths(traced: Traced, match: Match) -> list[str]:
     """The paths of the modules that a site's nodes call, in order."""
     nodes = {node.name: node for node in traced.regions[match.region].graph_module.graph.nodes}
     return [nodes[key.name].meta["module_path"] for key in match.nodes]
