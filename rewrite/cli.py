@@ -94,7 +94,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None) -> int:
     parser = _build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:
+            if args.command != "train":
+                parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+            # argparse hands a positional list only the strings before the first option: the rest come here.
+            args.options += [_train_option(text) for text in unknown]
         if args.command in ("apply", "export") and args.device == "meta":
             raise _UsageError(
                 f"{args.command} needs real weights; use --device cpu (meta builds the model without them)"
@@ -409,6 +414,14 @@ def _parse_count(text: str) -> int:
     if not math.isfinite(value):  # not a count, or too many digits for a float
         raise argparse.ArgumentTypeError(f"expected a count such as 40M or 100G, got {text!r}")
     return round(value)
+
+
+def _train_option(text: str) -> tuple[str, object]:
+    """A ``rewrite train`` KEY=VALUE for ultralytics, or a usage error (an unknown option, say)."""
+    try:
+        return _parse_model_arg(text)
+    except argparse.ArgumentTypeError as error:
+        raise _UsageError(f"rewrite train: unrecognized argument {text!r}: {error} (see 'rewrite train --help')")
 
 
 def _parse_seconds(text: str) -> float:
