@@ -40,26 +40,51 @@ def main() -> None:
 
     from rewrite.integrations.ultralytics import FINE_TUNE, train
 
-    common = dict(
-        data=args.data, imgsz=args.imgsz, batch=args.batch, device="cpu", workers=0, plots=False, seed=0,
-        deterministic=True, verbose=False, project=tempfile.mkdtemp(prefix="rewrite-fine-tune-"),
+    common = {
+        "data": args.data,
+        "imgsz": args.imgsz,
+        "batch": args.batch,
+        "device": "cpu",
+        "workers": 0,
+        "plots": False,
+        "seed": 0,
+        "deterministic": True,
+        "verbose": False,
+        "project": tempfile.mkdtemp(prefix="rewrite-fine-tune-"),
+    }
+    base = (
+        YOLO(args.model)
+        .val(
+            data=args.data,
+            imgsz=args.imgsz,
+            batch=args.batch,
+            device="cpu",
+            workers=0,
+            plots=False,
+            verbose=False,
+        )
+        .box
     )
-    base = YOLO(args.model).val(data=args.data, imgsz=args.imgsz, batch=args.batch, device="cpu", workers=0,
-                                plots=False, verbose=False).box
     ultralytics_schedule = {key: DEFAULT_CFG_DICT[key] for key in FINE_TUNE}
     rows = []
     for variant in args.variants:
         warm, schedule = variant.split("-", 1)
         start = time.perf_counter()
         yolo = train(
-            model=args.model, rules=args.rules, warm_start=args.warm_start if warm == "warm" else False,
-            epochs=args.epochs, name=variant, **common,
+            model=args.model,
+            rules=args.rules,
+            warm_start=args.warm_start if warm == "warm" else False,
+            epochs=args.epochs,
+            name=variant,
+            **common,
             **(ultralytics_schedule if schedule == "ultralytics" else {}),
         )
         seconds = time.perf_counter() - start
         report = yolo.trainer.warm_start_report
         box = yolo.metrics.box
-        rows.append((variant, box.map50, box.map, box.map / base.map, report.seconds if report else 0.0, seconds))
+        rows.append(
+            (variant, box.map50, box.map, box.map / base.map, report.seconds if report else 0.0, seconds)
+        )
         print(f"{variant}: mAP50-95 {box.map:.4f}", flush=True)
 
     print(f"\nbase {args.model}: mAP50 {base.map50:.4f}, mAP50-95 {base.map:.4f}")

@@ -309,10 +309,14 @@ def _build_parser() -> _Parser:
         description="Rewrite an ultralytics detector and train it with ultralytics' own trainer; from a trained "
         ".pt checkpoint, a fine-tune (rewrite.integrations.ultralytics.train).",
     )
-    train.add_argument("model", metavar="MODEL", help="a trained .pt checkpoint, or an ultralytics model YAML")
+    train.add_argument(
+        "model", metavar="MODEL", help="a trained .pt checkpoint, or an ultralytics model YAML"
+    )
     train.add_argument("--rules", required=True, metavar="RULES", help="built-in rule set name or TOML file")
     train.add_argument("--scope", metavar="S", help="as for plan")
-    train.add_argument("--data", required=True, metavar="D.yaml", help="the dataset YAML, as ultralytics takes it")
+    train.add_argument(
+        "--data", required=True, metavar="D.yaml", help="the dataset YAML, as ultralytics takes it"
+    )
     train.add_argument("--epochs", required=True, type=int, metavar="K")
     train.add_argument(
         "--warm-start",
@@ -421,7 +425,9 @@ def _train_option(text: str) -> tuple[str, object]:
     try:
         return _parse_model_arg(text)
     except argparse.ArgumentTypeError as error:
-        raise _UsageError(f"rewrite train: unrecognized argument {text!r}: {error} (see 'rewrite train --help')")
+        raise _UsageError(
+            f"rewrite train: unrecognized argument {text!r}: {error} (see 'rewrite train --help')"
+        )
 
 
 def _parse_seconds(text: str) -> float:
@@ -620,7 +626,9 @@ def _run_train(args: argparse.Namespace) -> int:
     except ModuleNotFoundError as error:
         if error.name != "ultralytics" and not (error.name or "").startswith("ultralytics."):
             raise
-        raise _UsageError("rewrite train needs the ultralytics extra: pip install 'rewrite[ultralytics]'") from None
+        raise _UsageError(
+            "rewrite train needs the ultralytics extra: pip install 'rewrite[ultralytics]'"
+        ) from None
     try:
         yolo = train(
             model=args.model,

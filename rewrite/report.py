@@ -491,7 +491,13 @@ def _comparison_document(comparison: Comparison) -> _Document:
 
     def row(label: str, before: float, after: float, shown: str, change: str) -> list[str]:
         percent = 100.0 * (after - before) / before if before else 0.0
-        return [label, shown.format(before), shown.format(after), change.format(after - before), _percent(percent)]
+        return [
+            label,
+            shown.format(before),
+            shown.format(after),
+            change.format(after - before),
+            _percent(percent),
+        ]
 
     table = _Table(
         [

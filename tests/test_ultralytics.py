@@ -108,7 +108,16 @@ def test_the_rewritten_model_keeps_ultralytics_class_and_routing():
     assert type(model.model[16]).__name__ == "Conv"  # the model given stays as it was
 
 
-BASE_OPTIONS = dict(epochs=1, imgsz=64, batch=4, device="cpu", workers=0, plots=False, val=True, verbose=False)
+BASE_OPTIONS = {
+    "epochs": 1,
+    "imgsz": 64,
+    "batch": 4,
+    "device": "cpu",
+    "workers": 0,
+    "plots": False,
+    "val": True,
+    "verbose": False,
+}
 
 
 @pytest.fixture(scope="module")
@@ -229,7 +238,9 @@ def test_rewrite_train_without_the_extra_is_one_line_naming_it():
         "from rewrite.cli import main\n"
         "sys.exit(main(['train', 'best.pt', '--rules', 'slim-neck-v8', '--data', 'd.yaml', '--epochs', '2']))"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 2
     assert done.stderr == (
         "rewrite: error: rewrite train needs the ultralytics extra: pip install 'rewrite[ultralytics]'\n"
@@ -258,10 +269,11 @@ def test_compare_measures_both_and_renders_text_markdown_and_html(trained, fine_
     assert params_row.split() == ["params", f"{before.params:,}", f"{after.params:,}", change, percent]
     for label in ("FLOPs", "latency (ms)", "mAP50", "mAP50-95"):
         assert f"\n{label} " in text
-    assert f"| params       | {before.params:>10,} | {after.params:>10,} | {change:>10} |" in comparison.render(
-        "markdown"
+    assert (
+        f"| params       | {before.params:>10,} | {after.params:>10,} | {change:>10} |"
+        in comparison.render("markdown")
     )
     page = comparison.render("html")
-    assert page.startswith("<!DOCTYPE html>") and f"<td class=\"num\">{after.map50_95:.4f}</td>" in page
+    assert page.startswith("<!DOCTYPE html>") and f'<td class="num">{after.map50_95:.4f}</td>' in page
     with pytest.raises(ValueError, match="text, markdown or html"):
         comparison.render("json")

@@ -357,7 +357,9 @@ def compare(
         latency = _latency_ms(fold(network, (example,)), example)
         # As YOLO.val does, on a copy of the model: ultralytics' validation fuses the model it gets in place.
         args = {**yolo.overrides, "rect": True, "plots": False, "verbose": False, **kwargs}
-        validator = DetectionValidator(args={**args, "data": str(data), "imgsz": imgsz, "device": device, "mode": "val"})
+        validator = DetectionValidator(
+            args={**args, "data": str(data), "imgsz": imgsz, "device": device, "mode": "val"}
+        )
         validator(model=network)
         box = validator.metrics.box
         measured.append(Measurement(name, cost.params, cost.flops, latency, float(box.map50), float(box.map)))
