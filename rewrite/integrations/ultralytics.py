@@ -340,11 +340,12 @@ def compare(
     passes of one ``imgsz`` image on ``device`` (ultralytics' device string; default its choice), each model
     folded for inference by :func:`rewrite.fold` (BatchNorm into the convs, the GS shuffles into the weights);
     mAP50 and mAP50-95 come from ultralytics' own validation on ``data``'s validation split, every other keyword
-    going to ``YOLO.val`` (``batch``, ``workers``, ``split``, ...). The models are left as they were.
+    going to ``YOLO.val`` (``batch``, ``workers``, ``split``, ...). The models are left as they were::
 
-    >>> print(comparison)  # doctest: +SKIP
-    base vs slim: params, FLOPs, latency and accuracy
-    ...
+        comparison = compare("best.pt", "slim/weights/best.pt", data="my.yaml", imgsz=128, device="cpu")
+        print(comparison)       # a row each: params, FLOPs, latency (ms), mAP50, mAP50-95;
+                                # columns base, slim, change, change %
+        comparison.slim.map50_95 / comparison.base.map50_95
     """
     chosen = select_device(device if device is not None else "", verbose=False)
     measured = []
