@@ -5,8 +5,9 @@
     python examples/train_ultralytics.py --model yolov8n.pt --data my.yaml               # pretrained: a local .pt
     python examples/train_ultralytics.py                                                 # a 1-epoch offline demo
 
-With no ``--data``, it writes a tiny dataset of coloured rectangles (and their YOLO labels) to a temporary
-folder and trains one epoch at 64x64 on the CPU, offline: a check that everything is wired, not a detector.
+With no ``--data``, it writes a tiny instance of the generated detection task (``rewrite.datasets``: coloured
+shapes on noisy backgrounds, with YOLO labels) to a temporary folder and trains one epoch at 64x64 on the CPU,
+offline: a check that everything is wired, not a detector.
 The rule set defaults to the built-in ``slim-neck-v8`` where this version has it, else to
 ``examples/rules/yolov8-neck-gsconv.toml`` (the two neck downsampling convs become GSConvs). Any other
 ``key=value`` argument goes to ultralytics' train as it is (``batch=16 device=0 workers=8 patience=50``).
@@ -87,35 +88,11 @@ def parse_extra(pairs: list[str]) -> dict[str, object]:
     return options
 
 
-def demo_dataset(root: Path, images: int = 8) -> Path:
-    """``images`` train and 4 val images of red and blue rectangles on grey, their YOLO labels, the data YAML."""
-    import random
+def demo_dataset(root: Path) -> Path:
+    """A small instance of the generated detection task: 8 train and 4 val images at 64 px, labels, data YAML."""
+    from rewrite.datasets import make_detection_task
 
-    from PIL import Image, ImageDraw
-
-    rng = random.Random(0)
-    for split, count in (("train", images), ("val", 4)):
-        (root / "images" / split).mkdir(parents=True)
-        (root / "labels" / split).mkdir(parents=True)
-        for index in range(count):
-            image = Image.new("RGB", (64, 64), (128, 128, 128))
-            draw, lines = ImageDraw.Draw(image), []
-            for _ in range(2):
-                cls, x0, y0, w, h = (
-                    rng.randint(0, 1),
-                    rng.randint(2, 30),
-                    rng.randint(2, 30),
-                    *rng.sample(range(12, 30), 2),
-                )
-                draw.rectangle((x0, y0, x0 + w, y0 + h), fill=((220, 40, 40), (40, 40, 220))[cls])
-                lines.append(
-                    f"{cls} {(x0 + w / 2) / 64:.4f} {(y0 + h / 2) / 64:.4f} {w / 64:.4f} {h / 64:.4f}"
-                )
-            image.save(root / "images" / split / f"{index}.png")
-            (root / "labels" / split / f"{index}.txt").write_text("\n".join(lines) + "\n")
-    data = root / "data.yaml"
-    data.write_text(f"path: {root}\ntrain: images/train\nval: images/val\nnames:\n  0: red\n  1: blue\n")
-    return data
+    return make_detection_task(root, train_images=8, val_images=4, image_size=64)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """A rewritten YOLOv8 trains in ultralytics' own trainer: its loss, data loading, validation and checkpoints.
 
 One epoch at 64x64 on CPU, on a tiny dataset generated in a temporary folder by the example's own generator
-(coloured rectangles and their YOLO-format labels). Nothing is downloaded: the model is built from its YAML,
+(the generated detection task and its YOLO-format labels). Nothing is downloaded: the model is built from its YAML,
 plots (which fetch a font) are off and ultralytics runs offline, with its settings file in a temporary folder.
 """
 
@@ -42,7 +42,7 @@ RULES = [
 
 
 def make_dataset(root: Path) -> Path:
-    """The example's demo dataset: 8 train and 4 val images of coloured rectangles, their labels, a data YAML."""
+    """The example's demo dataset: 8 train and 4 val images of the generated task, their labels, a data YAML."""
     spec = importlib.util.spec_from_file_location("train_ultralytics", EXAMPLES / "train_ultralytics.py")
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
