@@ -33,6 +33,7 @@ import copy
 import math
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,7 @@ from rewrite.warm_start import WarmStartReport, changed_modules, warm_start
 
 __all__ = [
     "FINE_TUNE",
+    "WARM_START_IMAGES",
     "WARM_START_SECONDS",
     "Comparison",
     "Measurement",
@@ -214,7 +216,11 @@ class RewriteTrainer(DetectionTrainer):
 
 
 def _run_warm_start(
-    rewritten: nn.Module, trained: nn.Module, batches: list[torch.Tensor], seconds: float, say: Any
+    rewritten: nn.Module,
+    trained: nn.Module,
+    batches: list[torch.Tensor],
+    seconds: float,
+    say: Callable[[str], None],
 ) -> WarmStartReport:
     """The one call into :func:`rewrite.warm_start`, ``seconds`` its time budget: the blocks copy what they can
     of the modules they replaced, then train together, with the unchanged head behind them, on the whole model's
