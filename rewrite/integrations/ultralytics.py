@@ -109,10 +109,10 @@ def train(
 
     From trained weights (a ``.pt`` checkpoint, or ``pretrained=`` naming one) the training is a fine-tune, and its
     schedule is :data:`FINE_TUNE` unless the keywords say otherwise: AdamW at ``lr0=0.0002`` (ultralytics'
-    ``optimizer='auto'`` picks AdamW at a rate meant for training from scratch, about 0.0017 for two classes,
-    and ignores ``lr0``), and no warmup (ultralytics' warmup starts the biases at a rate of 0.1, which wrecks
-    trained weights in the first hundred steps). Pass ``optimizer="auto", warmup_epochs=3.0`` for ultralytics'
-    own schedule. See the README's "Train and evaluate" for what it measured.
+    ``optimizer='auto'`` picks AdamW at a rate meant for training from scratch, 0.01 / (4 + classes), and ignores
+    ``lr0``), and no warmup (ultralytics' warmup, up to 3 epochs, starts the biases at a rate of 0.1). Pass
+    ``optimizer="auto", warmup_epochs=3.0`` for ultralytics' own schedule. The README's "Train and evaluate"
+    says what each measured.
 
     The rule set is checked on the model first: one that rewrites nothing raises
     :class:`~rewrite.errors.NoMatchError`, and a warm start without trained weights
