@@ -10,11 +10,13 @@ mAP50-95, their ratio to the base's, the warm start's seconds and the whole run'
 
     python bench/ultralytics_fine_tune.py --model best.pt --data data.yaml [--epochs 2] [--warm-start 60]
         [--imgsz 128] [--batch 16] [--rules slim-neck-v8] [--variants warm-fine-tune fresh-fine-tune ...]
+        [--fine-tune lr0=0.001 ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import tempfile
 import time
@@ -32,6 +34,13 @@ def main() -> None:
     parser.add_argument("--imgsz", type=int, default=128)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument(
+        "--fine-tune",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="ultralytics arguments on top of FINE_TUNE in the fine-tune variants (lr0=0.001 ...)",
+    )
     args = parser.parse_args()
 
     os.environ["YOLO_OFFLINE"] = "1"
@@ -66,6 +75,7 @@ def main() -> None:
         .box
     )
     ultralytics_schedule = {key: DEFAULT_CFG_DICT[key] for key in FINE_TUNE}
+    fine_tune = {key: _literal(value) for key, _, value in (pair.partition("=") for pair in args.fine_tune)}
     rows = []
     for variant in args.variants:
         warm, schedule = variant.split("-", 1)
@@ -77,7 +87,7 @@ def main() -> None:
             epochs=args.epochs,
             name=variant,
             **common,
-            **(ultralytics_schedule if schedule == "ultralytics" else {}),
+            **(ultralytics_schedule if schedule == "ultralytics" else fine_tune),
         )
         seconds = time.perf_counter() - start
         report = yolo.trainer.warm_start_report
@@ -88,11 +98,19 @@ def main() -> None:
         print(f"{variant}: mAP50-95 {box.map:.4f}", flush=True)
 
     print(f"\nbase {args.model}: mAP50 {base.map50:.4f}, mAP50-95 {base.map:.4f}")
-    print(f"fine-tune schedule: {FINE_TUNE}; ultralytics': {ultralytics_schedule}")
+    print(f"fine-tune schedule: {FINE_TUNE | fine_tune}; ultralytics': {ultralytics_schedule}")
     print(f"{'variant':<18} {'mAP50':>7} {'mAP50-95':>9} {'/ base':>7} {'warm s':>7} {'run s':>7}")
     for variant, map50, map50_95, ratio, warm_seconds, seconds in rows:
         print(f"{variant:<18} {map50:7.4f} {map50_95:9.4f} {ratio:7.3f} {warm_seconds:7.1f} {seconds:7.1f}")
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")
+
+
+def _literal(text: str) -> object:
+    """``"0.001"`` -> 0.001, ``"True"`` -> True; anything else stays text."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
 
 
 if __name__ == "__main__":
