@@ -78,7 +78,7 @@ _WARM_START_BATCH = 16
 # The schedule of a fine-tune that starts from trained weights (see train()); the caller's keywords win.
 FINE_TUNE: dict[str, Any] = {
     "optimizer": "AdamW",
-    "lr0": 0.0002,
+    "lr0": 0.001,
     "warmup_epochs": 0.0,
 }
 
@@ -108,11 +108,11 @@ def train(
     holds it (a :class:`rewrite.WarmStartReport`).
 
     From trained weights (a ``.pt`` checkpoint, or ``pretrained=`` naming one) the training is a fine-tune, and its
-    schedule is :data:`FINE_TUNE` unless the keywords say otherwise: AdamW at ``lr0=0.0002`` (ultralytics'
-    ``optimizer='auto'`` picks AdamW at a rate meant for training from scratch, 0.01 / (4 + classes), and ignores
-    ``lr0``), and no warmup (ultralytics' warmup, up to 3 epochs, starts the biases at a rate of 0.1). Pass
-    ``optimizer="auto", warmup_epochs=3.0`` for ultralytics' own schedule. The README's "Train and evaluate"
-    says what each measured.
+    schedule is :data:`FINE_TUNE` unless the keywords say otherwise: AdamW at ``lr0=0.001``, no warmup. ultralytics'
+    own defaults are made for weights from scratch: ``optimizer='auto'`` ignores ``lr0`` and picks a rate from the
+    number of classes (0.01 / (4 + classes)), and its warmup (up to 3 epochs, all but the last) starts the biases
+    at a rate of 0.1. Pass ``optimizer="auto", warmup_epochs=3.0`` for them. The README's "Train and evaluate"
+    says what each schedule measured.
 
     The rule set is checked on the model first: one that rewrites nothing raises
     :class:`~rewrite.errors.NoMatchError`, and a warm start without trained weights
