@@ -222,13 +222,15 @@ def test_rewrite_train_on_the_command_line(trained, tmp_path, capsys, caplog):
     options = [f"{key}={value}" for key, value in BASE_OPTIONS.items() if key != "epochs"]
     code = main(
         ["train", str(checkpoint), "--rules", "slim-neck-v8", "--data", str(data), "--epochs", "1"]
-        + ["--warm-start", "1", *options, f"project={tmp_path}", "name=cli"]
+        + ["--warm-start", "1", *options, f"project={tmp_path}", "name=cli", "lr0=0.003"]
     )
     assert code == 0
     out = capsys.readouterr().out
     best = tmp_path / "cli" / "weights" / "best.pt"
     assert f"checkpoint: {best}" in out and "validation: mAP50 " in out
     assert "rewrite warm start: 6 new block(s)" in caplog.text
+    # The fine-tune schedule's optimizer, with the learning rate given on the command line.
+    assert "AdamW(lr=0.003," in caplog.text
     assert any(isinstance(m, rewrite.GSConv) for m in ultralytics.YOLO(best).model.modules())
 
 
