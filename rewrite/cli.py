@@ -1,4 +1,5 @@
-"""The ``rewrite`` command: ``plan`` (a dry run), ``apply``, ``export``, ``profile``, ``rules list`` / ``check``.
+"""The ``rewrite`` command: ``plan`` (a dry run), ``apply``, ``export``, ``profile``, ``train``, ``rules list`` /
+``check``.
 
 Examples::
 
@@ -7,6 +8,7 @@ Examples::
     rewrite apply yolov5n --rules slim-neck --output out/      # out/recipe.json, weights.safetensors, plan.json
     rewrite export yolov5n --rules slim-neck --output yolov5n-slim.onnx --dynamic-batch
     rewrite profile yolov5s --input 1,3,320,320
+    rewrite train best.pt --rules slim-neck-v8 --data my.yaml --epochs 2 --warm-start 30 batch=32 device=0
     rewrite rules check my-rules.toml
 
 Exit codes (``docs/cli.md`` has the table): 0 ok; 1 a gate, the shape check or the ONNX parity check failed;
@@ -93,7 +95,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None) -> int:
     parser = _build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:
+            if args.command != "train":
+                parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+            # argparse hands a positional list only the strings before the first option: the rest come here.
+            args.options += [_train_option(text) for text in unknown]
         if args.command in ("apply", "export") and args.device == "meta":
             raise _UsageError(
                 f"{args.command} needs real weights; use --device cpu (meta builds the model without them)"
@@ -310,6 +317,40 @@ def _build_parser() -> _Parser:
     profile = commands.add_parser("profile", parents=[model, report], help="params / FLOPs / MACs per stage")
     profile.set_defaults(run=_run_profile)
 
+    train = commands.add_parser(
+        "train",
+        help="rewrite a detector and train it in ultralytics' trainer (the ultralytics extra)",
+        description="Rewrite an ultralytics detector and train it with ultralytics' own trainer; from a trained "
+        ".pt checkpoint, a fine-tune (rewrite.integrations.ultralytics.train).",
+    )
+    train.add_argument(
+        "model", metavar="MODEL", help="a trained .pt checkpoint, or an ultralytics model YAML"
+    )
+    train.add_argument("--rules", required=True, metavar="RULES", help="built-in rule set name or TOML file")
+    train.add_argument("--scope", metavar="S", help="as for plan")
+    train.add_argument(
+        "--data", required=True, metavar="D.yaml", help="the dataset YAML, as ultralytics takes it"
+    )
+    train.add_argument("--epochs", required=True, type=int, metavar="K")
+    train.add_argument(
+        "--warm-start",
+        nargs="?",
+        const=True,
+        default=False,
+        type=_parse_seconds,
+        metavar="SECONDS",
+        help="first teach the new blocks what the trained ones computed, on the training images, for SECONDS "
+        "(alone: the default budget)",
+    )
+    train.add_argument(
+        "options",
+        nargs="*",
+        type=_parse_model_arg,
+        metavar="KEY=VALUE",
+        help="more arguments for ultralytics' train (imgsz=320 batch=32 device=0 lr0=0.001 ...)",
+    )
+    train.set_defaults(run=_run_train)
+
     rule_commands = commands.add_parser("rules", help="list built-in rule sets, or check a rule file")
     rule_actions = rule_commands.add_subparsers(dest="action", required=True, metavar="ACTION")
     rule_actions.add_parser("list", help="the built-in rule sets").set_defaults(run=_run_rules_list)
@@ -409,6 +450,28 @@ def _parse_count(text: str) -> int:
     if not math.isfinite(value):  # not a count, or too many digits for a float
         raise argparse.ArgumentTypeError(f"expected a count such as 40M or 100G, got {text!r}")
     return round(value)
+
+
+def _train_option(text: str) -> tuple[str, object]:
+    """A ``rewrite train`` KEY=VALUE for ultralytics, or a usage error (an unknown option, say)."""
+    try:
+        return _parse_model_arg(text)
+    except argparse.ArgumentTypeError as error:
+        raise _UsageError(
+            f"rewrite train: unrecognized argument {text!r}: {error} (see 'rewrite train --help')"
+        )
+
+
+def _parse_seconds(text: str) -> float:
+    """A ``--warm-start`` budget: a positive number of seconds.
+
+    >>> _parse_seconds("45"), _parse_seconds("2.5")
+    (45.0, 2.5)
+    """
+    value = _literal(text)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds such as 30, got {text!r}")
+    return float(value)
 
 
 def _parse_percent(text: str) -> float:
@@ -578,6 +641,35 @@ def _run_profile(args: argparse.Namespace) -> int:
         return render_profile(result, fmt, model_name=name, input_shapes=[tuple(example.shape)])
 
     _write_reports(rendered, destinations, say)
+    return 0
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    try:
+        from rewrite.integrations.ultralytics import train
+    except ModuleNotFoundError as error:
+        if error.name != "ultralytics" and not (error.name or "").startswith("ultralytics."):
+            raise
+        raise _UsageError(
+            "rewrite train needs the ultralytics extra: pip install 'rewrite[ultralytics]'"
+        ) from None
+    try:
+        yolo = train(
+            model=args.model,
+            rules=args.rules,
+            scope=args.scope,
+            warm_start=args.warm_start,
+            data=args.data,
+            epochs=args.epochs,
+            **dict(args.options),
+        )
+    except FileNotFoundError as error:  # ultralytics' word for a model or dataset that is not there
+        raise _UsageError(str(error)) from None
+    trainer = yolo.trainer
+    print(f"checkpoint: {trainer.best if trainer.best.exists() else trainer.last}")
+    if yolo.metrics is not None:
+        box = yolo.metrics.box
+        print(f"validation: mAP50 {box.map50:.4f}, mAP50-95 {box.map:.4f}")
     return 0
 
 

@@ -31,10 +31,19 @@ from tabulate import tabulate
 from rewrite.gates import GateResult, check_gates
 
 if TYPE_CHECKING:  # rendering needs only the fields, so the pipeline is not imported to print a report
+    from rewrite.integrations.ultralytics import Comparison
     from rewrite.planner import BlockSummary, Delta, Plan
     from rewrite.profiler import Profile
 
-__all__ = ["FORMATS", "JSON_SCHEMA_VERSION", "GateResult", "check_gates", "render", "render_profile"]
+__all__ = [
+    "FORMATS",
+    "JSON_SCHEMA_VERSION",
+    "GateResult",
+    "check_gates",
+    "render",
+    "render_comparison",
+    "render_profile",
+]
 
 # Bump on any change that can break a consumer (a key removed, renamed or changing meaning), not for new keys.
 JSON_SCHEMA_VERSION = 1
@@ -86,6 +95,15 @@ def render_profile(
             }
         )
     return _render_document(_profile_document(profile, blocks, model_name, input_shapes), fmt)
+
+
+def render_comparison(comparison: Comparison, fmt: str = "text") -> str:
+    """Two detectors side by side (params, FLOPs, latency, mAP50, mAP50-95, as
+    :func:`rewrite.integrations.ultralytics.compare` measured them) as ``fmt``: "text", "markdown" or "html"."""
+    _check_format(fmt)
+    if fmt == "json":
+        raise ValueError("a comparison renders as text, markdown or html")
+    return _render_document(_comparison_document(comparison), fmt)
 
 
 def _check_format(fmt: str) -> None:
@@ -459,6 +477,53 @@ def _profile_document(
         ),
     ]
     return _Document(f"rewrite profile: {model_name}", facts, sections)
+
+
+def _comparison_document(comparison: Comparison) -> _Document:
+    base, slim = comparison.base, comparison.slim
+    facts = [
+        _Fact("base", base.name),
+        _Fact("slim", slim.name),
+        _Fact("data", comparison.data),
+        _Fact("input", _shapes([(1, 3, comparison.imgsz, comparison.imgsz)])),
+        _Fact("device", comparison.device),
+    ]
+
+    def row(label: str, before: float, after: float, shown: str, change: str) -> list[str]:
+        percent = 100.0 * (after - before) / before if before else 0.0
+        return [
+            label,
+            shown.format(before),
+            shown.format(after),
+            change.format(after - before),
+            _percent(percent),
+        ]
+
+    table = _Table(
+        [
+            _Column(""),
+            _Column("base", _Kind.NUMBER),
+            _Column("slim", _Kind.NUMBER),
+            _Column("change", _Kind.NUMBER),
+            _Column("change %", _Kind.NUMBER),
+        ],
+        [
+            row("params", base.params, slim.params, "{:,}", "{:+,}"),
+            row("FLOPs", base.flops, slim.flops, "{:,}", "{:+,}"),
+            row("latency (ms)", base.latency_ms, slim.latency_ms, "{:.2f}", "{:+.2f}"),
+            row("mAP50", base.map50, slim.map50, "{:.4f}", "{:+.4f}"),
+            row("mAP50-95", base.map50_95, slim.map50_95, "{:.4f}", "{:+.4f}"),
+        ],
+    )
+    notes = [
+        "FLOPs per image, counted by rewrite.profile; latency: median forward pass at batch 1, BatchNorm folded",
+        "mAP: ultralytics' validation on the data's validation split",
+    ]
+    return _Document(
+        f"rewrite compare: {base.name} vs {slim.name}",
+        facts,
+        [_Section("Side by side", table), _Section("How it was measured", items=notes)],
+    )
 
 
 def _stage_charts(
