@@ -33,7 +33,6 @@ import copy
 import math
 import statistics
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -204,37 +203,16 @@ class RewriteTrainer(DetectionTrainer):
             f"rewrite warm start: {len(sites)} new block(s) ({', '.join(sites)}) learn from the trained model on "
             f"{images} training image(s) at {imgsz}, labels unused, within {self.warm_start_seconds:g} s"
         )
-        report = _run_warm_start(
+        report = warm_start(
             rewritten,
             trained,
             [batch.to(self.device) for batch in batches],
-            self.warm_start_seconds,
-            lambda message: LOGGER.info(f"rewrite warm start: {message}"),
+            sites=sites,
+            seconds=self.warm_start_seconds,
+            progress=lambda message: LOGGER.info(f"rewrite warm start: {message}"),
         )
         LOGGER.info(f"rewrite warm start: done in {report.seconds:.1f} s\n{report}")
         return report
-
-
-def _run_warm_start(
-    rewritten: nn.Module,
-    trained: nn.Module,
-    batches: list[torch.Tensor],
-    seconds: float,
-    say: Callable[[str], None],
-) -> WarmStartReport:
-    """The one call into :func:`rewrite.warm_start`, ``seconds`` its time budget: the blocks copy what they can
-    of the modules they replaced, then train together, with the unchanged head behind them, on the whole model's
-    outputs for that time (the settings ``bench/warm_start.py`` measured to do most in a fixed time)."""
-    return warm_start(
-        rewritten,
-        trained,
-        batches,
-        steps=0,
-        end_to_end_seconds=seconds,
-        end_to_end_lr=6e-4,
-        end_to_end_downstream=True,
-        progress=say,
-    )
 
 
 def _training_images(trainer: DetectionTrainer, imgsz: int, stride: int = 32) -> list[torch.Tensor]:
