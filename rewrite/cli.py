@@ -651,7 +651,7 @@ def _run_train(args: argparse.Namespace) -> int:
         if error.name != "ultralytics" and not (error.name or "").startswith("ultralytics."):
             raise
         raise _UsageError(
-            "rewrite train needs the ultralytics extra: pip install 'rewrite[ultralytics]'"
+            "rewrite train needs the ultralytics extra: pip install 'fx-rewrite[ultralytics]'"
         ) from None
     try:
         yolo = train(

@@ -245,7 +245,7 @@ def test_rewrite_train_without_the_extra_is_one_line_naming_it():
     )
     assert done.returncode == 2
     assert done.stderr == (
-        "rewrite: error: rewrite train needs the ultralytics extra: pip install 'rewrite[ultralytics]'\n"
+        "rewrite: error: rewrite train needs the ultralytics extra: pip install 'fx-rewrite[ultralytics]'\n"
     )
 
 
