@@ -165,21 +165,22 @@ def rewrite_model(
     memo = meta_memo(model) if on_meta else {}
     graph_modules = [region.graph_module for region in traced.regions]
     new_model, new_graph_modules = copy.deepcopy((model, graph_modules), memo)
+    holders = _Holders([new_model, *new_graph_modules])
 
     graph_sites: dict[int, list[BuiltSite]] = {}
     for built in sites:
         if built.match.kind == "module":
             old = new_model.get_submodule(built.match.path)
             carry_plain_attributes(old, built.block)
-            new_model = _replace_everywhere([new_model, *new_graph_modules], old, built.block)
+            new_model = holders.replace(new_model, old, built.block)
         elif built.match.kind == "modules":
             # The forward stays; its calls now reach the block, then Identities.
             paths = _module_paths(traced, built.match)
             olds = [new_model.get_submodule(path) for path in paths]
-            new_model = _replace_everywhere([new_model, *new_graph_modules], olds[0], built.block)
+            new_model = holders.replace(new_model, olds[0], built.block)
             for path, old in zip(paths[1:], olds[1:], strict=True):
                 if path != built.match.kept_activation:
-                    new_model = _replace_everywhere([new_model, *new_graph_modules], old, nn.Identity())
+                    new_model = holders.replace(new_model, old, nn.Identity())
         else:
             for occurrence in built.match.occurrences:
                 graph_sites.setdefault(occurrence.region, []).append(built)
@@ -201,7 +202,7 @@ def rewrite_model(
         old = new_model.get_submodule(region_path) if region_path else new_model
         carry_plain_attributes(old, gm)
         carry_hooks(old, gm)
-        new_model = _replace_everywhere([new_model, *new_graph_modules], old, gm)
+        new_model = holders.replace(new_model, old, gm)
     return new_model
 
 
@@ -312,15 +313,38 @@ def _has_attribute(module: nn.Module, dotted: str) -> bool:
     return True
 
 
-def _replace_everywhere(roots: list[nn.Module], old: nn.Module, new: nn.Module) -> nn.Module:
-    """Put ``new`` wherever a module under ``roots`` holds ``old``; return the first root (``new`` if it was
-    ``old``), so that every name of an aliased module runs the new one."""
-    for root in roots:
-        for module in root.modules():
+class _Holders:
+    """Where each module under some roots is held: every (parent, attribute name) pair, found in one walk and
+    kept up to date as modules are replaced, so that a rewrite costs one walk of the model, not one per site.
+
+    >>> inner = nn.ReLU()
+    >>> model = nn.Sequential(inner, nn.Sequential(inner))  # one module under two names
+    >>> holders = _Holders([model])
+    >>> holders.replace(model, inner, nn.SiLU())[1][0]
+    SiLU()
+    """
+
+    def __init__(self, roots: list[nn.Module]) -> None:
+        self._held: dict[int, dict[tuple[int, str], nn.Module]] = {}  # module id -> (parent id, name) -> parent
+        for root in roots:
+            self._add_subtree(root)
+
+    def _add_subtree(self, top: nn.Module) -> None:
+        for module in top.modules():
             for name, child in module._modules.items():
-                if child is old:
-                    module._modules[name] = new
-    return new if roots[0] is old else roots[0]
+                if child is not None:
+                    self._held.setdefault(id(child), {})[(id(module), name)] = module
+
+    def replace(self, root: nn.Module, old: nn.Module, new: nn.Module) -> nn.Module:
+        """Put ``new`` wherever a module holds ``old``; return ``root``, or ``new`` if ``root`` was ``old``, so
+        that every name of an aliased module runs the new one."""
+        for (_, name), parent in self._held.pop(id(old), {}).items():
+            # A graph rewrite deletes the submodules it no longer calls: those places hold nothing now.
+            if parent._modules.get(name) is old:
+                parent._modules[name] = new
+        self._add_subtree(new)
+        self._held.setdefault(id(new), {})
+        return new if root is old else root
 
 
 # nn.Module's hook tables: a graph module that takes a module's place runs the hooks the user put on it.
