@@ -279,7 +279,8 @@ def meta_op_signature(func: Any, args: tuple, kwargs: dict) -> tuple | None:
     if not memoizable:
         return None
     try:
-        return (func, _signature_of(args), _signature_of(kwargs))
+        # The default dtype too: a factory op without a dtype makes tensors of it.
+        return (func, _signature_of(args), _signature_of(kwargs), torch.get_default_dtype())
     except _NotMemoizable:
         return None
 
