@@ -2,13 +2,14 @@
 sites, peak memory, YOLOv5-L's main job and a net of a trillion parameters on meta.
 
 The synthetic nets are ``N`` blocks of conv(64→64, 3x3) → BatchNorm → SiLU in one ``nn.Sequential``, built on
-the meta device (no weights), input 1x64x32x32, planned with a one-rule GSConv chain rule (below) that rewrites
-every block: ``N`` sites. Each configuration runs in a fresh process (``--one``), so that its peak resident
-memory (``ru_maxrss``) is its own; the plan's phases (trace, match, measure, build, rewrite, shape check) are
-timed by wrapping the planner's steps, and the same process first imports the library (torch included) so that
-the import is timed too. YOLOv5-L's main job is ``rewrite plan yolov5l --rules slim-neck`` as a user runs it,
-timed from outside (one process, import included), and its split measured in a second process. The large nets
-are blocks of 4096 channels (about 100 B parameters) and 16384 channels (about 1 T parameters), on meta.
+the meta device (no weights), input 1x64x32x32, planned with a one-rule GSConv chain rule (below) that
+rewrites every block: ``N`` sites. Each configuration runs in a fresh process (``--one``), so that its peak
+resident memory (``ru_maxrss``) is its own; the plan's phases (trace, match, build and rewrite, measure, shape
+check) are timed by wrapping the planner's steps, and the same process first imports the library (torch
+included) so that the import is timed too. YOLOv5-L's main job is ``rewrite plan yolov5l --rules slim-neck``
+as a user runs it, timed from outside (one process, import included), and its split measured in a second
+process. The large nets are blocks of 4096 channels (about 100 B parameters) and 16384 channels (about 1 T
+parameters), on meta.
 
 Goals (issue 24): at most 5 ms per site at N = 2000, time(2000) / time(250) at most 8.5; YOLOv5-L's main job
 at most 3.5 s; 1 T parameters planned on meta in under 60 s and 2 GB.
@@ -49,7 +50,7 @@ PHASES = {
     "trace": ["trace", "to_networkx", "resolve_stages", "resolve_scope"],
     "match": ["find_matches"],
     "build": ["build_sites", "_refuse_frozen", "absorb_into_graph_regions", "rewrite_model"],
-    "measure": ["profile", "_measure_site", "_measure_sites"],
+    "measure": ["profile", "_measure_site"],
     "shape check": ["check_outputs"],
 }
 
@@ -66,7 +67,9 @@ def chain_net(blocks: int, channels: int):
         return nn.Sequential(
             *(
                 nn.Sequential(
-                    nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.SiLU()
+                    nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+                    nn.BatchNorm2d(channels),
+                    nn.SiLU(),
                 )
                 for _ in range(blocks)
             )
@@ -105,7 +108,8 @@ def timed_plan(model, rules, inputs) -> dict:
     finally:
         for name, function in originals.items():
             setattr(planner, name, function)
-    return {"plan": cpu, "wall": wall, "phases": spent, "sites": len(plan.sites), "params": plan.params.before}
+    sites, params = len(plan.sites), plan.params.before
+    return {"plan": cpu, "wall": wall, "phases": spent, "sites": sites, "params": params}
 
 
 def one(kind: str, blocks: int, channels: int) -> dict:
@@ -142,7 +146,8 @@ def in_subprocess(kind: str, blocks: int = 0, channels: int = 0) -> dict:
 def cli_time() -> tuple[float, float, float]:
     """The wall and CPU time of ``rewrite plan yolov5l --rules slim-neck`` as a user runs it, and the load
     average."""
-    command = [str(Path(sys.executable).with_name("rewrite")), "plan", "yolov5l", "--rules", "slim-neck", "-q"]
+    executable = str(Path(sys.executable).with_name("rewrite"))
+    command = [executable, "plan", "yolov5l", "--rules", "slim-neck", "-q"]
     start, children = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     subprocess.run(command, check=True, capture_output=True)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -175,12 +180,13 @@ def main() -> None:
         assert result["sites"] == size, result  # every block is a site, or the figures mean nothing
         times[size] = result["plan"]
         print(
-            f"| {size} | {result['plan']:.2f} s | {1000 * result['plan'] / size:.1f} ms | {result['wall']:.2f} s "
-            f"| {result['peak_rss_gb']:.2f} GB | {result['load']:.1f} | {split(result)} |",
+            f"| {size} | {result['plan']:.2f} s | {1000 * result['plan'] / size:.1f} ms "
+            f"| {result['wall']:.2f} s | {result['peak_rss_gb']:.2f} GB | {result['load']:.1f} "
+            f"| {split(result)} |",
             flush=True,
         )
     if 250 in times and 2000 in times:
-        print(f"time(2000) / time(250) = {times[2000] / times[250]:.1f} (linear: 8)")
+        print(f"time(2000) / time(250) = {times[2000] / times[250]:.2f} (linear: 8)")
 
     if not args.skip_yolo:
         wall, cpu, load = cli_time()
@@ -195,9 +201,9 @@ def main() -> None:
         for blocks, channels in LARGE:
             result = in_subprocess("chain", blocks, channels)
             print(
-                f"{result['params'] / 1e9:.1f} B parameters ({result['sites']} blocks of {channels} channels) on "
-                f"meta: plan {result['plan']:.1f} s CPU ({result['wall']:.1f} s wall), peak RSS {result['peak_rss_gb']:.2f} GB, load "
-                f"{result['load']:.1f}; {split(result)}",
+                f"{result['params'] / 1e9:.1f} B parameters ({result['sites']} blocks of {channels} "
+                f"channels) on meta: plan {result['plan']:.1f} s CPU ({result['wall']:.1f} s wall), peak RSS "
+                f"{result['peak_rss_gb']:.2f} GB, load {result['load']:.1f}; {split(result)}",
                 flush=True,
             )
 

@@ -173,9 +173,9 @@ class Runner:
             ):
                 if self.on_meta:
                     _cached_tensors_to_meta(self.model, keep_small_constants=self.keep_small_constants)
-                # A caller's own dispatch mode (the profiler's) sees every op as it is: it memoizes for itself.
-                memo = MetaOpMemo() if self.on_meta and not _dispatch_modes_active() else contextlib.nullcontext()
-                with memo:
+                # A caller's own dispatch mode (the profiler's) sees every op as it is: it memoizes itself.
+                memoized = self.on_meta and not _dispatch_modes_active()
+                with MetaOpMemo() if memoized else contextlib.nullcontext():
                     return torch.func.functional_call(module, state, args, kwargs)
         except Exception as error:
             path = self._innermost_module_path(error)
@@ -200,7 +200,7 @@ class Runner:
 
 
 class MetaOpMemo(TorchDispatchMode):
-    """A dispatch mode that runs each op on meta tensors once per signature and gives its output's shape again.
+    """A dispatch mode that runs each op on meta tensors once per signature, then makes its output again.
 
     On meta an op costs only its output's metadata, but working that out runs Python for many ops (a
     BatchNorm's decomposition costs milliseconds), and a model repeats the same few calls many times. The
@@ -243,7 +243,7 @@ class _MetaOutput:
 
     def make(self) -> Any:
         leaves = [
-            torch.empty_strided(leaf[0], leaf[1], dtype=leaf[2], device="meta") if isinstance(leaf, tuple) else leaf
+            torch.empty_strided(*leaf[:2], dtype=leaf[2], device="meta") if isinstance(leaf, tuple) else leaf
             for leaf in self.leaves
         ]
         return pytree.tree_unflatten(leaves, self.spec)
@@ -296,8 +296,8 @@ def remember_meta_output(signature: tuple, out: Any, args: tuple, kwargs: dict) 
     inputs = {id(t) for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
     for leaf in pytree.tree_leaves(out):
         if isinstance(leaf, torch.Tensor):
-            fresh = type(leaf) is torch.Tensor and leaf.is_meta and leaf._base is None and leaf.storage_offset() == 0
-            if not fresh or id(leaf) in inputs:
+            fresh = type(leaf) is torch.Tensor and leaf.is_meta and leaf._base is None
+            if not fresh or leaf.storage_offset() or id(leaf) in inputs:
                 return False
         elif not isinstance(leaf, _PLAIN_VALUES):
             return False
@@ -317,7 +317,9 @@ _PLAIN_VALUES = (bool, int, float, complex, str, type(None), torch.dtype, torch.
 
 def _signature_of(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
-        if type(value) is not torch.Tensor or not value.is_meta or value.layout != torch.strided:
+        if type(value) not in (torch.Tensor, nn.Parameter) or not value.is_meta:
+            raise _NotMemoizable
+        if value.layout != torch.strided:
             raise _NotMemoizable
         return (torch.Tensor, tuple(value.shape), value.stride(), value.dtype, value.storage_offset(),
                 value.is_conj(), value.is_neg())
@@ -325,7 +327,7 @@ def _signature_of(value: Any) -> Any:
         return (type(value), tuple(_signature_of(item) for item in value))
     if isinstance(value, dict):
         return (dict, tuple((key, _signature_of(item)) for key, item in value.items()))
-    if isinstance(value, _PLAIN_VALUES) and not isinstance(value, torch.SymInt):
+    if isinstance(value, _PLAIN_VALUES):
         return (type(value), value)  # the type too: 1, 1.0 and True are equal keys
     raise _NotMemoizable
 
@@ -484,13 +486,14 @@ def attributes_restored(model: nn.Module) -> Iterator[None]:
 _WORKING_COPIES: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
-def working_copy(model: nn.Module) -> nn.Module:
+def working_copy(model: nn.Module, *, handed_over: bool = False) -> nn.Module:
     """A copy of ``model``'s module tree that shares its parameters and holds copies of its buffers and cached
     tensors: what tracing, profiling and planning run on, so that the user's modules are never swapped,
     hooked or written while other threads use them.
 
     A working copy is its own working copy. A model that cannot be deep-copied is worked on as it is (its runs
-    then swap stand-ins into its own modules for the call, under :func:`model_lock`).
+    then swap stand-ins into its own modules for the call, under :func:`model_lock`). ``handed_over``: the
+    caller made ``model`` and no user holds it (the planner's rewritten copy): it is a working copy as it is.
 
     >>> model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
     >>> work = working_copy(model)
@@ -499,6 +502,8 @@ def working_copy(model: nn.Module) -> nn.Module:
     >>> working_copy(work) is work
     True
     """
+    if handed_over:
+        _WORKING_COPIES.add(model)
     if model in _WORKING_COPIES:
         return model
     shared: dict[int, object] = {id(parameter): parameter for parameter in model.parameters()}

@@ -320,7 +320,8 @@ def _plan(
         changes.append(measured)
 
     say("measuring the rewritten copy")
-    rewritten = rewrite_model(model, traced, built, on_meta=on_meta)
+    # A copy of the planner's own: profiled as it is, not copied once more.
+    rewritten = working_copy(rewrite_model(model, traced, built, on_meta=on_meta), handed_over=True)
     run_inputs = _to_meta(inputs) if on_meta else inputs
     after = profile(rewritten, run_inputs, stages=stages)
     check = check_outputs(model, rewritten, inputs, other_mode=_touches_forward_code(built))

@@ -325,7 +325,8 @@ class _Holders:
     """
 
     def __init__(self, roots: list[nn.Module]) -> None:
-        self._held: dict[int, dict[tuple[int, str], nn.Module]] = {}  # module id -> (parent id, name) -> parent
+        # module id -> (parent id, name) -> parent
+        self._held: dict[int, dict[tuple[int, str], nn.Module]] = {}
         for root in roots:
             self._add_subtree(root)
 
@@ -336,7 +337,7 @@ class _Holders:
                     self._held.setdefault(id(child), {})[(id(module), name)] = module
 
     def replace(self, root: nn.Module, old: nn.Module, new: nn.Module) -> nn.Module:
-        """Put ``new`` wherever a module holds ``old``; return ``root``, or ``new`` if ``root`` was ``old``, so
+        """Put ``new`` wherever a module holds ``old``; return ``root`` (``new`` if ``root`` was ``old``), so
         that every name of an aliased module runs the new one."""
         for (_, name), parent in self._held.pop(id(old), {}).items():
             # A graph rewrite deletes the submodules it no longer calls: those places hold nothing now.
