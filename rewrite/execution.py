@@ -236,17 +236,21 @@ class _MetaOutput:
 
     def __init__(self, out: Any) -> None:
         leaves, self.spec = pytree.tree_flatten(out)
-        self.leaves = [
-            (tuple(leaf.shape), leaf.stride(), leaf.dtype) if isinstance(leaf, torch.Tensor) else leaf
-            for leaf in leaves
-        ]
+        self.leaves = [_TensorLayout(leaf) if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
 
     def make(self) -> Any:
-        leaves = [
-            torch.empty_strided(*leaf[:2], dtype=leaf[2], device="meta") if isinstance(leaf, tuple) else leaf
-            for leaf in self.leaves
-        ]
+        leaves = [leaf.make() if isinstance(leaf, _TensorLayout) else leaf for leaf in self.leaves]
         return pytree.tree_unflatten(leaves, self.spec)
+
+
+class _TensorLayout:
+    __slots__ = ("dtype", "shape", "stride")
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.shape, self.stride, self.dtype = tuple(tensor.shape), tensor.stride(), tensor.dtype
+
+    def make(self) -> torch.Tensor:
+        return torch.empty_strided(self.shape, self.stride, dtype=self.dtype, device="meta")
 
 
 # Every op's meta output per signature, for the whole process: a signature's output never changes. Bounded, so
@@ -311,8 +315,18 @@ class _NotMemoizable(Exception):
     pass
 
 
-_PLAIN_VALUES = (bool, int, float, complex, str, type(None), torch.dtype, torch.device, torch.layout,
-                 torch.memory_format)
+_PLAIN_VALUES = (
+    bool,
+    int,
+    float,
+    complex,
+    str,
+    type(None),
+    torch.dtype,
+    torch.device,
+    torch.layout,
+    torch.memory_format,
+)
 
 
 def _signature_of(value: Any) -> Any:
@@ -321,8 +335,8 @@ def _signature_of(value: Any) -> Any:
             raise _NotMemoizable
         if value.layout != torch.strided:
             raise _NotMemoizable
-        return (torch.Tensor, tuple(value.shape), value.stride(), value.dtype, value.storage_offset(),
-                value.is_conj(), value.is_neg())
+        layout = tuple(value.shape), value.stride(), value.storage_offset()
+        return (torch.Tensor, *layout, value.dtype, value.is_conj(), value.is_neg())
     if isinstance(value, (tuple, list)):
         return (type(value), tuple(_signature_of(item) for item in value))
     if isinstance(value, dict):
