@@ -320,8 +320,11 @@ class _Holders:
     >>> inner = nn.ReLU()
     >>> model = nn.Sequential(inner, nn.Sequential(inner))  # one module under two names
     >>> holders = _Holders([model])
-    >>> holders.replace(model, inner, nn.SiLU())[1][0]
+    >>> new = nn.SiLU()
+    >>> holders.replace(model, inner, new)[1][0]
     SiLU()
+    >>> holders.replace(model, new, nn.GELU())[0], model[1][0]  # replaced in turn, under both names
+    (GELU(approximate='none'), GELU(approximate='none'))
     """
 
     def __init__(self, roots: list[nn.Module]) -> None:
@@ -339,12 +342,13 @@ class _Holders:
     def replace(self, root: nn.Module, old: nn.Module, new: nn.Module) -> nn.Module:
         """Put ``new`` wherever a module holds ``old``; return ``root`` (``new`` if ``root`` was ``old``), so
         that every name of an aliased module runs the new one."""
-        for (_, name), parent in self._held.pop(id(old), {}).items():
+        places = self._held.setdefault(id(new), {})
+        for place, parent in self._held.pop(id(old), {}).items():
             # A graph rewrite deletes the submodules it no longer calls: those places hold nothing now.
-            if parent._modules.get(name) is old:
-                parent._modules[name] = new
+            if parent._modules.get(place[1]) is old:
+                parent._modules[place[1]] = new
+                places[place] = parent  # where a later site finds it, should it replace it in turn
         self._add_subtree(new)
-        self._held.setdefault(id(new), {})
         return new if root is old else root
 
 
