@@ -63,19 +63,25 @@ from typing import Any, Generic, TypeVar
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = [
+    "MetaOpMemo",
     "Outcome",
     "RunFailed",
     "Runner",
     "attributes_restored",
     "buffer_values_restored",
     "is_small_constant",
+    "meta_empty_like",
     "meta_memo",
+    "meta_op_signature",
+    "meta_output",
     "model_lock",
     "on_meta_else_real",
     "one_line",
     "physical_memory",
+    "remember_meta_output",
     "run",
     "working_copy",
 ]
@@ -140,7 +146,7 @@ class Runner:
         parameters, buffers = list(model.parameters()), list(model.buffers())
         # Keyed by identity: a region's graph module reaches the model's tensors under other names.
         if on_meta:
-            self._stand_ins = {id(t): torch.empty_like(t, device="meta") for t in parameters + buffers}
+            self._stand_ins = {id(t): meta_empty_like(t) for t in parameters + buffers}
         else:  # a forward does not write its parameters, so those need no copies
             self._stand_ins = {id(t): t.clone() for t in buffers}
         self._cuda_devices = sorted({t.device.index or 0 for t in parameters + buffers if t.is_cuda})
@@ -168,7 +174,10 @@ class Runner:
             ):
                 if self.on_meta:
                     _cached_tensors_to_meta(self.model, keep_small_constants=self.keep_small_constants)
-                return torch.func.functional_call(module, state, args, kwargs)
+                # A caller's own dispatch mode (the profiler's) sees every op as it is: it memoizes itself.
+                memoized = self.on_meta and not _dispatch_modes_active()
+                with MetaOpMemo() if memoized else contextlib.nullcontext():
+                    return torch.func.functional_call(module, state, args, kwargs)
         except Exception as error:
             path = self._innermost_module_path(error)
             type_name = type(self.model.get_submodule(path)).__name__
@@ -177,7 +186,7 @@ class Runner:
     def _inputs(self, value: Any) -> Any:
         if not self.on_meta:
             return value
-        return pytree.tree_map_only(torch.Tensor, lambda t: torch.empty_like(t, device="meta"), value)
+        return pytree.tree_map_only(torch.Tensor, meta_empty_like, value)
 
     def _innermost_module_path(self, error: BaseException) -> str:
         """The path of the innermost of the model's modules with a method on ``error``'s traceback (else "").
@@ -189,6 +198,175 @@ class Runner:
         for frame, _ in traceback.walk_tb(error.__traceback__):  # outermost first
             innermost = paths.get(id(frame.f_locals.get("self")), innermost)
         return innermost
+
+
+class MetaOpMemo(TorchDispatchMode):
+    """A dispatch mode that runs each op on meta tensors once per signature, then makes its output again.
+
+    On meta an op costs only its output's metadata, but working that out runs Python for many ops (a
+    BatchNorm's decomposition costs milliseconds), and a model repeats the same few calls many times. The
+    output of an op on meta tensors depends only on the op and its arguments' metadata (shapes, strides,
+    dtypes) and plain values, so it is worked out once per such signature (:func:`meta_op_signature`) for the
+    whole process and made again (fresh meta tensors of the same layout) for the next call with that
+    signature. Ops whose outputs alias an input (views, in-place ops) and calls with a tensor off meta run as
+    they are; an op that fails is never memoized.
+
+    >>> conv = nn.Conv2d(3, 8, 3, device="meta")
+    >>> with MetaOpMemo():
+    ...     first = conv(torch.empty(1, 3, 8, 8, device="meta"))
+    ...     again = conv(torch.empty(1, 3, 8, 8, device="meta"))
+    >>> again.shape, again is first, again.device
+    (torch.Size([1, 8, 6, 6]), False, device(type='meta'))
+    """
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        signature = meta_op_signature(func, args, kwargs)
+        if signature is None:
+            return func(*args, **kwargs)
+        made = meta_output(signature)
+        if made is not None:
+            return made.make()
+        out = func(*args, **kwargs)
+        remember_meta_output(signature, out, args, kwargs)
+        return out
+
+
+class _MetaOutput:
+    """The metadata of what an op gave on meta, to make an equal output again."""
+
+    def __init__(self, out: Any) -> None:
+        leaves, self.spec = pytree.tree_flatten(out)
+        self.leaves = [_TensorLayout(leaf) if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
+
+    def make(self) -> Any:
+        leaves = [leaf.make() if isinstance(leaf, _TensorLayout) else leaf for leaf in self.leaves]
+        return pytree.tree_unflatten(leaves, self.spec)
+
+
+class _TensorLayout:
+    __slots__ = ("dtype", "shape", "stride")
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.shape, self.stride, self.dtype = tuple(tensor.shape), tensor.stride(), tensor.dtype
+
+    def make(self) -> torch.Tensor:
+        return torch.empty_strided(self.shape, self.stride, dtype=self.dtype, device="meta")
+
+
+# Every op's meta output per signature, for the whole process: a signature's output never changes. Bounded, so
+# that a long-lived process planning many different models does not grow without end.
+_META_OUTPUTS: dict[tuple, _MetaOutput] = {}
+_META_OUTPUTS_LIMIT = 200_000
+_MEMOIZABLE_OPS: dict[Any, bool] = {}
+
+
+def meta_op_signature(func: Any, args: tuple, kwargs: dict) -> tuple | None:
+    """What determines ``func(*args, **kwargs)``'s output on meta tensors: the op, and every argument's
+    metadata (tensors) or value (the rest); None when the call is not memoizable (see :class:`MetaOpMemo`).
+
+    >>> x = torch.empty(2, 3, device="meta")
+    >>> meta_op_signature(torch.ops.aten.add.Tensor, (x, x), {}) == meta_op_signature(
+    ...     torch.ops.aten.add.Tensor, (torch.empty(2, 3, device="meta"), x), {}
+    ... )
+    True
+    >>> meta_op_signature(torch.ops.aten.add_.Tensor, (x, x), {}) is None  # in place: returns its input
+    True
+    """
+    memoizable = _MEMOIZABLE_OPS.get(func)
+    if memoizable is None:
+        schema = getattr(func, "_schema", None)
+        memoizable = _MEMOIZABLE_OPS[func] = (
+            schema is not None
+            and all(value.alias_info is None for value in schema.returns)
+            and torch.Tag.inplace_view not in getattr(func, "tags", ())
+        )
+    if not memoizable:
+        return None
+    try:
+        # The default dtype too: a factory op without a dtype makes tensors of it.
+        return (func, _signature_of(args), _signature_of(kwargs), torch.get_default_dtype())
+    except _NotMemoizable:
+        return None
+
+
+def meta_output(signature: tuple) -> _MetaOutput | None:
+    """What the op of ``signature`` gave on meta, when it was remembered: ``.make()`` makes it again."""
+    return _META_OUTPUTS.get(signature)
+
+
+def remember_meta_output(signature: tuple, out: Any, args: tuple, kwargs: dict) -> bool:
+    """Keep ``out``, what the op of ``signature`` gave, unless it shares memory with its arguments or holds
+    something other than fresh meta tensors and plain values; whether it was kept."""
+    inputs = {id(t) for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+    for leaf in pytree.tree_leaves(out):
+        if isinstance(leaf, torch.Tensor):
+            fresh = type(leaf) is torch.Tensor and leaf.is_meta and leaf._base is None
+            if not fresh or leaf.storage_offset() or id(leaf) in inputs:
+                return False
+        elif not isinstance(leaf, _PLAIN_VALUES):
+            return False
+    if len(_META_OUTPUTS) >= _META_OUTPUTS_LIMIT:
+        _META_OUTPUTS.clear()
+    _META_OUTPUTS[signature] = _MetaOutput(out)
+    return True
+
+
+class _NotMemoizable(Exception):
+    pass
+
+
+_PLAIN_VALUES = (
+    bool,
+    int,
+    float,
+    complex,
+    str,
+    type(None),
+    torch.dtype,
+    torch.device,
+    torch.layout,
+    torch.memory_format,
+)
+
+
+def _signature_of(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        if type(value) not in (torch.Tensor, nn.Parameter) or not value.is_meta:
+            raise _NotMemoizable
+        if value.layout != torch.strided:
+            raise _NotMemoizable
+        layout = tuple(value.shape), value.stride(), value.storage_offset()
+        return (torch.Tensor, *layout, value.dtype, value.is_conj(), value.is_neg())
+    if isinstance(value, (tuple, list)):
+        return (type(value), tuple(_signature_of(item) for item in value))
+    if isinstance(value, dict):
+        return (dict, tuple((key, _signature_of(item)) for key, item in value.items()))
+    if isinstance(value, _PLAIN_VALUES):
+        return (type(value), value)  # the type too: 1, 1.0 and True are equal keys
+    raise _NotMemoizable
+
+
+def _dispatch_modes_active() -> bool:
+    return torch._C._len_torch_dispatch_stack() > 0
+
+
+def meta_empty_like(tensor: torch.Tensor) -> torch.Tensor:
+    """``torch.empty_like(tensor, device="meta")``, made directly when ``tensor`` is a contiguous meta tensor:
+    there, ``empty_like`` runs Python (a tenth of a millisecond), and a model's stand-ins number in thousands.
+
+    >>> weight = torch.empty(8, 3, 3, 3, device="meta")
+    >>> meta_empty_like(weight).stride() == torch.empty_like(weight, device="meta").stride()
+    True
+    """
+    if (
+        tensor.is_meta
+        and type(tensor) in (torch.Tensor, nn.Parameter)
+        and tensor.layout == torch.strided
+        and tensor.is_contiguous()
+    ):
+        return torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device="meta")
+    return torch.empty_like(tensor, device="meta")
 
 
 def _cached_tensors_to_meta(model: nn.Module, *, keep_small_constants: bool) -> None:
@@ -204,7 +382,7 @@ def _cached_tensors_to_meta(model: nn.Module, *, keep_small_constants: bool) -> 
             def to_meta(value: Any) -> Any:
                 if not isinstance(value, torch.Tensor) or (keep_small_constants and is_small_constant(value)):
                     return value
-                return torch.empty_like(value, device="meta")
+                return meta_empty_like(value)
 
             if isinstance(value, torch.Tensor):
                 attributes[name] = to_meta(value)
@@ -323,13 +501,14 @@ def attributes_restored(model: nn.Module) -> Iterator[None]:
 _WORKING_COPIES: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
-def working_copy(model: nn.Module) -> nn.Module:
+def working_copy(model: nn.Module, *, handed_over: bool = False) -> nn.Module:
     """A copy of ``model``'s module tree that shares its parameters and holds copies of its buffers and cached
     tensors: what tracing, profiling and planning run on, so that the user's modules are never swapped,
     hooked or written while other threads use them.
 
     A working copy is its own working copy. A model that cannot be deep-copied is worked on as it is (its runs
-    then swap stand-ins into its own modules for the call, under :func:`model_lock`).
+    then swap stand-ins into its own modules for the call, under :func:`model_lock`). ``handed_over``: the
+    caller made ``model`` and no user holds it (the planner's rewritten copy): it is a working copy as it is.
 
     >>> model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
     >>> work = working_copy(model)
@@ -338,6 +517,8 @@ def working_copy(model: nn.Module) -> nn.Module:
     >>> working_copy(work) is work
     True
     """
+    if handed_over:
+        _WORKING_COPIES.add(model)
     if model in _WORKING_COPIES:
         return model
     shared: dict[int, object] = {id(parameter): parameter for parameter in model.parameters()}
@@ -404,7 +585,7 @@ def _held(value: object) -> Iterable[object]:
 
 
 def _meta_like(tensor: torch.Tensor) -> torch.Tensor:
-    empty = torch.empty_like(tensor, device="meta")
+    empty = meta_empty_like(tensor)
     if isinstance(tensor, nn.Parameter):
         return nn.Parameter(empty, requires_grad=tensor.requires_grad)
     return empty

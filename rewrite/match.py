@@ -335,10 +335,16 @@ class _CallIndex:
                 self.path_of_object.setdefault(id(module), path)
                 if next(module.parameters(), None) is not None or next(module.buffers(), None) is not None:
                     self.stateful.add(id(module))
+        self.distinct_nodes_of_call = {call: len(set(nodes)) for call, nodes in self.nodes_of_call.items()}
         self.size_of_call = {
             call: sum(graph.nodes[key]["op"] not in _STRUCTURAL_OPS for key in nodes)
             for call, nodes in self.nodes_of_call.items()
         }
+
+    def made_within(self, call: object, own: set[NodeKey]) -> bool:
+        """Whether every node of ``call`` is in ``own``; the size first, so that a site's enclosing calls (the
+        root's: every node) cost nothing to rule out."""
+        return self.distinct_nodes_of_call[call] <= len(own) and own.issuperset(self.nodes_of_call[call])
 
     def computing_nodes(self, graph: nx.DiGraph, call: object) -> list[NodeKey]:
         return [key for key in self.nodes_of_call[call] if graph.nodes[key]["op"] not in _STRUCTURAL_OPS]
@@ -347,7 +353,7 @@ class _CallIndex:
         """The module calls all of whose nodes belong to the candidate."""
         own = set(candidate.nodes)
         stacks = {call for key in candidate.nodes for call in graph.nodes[key]["call_stack"]}
-        return {call for call in stacks if set(self.nodes_of_call[call]) <= own}
+        return {call for call in stacks if self.made_within(call, own)}
 
     def identity(self, graph: nx.DiGraph, candidate: _Candidate) -> frozenset[int]:
         """The module objects whose sharing a rewrite of the candidate must respect: the stateful ones it calls,
@@ -463,7 +469,7 @@ def _inside_excluded(graph: nx.DiGraph, calls: _CallIndex, candidate: _Candidate
     for call, (_, type_name) in zip(
         graph.nodes[candidate.nodes[0]]["call_stack"], graph.nodes[candidate.nodes[0]]["module_stack"]
     ):
-        if type_name in excluded and not set(calls.nodes_of_call[call]) <= own:
+        if type_name in excluded and not calls.made_within(call, own):
             return True
     return False
 
@@ -501,7 +507,7 @@ def _site(graph: nx.DiGraph, calls: _CallIndex, candidate: _Candidate, rule: Rul
     counts = Counter(
         calls.type_of_call[call]
         for call in {c for key in candidate.nodes for c in graph.nodes[key]["call_stack"]}
-        if set(calls.nodes_of_call[call]) <= own
+        if calls.made_within(call, own)
     )
     if candidate.covering_call is not None:
         module_type = calls.type_of_call[candidate.covering_call]

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import types
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from rewrite.errors import BuildError, NoMatchError, NoMatchWarning, RewriteError, ShapeCheckError
-from rewrite.execution import RunFailed, model_lock, run, working_copy
+from rewrite.execution import RunFailed, is_small_constant, model_lock, run, working_copy
 from rewrite.graph import StageMap, resolve_scope, resolve_stages, to_networkx
 from rewrite.match import Match, Rejection, find_matches
 from rewrite.profiler import Cost, profile
@@ -313,8 +314,9 @@ def _plan(
     built, changes, rejected = [], [], list(found.rejected)
     candidates = build_sites(model, found.matches, device=device)
     candidates = _refuse_frozen(traced, candidates, allow_frozen, rejected, messages)
+    measured_alike: dict[tuple, tuple] = {}  # see _measure_site
     for candidate in absorb_into_graph_regions(candidates):
-        measured = _measure_site(traced, candidate, stages)
+        measured = _measure_site(traced, candidate, stages, measured_alike)
         if isinstance(measured, Rejection):  # the builder cannot reproduce this site: the others go on
             rejected.append(measured)
             continue
@@ -322,7 +324,8 @@ def _plan(
         changes.append(measured)
 
     say("measuring the rewritten copy")
-    rewritten = rewrite_model(model, traced, built, on_meta=on_meta)
+    # A copy of the planner's own: profiled as it is, not copied once more.
+    rewritten = working_copy(rewrite_model(model, traced, built, on_meta=on_meta), handed_over=True)
     run_inputs = _to_meta(inputs) if on_meta else inputs
     after = profile(rewritten, run_inputs, stages=stages)
     check = check_outputs(model, rewritten, inputs, other_mode=_touches_forward_code(built))
@@ -452,31 +455,47 @@ def _refuse_frozen(
     return kept
 
 
-def _measure_site(traced: Traced, built: BuiltSite, stages: StageMap) -> SiteChange | Rejection:
+def _measure_site(
+    traced: Traced, built: BuiltSite, stages: StageMap, measured_alike: dict[tuple, tuple]
+) -> SiteChange | Rejection:
     """Measure a site alone, old and new, on its traced input shape.
 
     A new block whose output has another shape than the site's cannot stand in for it: that site is rejected
     (the others go on). A block that fails to run, or does not return one tensor, is a builder's bug: an error
     naming the site and the rule.
+
+    Sites alike — the same old and new modules (classes and every attribute, weights by shape) on the same
+    input — measure alike: ``measured_alike`` keeps what the first of them measured for the others.
     """
     match, site = built.match, built.match.site
     block_name = type(built.block).__name__
     at = f"site {match.path!r}: rule {match.rule.name!r}: {block_name}"
-    x = torch.empty(site.in_shape, dtype=site.dtype, device="meta")
-    try:
-        out = run(built.block, (x,)).value
-    except RunFailed as failure:
-        raise BuildError(f"{at} fails on the site's input {site.in_shape}: {failure.reason}") from None
-    if not isinstance(out, torch.Tensor):
-        raise ShapeCheckError(f"{at} returns {type(out).__name__}, not one tensor as the site does")
-    if tuple(out.shape) != site.out_shape:
+    old_module = site_module(traced, match)
+    alike = _module_signature(old_module), _module_signature(built.block)
+    key = (*alike, site.in_shape, site.dtype) if None not in alike else None
+    if key in measured_alike:
+        out_shape, old, new = measured_alike[key]
+    else:
+        x = torch.empty(site.in_shape, dtype=site.dtype, device="meta")
+        try:
+            out = run(built.block, (x,)).value
+        except RunFailed as failure:
+            raise BuildError(f"{at} fails on the site's input {site.in_shape}: {failure.reason}") from None
+        if not isinstance(out, torch.Tensor):
+            raise ShapeCheckError(f"{at} returns {type(out).__name__}, not one tensor as the site does")
+        out_shape = tuple(out.shape)
+        old, new = None, None
+        if out_shape == site.out_shape:
+            old = profile(old_module, (x,), stages=StageMap()).total
+            new = profile(built.block, (x,), stages=StageMap()).total
+        if key is not None:
+            measured_alike[key] = out_shape, old, new
+    if out_shape != site.out_shape:
         return Rejection(
             match.path,
             match.rule.name,
-            f"{block_name} gives {tuple(out.shape)} for input {site.in_shape}, but the site gives {site.out_shape}",
+            f"{block_name} gives {out_shape} for input {site.in_shape}, but the site gives {site.out_shape}",
         )
-    old = profile(site_module(traced, match), (x,), stages=StageMap()).total
-    new = profile(built.block, (x,), stages=StageMap()).total
     return SiteChange(
         calls=match.calls,
         untied=match.untied,
@@ -498,6 +517,81 @@ def _replaced_modules(traced: Traced, match: Match) -> tuple[str, ...]:
     if match.kind == "module":
         return (match.path,)
     return tuple(site_module_paths(traced, match)) if match.kind == "modules" else ()
+
+
+def _module_signature(module: nn.Module) -> tuple | None:
+    """What a module computes from its input's shape, as a key: its class and every attribute, recursively,
+    tensors by their metadata (a site is measured on meta, where values do not count); None when an attribute
+    holds something else than plain values, tensors, modules and containers of them.
+
+    >>> from torch import nn
+    >>> _module_signature(nn.Conv2d(3, 8, 3)) == _module_signature(nn.Conv2d(3, 8, 3))
+    True
+    >>> _module_signature(nn.Conv2d(3, 8, 3)) == _module_signature(nn.Conv2d(3, 8, 3, stride=2))
+    False
+    """
+    try:
+        return _signature_part(module, {})
+    except _Unlike:
+        return None
+
+
+class _Unlike(Exception):
+    """An attribute that a signature cannot hold."""
+
+
+# Values that are their own key: immutable and compared by value (functions and classes: by identity).
+_PLAIN = (
+    bool,
+    int,
+    float,
+    complex,
+    str,
+    bytes,
+    type(None),
+    type,
+    torch.dtype,
+    torch.device,
+    torch.layout,
+    torch.memory_format,
+    types.FunctionType,
+    types.BuiltinFunctionType,
+)
+
+
+def _signature_part(value: Any, seen: dict[int, int], *, weights: bool = False) -> Any:
+    """``value``'s part of a signature; a module or tensor met before (shared, or a cycle) by its first place,
+    as sharing changes what counts (a shared weight counts once). ``weights``: tensors that runs on meta
+    always replace by stand-ins (parameters and buffers), whose values no run reads."""
+    if isinstance(value, (nn.Module, torch.Tensor)):
+        if id(value) in seen:
+            return ("seen", seen[id(value)])
+        seen[id(value)] = len(seen)
+    if isinstance(value, nn.Module):
+        return (
+            type(value),
+            tuple(
+                (name, _signature_part(item, seen, weights=name in ("_parameters", "_buffers")))
+                for name, item in vars(value).items()
+            ),
+        )
+    if isinstance(value, torch.Tensor):
+        # A small constant kept outside the weights may be read as a number on meta (rewrite.execution).
+        read = not weights and not value.is_meta and is_small_constant(value)
+        values = tuple(value.flatten().tolist()) if read else None
+        return (type(value), tuple(value.shape), value.stride(), value.dtype, value.requires_grad, values)
+    if isinstance(value, dict):
+        return (
+            type(value),
+            tuple((key, _signature_part(item, seen, weights=weights)) for key, item in value.items()),
+        )
+    if isinstance(value, (tuple, list)):
+        return (type(value), tuple(_signature_part(item, seen) for item in value))
+    if isinstance(value, (set, frozenset)):
+        return (type(value), frozenset(_signature_part(item, seen) for item in value))
+    if isinstance(value, _PLAIN):
+        return (type(value), value)
+    raise _Unlike
 
 
 def _summary(type_name: str, site: Site, options: dict, *, show_kernel: bool) -> BlockSummary:

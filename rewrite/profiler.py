@@ -40,7 +40,16 @@ from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from rewrite.errors import TraceError
-from rewrite.execution import RunFailed, Runner, model_lock, on_meta_else_real, working_copy
+from rewrite.execution import (
+    RunFailed,
+    Runner,
+    meta_op_signature,
+    meta_output,
+    model_lock,
+    on_meta_else_real,
+    remember_meta_output,
+    working_copy,
+)
 from rewrite.tracer import Leaf, held_path, join_path, path_and_ancestors
 
 if TYPE_CHECKING:
@@ -167,11 +176,28 @@ class _CountingMode(TorchDispatchMode):
         self.registry = registry
         # FLOPs per module-call stack, the stack (a tuple) being the key: one cheap update per op.
         self.flops: defaultdict[tuple[str, ...], int] = defaultdict(int)
+        self.memo = _flops_memo(registry)  # FLOPs per meta op signature (rewrite.execution.meta_op_signature)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         if func in _METADATA_QUERIES:
             return NotImplemented
+        # On meta, an op's output and FLOPs follow from its signature: counted once, then charged again.
+        signature = meta_op_signature(func, args, kwargs)
+        if signature is None:
+            return self._count(func, args, kwargs)
+        made, flops = meta_output(signature), self.memo.get(signature)
+        if made is not None and flops is not None:
+            self.flops[self.calls.stack] += flops
+            return made.make()
+        stack = self.calls.stack
+        before = self.flops[stack]
+        out = self._count(func, args, kwargs)
+        if remember_meta_output(signature, out, args, kwargs):
+            self.memo[signature] = self.flops[stack] - before
+        return out
+
+    def _count(self, func: Any, args: tuple, kwargs: dict) -> Any:
         # As FlopCounterMode does: look the overload up in a registry keyed by packets (so, in effect, every op
         # but prim.device first tries its decomposition) and count the decomposed ops instead when there is one.
         if func not in self.registry and func is not torch.ops.prim.device.default:
@@ -184,6 +210,19 @@ class _CountingMode(TorchDispatchMode):
         if formula is not None:
             self.flops[self.calls.stack] += formula(*args, **kwargs, out_val=out)
         return out
+
+
+# The FLOPs of each meta op signature, under the registry they were counted with: (that registry, the FLOPs).
+_FLOPS_MEMO: tuple[frozenset, dict[tuple, int]] = (frozenset(), {})
+
+
+def _flops_memo(registry: dict[Any, Callable[..., int]]) -> dict[tuple, int]:
+    """The FLOPs memo for ``registry``: kept from profile to profile while the formulas stay the same."""
+    global _FLOPS_MEMO
+    formulas = frozenset(registry.items())
+    if _FLOPS_MEMO[0] != formulas:
+        _FLOPS_MEMO = (formulas, {})
+    return _FLOPS_MEMO[1]
 
 
 def _flop_registry() -> dict[Any, Any]:

@@ -166,21 +166,22 @@ def rewrite_model(
     memo = meta_memo(model) if on_meta else {}
     graph_modules = [region.graph_module for region in traced.regions]
     new_model, new_graph_modules = copy.deepcopy((model, graph_modules), memo)
+    holders = _Holders([new_model, *new_graph_modules])
 
     graph_sites: dict[int, list[BuiltSite]] = {}
     for built in sites:
         if built.match.kind == "module":
             old = new_model.get_submodule(built.match.path)
             carry_plain_attributes(old, built.block)
-            new_model = _replace_everywhere([new_model, *new_graph_modules], old, built.block)
+            new_model = holders.replace(new_model, old, built.block)
         elif built.match.kind == "modules":
             # The forward stays; its calls now reach the block, then Identities.
             paths = site_module_paths(traced, built.match)
             olds = [new_model.get_submodule(path) for path in paths]
-            new_model = _replace_everywhere([new_model, *new_graph_modules], olds[0], built.block)
+            new_model = holders.replace(new_model, olds[0], built.block)
             for path, old in zip(paths[1:], olds[1:], strict=True):
                 if path != built.match.kept_activation:
-                    new_model = _replace_everywhere([new_model, *new_graph_modules], old, nn.Identity())
+                    new_model = holders.replace(new_model, old, nn.Identity())
         else:
             for occurrence in built.match.occurrences:
                 graph_sites.setdefault(occurrence.region, []).append(built)
@@ -202,7 +203,7 @@ def rewrite_model(
         old = new_model.get_submodule(region_path) if region_path else new_model
         carry_plain_attributes(old, gm)
         carry_hooks(old, gm)
-        new_model = _replace_everywhere([new_model, *new_graph_modules], old, gm)
+        new_model = holders.replace(new_model, old, gm)
     return new_model
 
 
@@ -313,15 +314,43 @@ def _has_attribute(module: nn.Module, dotted: str) -> bool:
     return True
 
 
-def _replace_everywhere(roots: list[nn.Module], old: nn.Module, new: nn.Module) -> nn.Module:
-    """Put ``new`` wherever a module under ``roots`` holds ``old``; return the first root (``new`` if it was
-    ``old``), so that every name of an aliased module runs the new one."""
-    for root in roots:
-        for module in root.modules():
+class _Holders:
+    """Where each module under some roots is held: every (parent, attribute name) pair, found in one walk and
+    kept up to date as modules are replaced, so that a rewrite costs one walk of the model, not one per site.
+
+    >>> inner = nn.ReLU()
+    >>> model = nn.Sequential(inner, nn.Sequential(inner))  # one module under two names
+    >>> holders = _Holders([model])
+    >>> new = nn.SiLU()
+    >>> holders.replace(model, inner, new)[1][0]
+    SiLU()
+    >>> holders.replace(model, new, nn.GELU())[0], model[1][0]  # replaced in turn, under both names
+    (GELU(approximate='none'), GELU(approximate='none'))
+    """
+
+    def __init__(self, roots: list[nn.Module]) -> None:
+        # module id -> (parent id, name) -> parent
+        self._held: dict[int, dict[tuple[int, str], nn.Module]] = {}
+        for root in roots:
+            self._add_subtree(root)
+
+    def _add_subtree(self, top: nn.Module) -> None:
+        for module in top.modules():
             for name, child in module._modules.items():
-                if child is old:
-                    module._modules[name] = new
-    return new if roots[0] is old else roots[0]
+                if child is not None:
+                    self._held.setdefault(id(child), {})[(id(module), name)] = module
+
+    def replace(self, root: nn.Module, old: nn.Module, new: nn.Module) -> nn.Module:
+        """Put ``new`` wherever a module holds ``old``; return ``root`` (``new`` if ``root`` was ``old``), so
+        that every name of an aliased module runs the new one."""
+        places = self._held.setdefault(id(new), {})
+        for place, parent in self._held.pop(id(old), {}).items():
+            # A graph rewrite deletes the submodules it no longer calls: those places hold nothing now.
+            if parent._modules.get(place[1]) is old:
+                parent._modules[place[1]] = new
+                places[place] = parent  # where a later site finds it, should it replace it in turn
+        self._add_subtree(new)
+        return new if root is old else root
 
 
 # nn.Module's hook tables: a graph module that takes a module's place runs the hooks the user put on it.

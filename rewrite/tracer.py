@@ -98,6 +98,7 @@ from rewrite.execution import (
     Runner,
     attributes_restored,
     buffer_values_restored,
+    meta_empty_like,
     meta_memo,
     model_lock,
     on_meta_else_real,
@@ -240,7 +241,7 @@ def _traced_in_other_mode(model: nn.Module, example_inputs: tuple) -> Traced:
     """``model`` traced in the other train/eval mode: on a weight-free copy, or, for a model whose forward needs
     the values to run (it branches on them), on a full copy and the real example inputs."""
     other = copy.deepcopy(model, meta_memo(model)).train(not model.training)
-    inputs = pytree.tree_map_only(torch.Tensor, lambda t: torch.empty_like(t, device="meta"), example_inputs)
+    inputs = pytree.tree_map_only(torch.Tensor, meta_empty_like, example_inputs)
     try:
         return trace(other, inputs, propagate_shapes=False)
     except TraceError:

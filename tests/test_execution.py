@@ -8,7 +8,15 @@ import pytest
 import torch
 from torch import nn
 
-from rewrite.execution import RunFailed, Runner, attributes_restored, on_meta_else_real, one_line, run
+from rewrite.execution import (
+    MetaOpMemo,
+    RunFailed,
+    Runner,
+    attributes_restored,
+    on_meta_else_real,
+    one_line,
+    run,
+)
 
 
 class GridCache(nn.Module):
@@ -180,3 +188,39 @@ def test_one_line_keeps_the_first_sentence_and_the_models_own_line() -> None:
     assert reason.startswith("RuntimeError: shapes cannot be multiplied (test_execution.py:")
     assert one_line(ValueError("x" * 200)) == f"ValueError: {'x' * 157}..."
     assert one_line(KeyError()) == "KeyError"
+
+
+class Mixed(nn.Module):
+    """Ops of every kind a memo must tell apart: fresh outputs (conv, BatchNorm, cat), views, in-place ops, a
+    channels-last layout and a factory op."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 8, 3, padding=1)
+        self.norm = nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        y = self.norm(self.conv(x.contiguous(memory_format=torch.channels_last)))
+        a, b = y.chunk(2, dim=1)
+        a = a.add_(1)  # the chunk itself, a view
+        z = torch.cat([b, a], dim=1).transpose(2, 3)
+        return z, a, torch.zeros(3, device=x.device), y.sum((2, 3))
+
+
+def test_a_memoized_meta_run_gives_what_an_unmemoized_one_gives() -> None:
+    """Each op of a meta run is worked out once per signature (rewrite.execution.MetaOpMemo); what the memo
+    makes again must match, layout included, and views and in-place results must still alias their input."""
+
+    def layouts(outputs: tuple[torch.Tensor, ...]) -> list[tuple]:
+        return [(t.shape, t.stride(), t.dtype, t.storage_offset(), t._base is not None) for t in outputs]
+
+    model = nn.Sequential(Mixed()).to("meta").train()
+    x = torch.empty(2, 4, 6, 5, device="meta")
+    with torch.no_grad():
+        expected = layouts(model(x))
+    with torch.no_grad(), MetaOpMemo():
+        first = model(x)
+        again = model(torch.empty(2, 4, 6, 5, device="meta"))
+    assert layouts(first) == layouts(again) == expected
+    assert again[0] is not first[0]
+    assert run(model, (x,)).value[0].stride() == first[0].stride()  # the runner's meta runs use the memo

@@ -1,0 +1,212 @@
+"""How the cost of ``rewrite.plan`` grows with the model: time per rewritten site, the growth from 250 to 2000
+sites, peak memory, YOLOv5-L's main job and a net of a trillion parameters on meta.
+
+The synthetic nets are ``N`` blocks of conv(64→64, 3x3) → BatchNorm → SiLU in one ``nn.Sequential``, built on
+the meta device (no weights), input 1x64x32x32, planned with a one-rule GSConv chain rule (below) that
+rewrites every block: ``N`` sites. Each configuration runs in a fresh process (``--one``), so that its peak
+resident memory (``ru_maxrss``) is its own; the plan's phases (trace, match, build and rewrite, measure, shape
+check) are timed by wrapping the planner's steps, and the same process first imports the library (torch
+included) so that the import is timed too. YOLOv5-L's main job is ``rewrite plan yolov5l --rules slim-neck``
+as a user runs it, timed from outside (one process, import included), and its split measured in a second
+process. The large nets are blocks of 4096 channels (about 100 B parameters) and 16384 channels (about 1 T
+parameters), on meta.
+
+Goals (issue 24): at most 5 ms per site at N = 2000, time(2000) / time(250) at most 8.5; YOLOv5-L's main job
+at most 3.5 s; 1 T parameters planned on meta in under 60 s and 2 GB.
+
+The machine is shared: times are CPU seconds of the planning process (``time.process_time``: what other
+users' load changes least), the wall time beside them, and each line carries the 1-minute load average.
+
+    python bench/plan_speed.py [--sizes 250 1000 2000 4000] [--skip-yolo] [--skip-large]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RULES = """
+[ruleset]
+name = "chain-gsconv"
+description = "every conv -> BatchNorm -> activation chain becomes a GSConv"
+
+[[rule]]
+name = "conv-to-gsconv"
+match.chain = ["Conv2d", "BatchNorm2d?", "activation?"]
+where.groups = 1
+where.same_size = true
+replace.builder = "GSConv"
+replace.activation = "inherit"
+"""
+
+# What each phase of a plan is made of: the planner's names for its steps (wrapped with a timer).
+PHASES = {
+    "trace": ["trace", "to_networkx", "resolve_stages", "resolve_scope"],
+    "match": ["find_matches"],
+    "build": ["build_sites", "_refuse_frozen", "absorb_into_graph_regions", "rewrite_model"],
+    "measure": ["profile", "_measure_site"],
+    "shape check": ["check_outputs"],
+}
+
+
+# (blocks, channels): 105.7 B and 1.0 T parameters (a block holds 9 c² conv weights and 2 c of BatchNorm)
+LARGE = ((700, 4096), (414, 16384))
+
+
+def chain_net(blocks: int, channels: int):
+    import torch
+    from torch import nn
+
+    with torch.device("meta"):
+        return nn.Sequential(
+            *(
+                nn.Sequential(
+                    nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+                    nn.BatchNorm2d(channels),
+                    nn.SiLU(),
+                )
+                for _ in range(blocks)
+            )
+        )
+
+
+def timed_plan(model, rules, inputs) -> dict:
+    """Plan ``model``: the CPU and wall time of the whole, the CPU time of each phase (seconds), the sites."""
+    from rewrite import planner
+
+    spent = dict.fromkeys(PHASES, 0.0)
+    running = []  # the phase being timed: a step called inside another (a profile inside a measure) is not
+    originals = {}
+    for phase, names in PHASES.items():
+        for name in names:
+            if not hasattr(planner, name):
+                continue
+            originals[name] = function = getattr(planner, name)
+
+            def timed(*args, _function=function, _phase=phase, **kwargs):
+                if running:
+                    return _function(*args, **kwargs)
+                running.append(_phase)
+                start = time.process_time()
+                try:
+                    return _function(*args, **kwargs)
+                finally:
+                    spent[_phase] += time.process_time() - start
+                    running.pop()
+
+            setattr(planner, name, timed)
+    try:
+        start, start_cpu = time.perf_counter(), time.process_time()
+        plan = planner.plan(model, rules, inputs)
+        wall, cpu = time.perf_counter() - start, time.process_time() - start_cpu
+    finally:
+        for name, function in originals.items():
+            setattr(planner, name, function)
+    sites, params = len(plan.sites), plan.params.before
+    return {"plan": cpu, "wall": wall, "phases": spent, "sites": sites, "params": params}
+
+
+def one(kind: str, blocks: int, channels: int) -> dict:
+    """One configuration, in this process: what ``--one`` prints."""
+    start = time.process_time()
+    import torch
+
+    from rewrite.rules import parse_rules
+    from rewrite.zoo import create_model
+
+    imported = time.process_time() - start
+    if kind == "yolov5l":
+        result = timed_plan(create_model("yolov5l").eval(), "slim-neck", torch.zeros(1, 3, 640, 640))
+    else:  # the large nets on a smaller map: on meta, shapes cost the same whatever their size
+        side = 32 if channels == 64 else 8
+        model = chain_net(blocks, channels)
+        result = timed_plan(model, parse_rules(RULES, "plan_speed.py"), torch.zeros(1, channels, side, side))
+    result["import"] = imported
+    result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    result["load"] = os.getloadavg()[0]
+    return result
+
+
+def in_subprocess(kind: str, blocks: int = 0, channels: int = 0) -> dict:
+    output = subprocess.run(
+        [sys.executable, __file__, "--one", kind, str(blocks), str(channels)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def cli_time() -> tuple[float, float, float]:
+    """The wall and CPU time of ``rewrite plan yolov5l --rules slim-neck`` as a user runs it, and the load
+    average."""
+    executable = str(Path(sys.executable).with_name("rewrite"))
+    command = [executable, "plan", "yolov5l", "--rules", "slim-neck", "-q"]
+    start, children = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    subprocess.run(command, check=True, capture_output=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime
+    return time.perf_counter() - start, cpu, os.getloadavg()[0]
+
+
+def split(result: dict) -> str:
+    phases = ", ".join(f"{name} {seconds:.2f}" for name, seconds in result["phases"].items())
+    other = result["plan"] - sum(result["phases"].values())
+    return f"import {result['import']:.2f}, {phases}, other {other:.2f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[250, 1000, 2000, 4000])
+    parser.add_argument("--skip-yolo", action="store_true")
+    parser.add_argument("--skip-large", action="store_true")
+    parser.add_argument("--one", nargs=3, metavar=("KIND", "BLOCKS", "CHANNELS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(one(args.one[0], int(args.one[1]), int(args.one[2]))))
+        return
+
+    print("| N | plan (CPU) | per site | wall | peak RSS | load | split (CPU s) |")
+    print("|---:|---:|---:|---:|---:|---:|---|")
+    times = {}
+    for size in args.sizes:
+        result = in_subprocess("chain", size, 64)
+        assert result["sites"] == size, result  # every block is a site, or the figures mean nothing
+        times[size] = result["plan"]
+        print(
+            f"| {size} | {result['plan']:.2f} s | {1000 * result['plan'] / size:.1f} ms "
+            f"| {result['wall']:.2f} s | {result['peak_rss_gb']:.2f} GB | {result['load']:.1f} "
+            f"| {split(result)} |",
+            flush=True,
+        )
+    if 250 in times and 2000 in times:
+        print(f"time(2000) / time(250) = {times[2000] / times[250]:.2f} (linear: 8)")
+
+    if not args.skip_yolo:
+        wall, cpu, load = cli_time()
+        result = in_subprocess("yolov5l")
+        print(
+            f"YOLOv5-L, rewrite plan yolov5l --rules slim-neck: {wall:.2f} s wall, {cpu:.2f} s CPU (load "
+            f"{load:.1f}); in one process: plan {result['plan']:.2f} s CPU, {result['sites']} sites; "
+            f"{split(result)}"
+        )
+
+    if not args.skip_large:
+        for blocks, channels in LARGE:
+            result = in_subprocess("chain", blocks, channels)
+            print(
+                f"{result['params'] / 1e9:.1f} B parameters ({result['sites']} blocks of {channels} "
+                f"channels) on meta: plan {result['plan']:.1f} s CPU ({result['wall']:.1f} s wall), peak RSS "
+                f"{result['peak_rss_gb']:.2f} GB, load {result['load']:.1f}; {split(result)}",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
