@@ -49,7 +49,9 @@ def install() -> int:
     if code:
         return _fail(f"installing fx-rewrite from {CHECKOUT} failed (pip's exit code {code})", code=code)
     # An unrelated distribution named "rewrite" also installs an import package "rewrite": only one can be there.
-    check = subprocess.run([sys.executable, "-c", "import rewrite.cli"], capture_output=True, text=True)
+    check = subprocess.run(
+        [sys.executable, "-c", "import rewrite.cli"], check=False, capture_output=True, text=True
+    )
     if check.returncode:
         return _fail(
             "fx-rewrite is installed but `import rewrite.cli` fails; is the unrelated `rewrite` distribution "
@@ -93,7 +95,7 @@ def plan() -> int:
         if _input(gate):
             command += [f"--{gate}", _input(gate)]
     print("+ " + shlex.join(["rewrite", *command[3:]]), flush=True)  # as the user would type it
-    code = subprocess.run(command).returncode
+    code = subprocess.run(command, check=False).returncode
     if paths["json"].exists():
         _write_outputs(paths)
     return code
@@ -122,7 +124,7 @@ def _input(name: str) -> str:
 
 def _pip(*args: str) -> int:
     print("+ " + shlex.join(["pip", *args]), flush=True)
-    return subprocess.run([sys.executable, "-m", "pip", *args]).returncode
+    return subprocess.run([sys.executable, "-m", "pip", *args], check=False).returncode
 
 
 def _fail(message: str, *, code: int) -> int:
