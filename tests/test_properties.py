@@ -83,13 +83,7 @@ def structure(output: Any) -> Any:
     return type(output).__name__
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: torch's worker threads only spin, and on a busy 2-core machine that costs 100x the work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def check_rewrite(spec: Net) -> None:

@@ -22,13 +22,7 @@ from rewrite.zoo.yolov5 import C3, Conv
 warm_start_module = importlib.import_module("rewrite.warm_start")  # the package's name is the function
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The budgets are wall time: on a shared CPU, two threads wait for each other at every small op."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def trained_like(model: nn.Module, batches: list[torch.Tensor]) -> nn.Module:
