@@ -8,7 +8,10 @@ variants take turns, forward and backward of a whole training step on the same b
 * ``slim``: the slim-neck copy as ``rewrite`` builds it (``rewrite.blocks.DepthwiseConv2d``: channels-last where
   gradients flow on a CPU).
 
-    python bench/train_speed.py [--batch 16] [--imgsz 128] [--repetitions 7] [--profile]
+    python bench/train_speed.py [--batch 16] [--imgsz 128] [--repetitions 7] [--threads N] [--profile]
+
+``--threads`` sets torch's threads (default: its own choice, one per core); more threads than cores is what a
+training step meets when data-loading workers or other jobs share the cores.
 
 ``--profile`` adds the ten ops with the most self CPU time per variant (torch.profiler, three steps each).
 """
@@ -58,8 +61,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--imgsz", type=int, default=128)
     parser.add_argument("--repetitions", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     batch = torch.rand(args.batch, 3, args.imgsz, args.imgsz)
     print(
