@@ -219,6 +219,12 @@ class MetaOpMemo(TorchDispatchMode):
     (torch.Size([1, 8, 6, 6]), False, device(type='meta'))
     """
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # torch wraps a mode's __torch_dispatch__ so that torch.compile skips it, which imports torch._dynamo
+        # (2 s) at the first op; nothing is ever compiled under this mode.
+        return False
+
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         signature = meta_op_signature(func, args, kwargs)

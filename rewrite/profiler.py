@@ -178,6 +178,12 @@ class _CountingMode(TorchDispatchMode):
         self.flops: defaultdict[tuple[str, ...], int] = defaultdict(int)
         self.memo = _flops_memo(registry)  # FLOPs per meta op signature (rewrite.execution.meta_op_signature)
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # torch wraps a mode's __torch_dispatch__ so that torch.compile skips it, which imports torch._dynamo
+        # (2 s) at the first op; nothing is ever compiled under this mode.
+        return False
+
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         if func in _METADATA_QUERIES:
