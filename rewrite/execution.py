@@ -70,6 +70,7 @@ __all__ = [
     "Outcome",
     "RunFailed",
     "Runner",
+    "UncompiledDispatchMode",
     "attributes_restored",
     "buffer_values_restored",
     "is_small_constant",
@@ -200,7 +201,19 @@ class Runner:
         return innermost
 
 
-class MetaOpMemo(TorchDispatchMode):
+class UncompiledDispatchMode(TorchDispatchMode):
+    """A dispatch mode under which nothing is compiled: torch leaves its ``__torch_dispatch__`` as written.
+
+    torch wraps a mode's ``__torch_dispatch__`` so that ``torch.compile`` skips it; the wrapper imports
+    ``torch._dynamo`` (seconds) at the first op and costs a call per op after that.
+    """
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        return False
+
+
+class MetaOpMemo(UncompiledDispatchMode):
     """A dispatch mode that runs each op on meta tensors once per signature, then makes its output again.
 
     On meta an op costs only its output's metadata, but working that out runs Python for many ops (a
@@ -218,12 +231,6 @@ class MetaOpMemo(TorchDispatchMode):
     >>> again.shape, again is first, again.device
     (torch.Size([1, 8, 6, 6]), False, device(type='meta'))
     """
-
-    @classmethod
-    def _should_skip_dynamo(cls) -> bool:
-        # torch wraps a mode's __torch_dispatch__ so that torch.compile skips it, which imports torch._dynamo
-        # (2 s) at the first op; nothing is ever compiled under this mode.
-        return False
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}

@@ -37,12 +37,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 from torch.utils import flop_counter
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from rewrite.errors import TraceError
 from rewrite.execution import (
     RunFailed,
     Runner,
+    UncompiledDispatchMode,
     meta_op_signature,
     meta_output,
     model_lock,
@@ -166,7 +166,7 @@ class _CallStack:
                 handle.remove()
 
 
-class _CountingMode(TorchDispatchMode):
+class _CountingMode(UncompiledDispatchMode):
     """FlopCounterMode's dispatch rule (same skips, same decomposition attempt, same formulas), but each op's FLOPs
     go to the current module-call stack, expanded to the modules on it once, afterwards."""
 
@@ -177,12 +177,6 @@ class _CountingMode(TorchDispatchMode):
         # FLOPs per module-call stack, the stack (a tuple) being the key: one cheap update per op.
         self.flops: defaultdict[tuple[str, ...], int] = defaultdict(int)
         self.memo = _flops_memo(registry)  # FLOPs per meta op signature (rewrite.execution.meta_op_signature)
-
-    @classmethod
-    def _should_skip_dynamo(cls) -> bool:
-        # torch wraps a mode's __torch_dispatch__ so that torch.compile skips it, which imports torch._dynamo
-        # (2 s) at the first op; nothing is ever compiled under this mode.
-        return False
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}

@@ -31,6 +31,8 @@ from torch import nn
 
 import rewrite
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 GENERIC_RULES = rewrite.parse_rules(
     """
 [ruleset]
@@ -81,9 +83,6 @@ def structure(output: Any) -> Any:
     if isinstance(output, (tuple, list)):
         return (type(output).__name__, [structure(item) for item in output])
     return type(output).__name__
-
-
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def check_rewrite(spec: Net) -> None:
