@@ -40,9 +40,11 @@ from typing import Any
 import torch
 from torch import nn
 from ultralytics import YOLO
+from ultralytics.cfg import get_cfg
 from ultralytics.data import YOLODataset
+from ultralytics.data.utils import check_det_dataset
 from ultralytics.models.yolo.detect import DetectionTrainer, DetectionValidator
-from ultralytics.utils import LOGGER
+from ultralytics.utils import DEFAULT_CFG, LOGGER
 from ultralytics.utils.checks import check_imgsz
 from ultralytics.utils.torch_utils import select_device
 
@@ -64,6 +66,7 @@ __all__ = [
     "compare",
     "rewrite_detection_model",
     "train",
+    "training_images",
 ]
 
 Rules = str | Path | RuleSet
@@ -194,7 +197,7 @@ class RewriteTrainer(DetectionTrainer):
         and log what it did."""
         stride = max(int(trained.stride.max()), 32)
         imgsz = check_imgsz(self.args.imgsz, stride=stride, floor=stride, max_dim=1)
-        batches = _training_images(self, imgsz, stride)
+        batches = training_images(self.data, imgsz, stride=stride)
         rewritten.to(self.device)
         trained.to(self.device)
         images = sum(len(batch) for batch in batches)
@@ -215,30 +218,40 @@ class RewriteTrainer(DetectionTrainer):
         return report
 
 
-def _training_images(trainer: DetectionTrainer, imgsz: int, stride: int = 32) -> list[torch.Tensor]:
-    """:data:`WARM_START_IMAGES` images of ``trainer``'s training split, spread evenly over it: RGB in [0, 1],
-    letterboxed to ``imgsz`` × ``imgsz`` as ultralytics' validation does, in NCHW batches of 16.
+def training_images(
+    data: str | Path | dict[str, Any],
+    imgsz: int,
+    *,
+    count: int = WARM_START_IMAGES,
+    stride: int = 32,
+    batch: int = _WARM_START_BATCH,
+) -> list[torch.Tensor]:
+    """``count`` images of ``data``'s training split, spread evenly over it: RGB in [0, 1], letterboxed to
+    ``imgsz`` × ``imgsz`` as ultralytics' validation does, in NCHW batches of ``batch`` — what a warm start learns
+    from.
 
-    The images come from ultralytics' own dataset class on the split its data YAML names (a folder, a list
-    file, or several), without augmentation; labels are read (and cached) as for training, but not used.
+    ``data`` is a data YAML (or the dict ultralytics' ``check_det_dataset`` makes of one). The images come from
+    ultralytics' own dataset class on the split it names (a folder, a list file, or several), without
+    augmentation; labels are read (and cached) as for training, but not used::
+
+        batches = training_images("my.yaml", 128)
+        rewrite.warm_start(slim, base, batches, seconds=30)
     """
+    data = data if isinstance(data, dict) else check_det_dataset(str(data))
     dataset = YOLODataset(
-        img_path=trainer.data["train"],
+        img_path=data["train"],
         imgsz=imgsz,
         augment=False,
-        hyp=trainer.args,
+        hyp=get_cfg(DEFAULT_CFG),
         rect=False,
         stride=stride,
         prefix="rewrite warm start: ",
-        data=trainer.data,
-        task=trainer.args.task,
+        data=data,
+        task="detect",
     )
-    count = min(WARM_START_IMAGES, len(dataset))
+    count = min(count, len(dataset))
     picked = [dataset[index * len(dataset) // count]["img"] for index in range(count)]
-    return [
-        torch.stack(picked[i : i + _WARM_START_BATCH]).float() / 255
-        for i in range(0, count, _WARM_START_BATCH)
-    ]
+    return [torch.stack(picked[i : i + batch]).float() / 255 for i in range(0, count, batch)]
 
 
 def rewrite_detection_model(
