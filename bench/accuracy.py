@@ -12,7 +12,7 @@ the CPU. Three parts, each printed as a table:
 2. **The paper's table** — params and FLOPs at 640 (``rewrite.profile``), CPU latency at 640 of the seed-0
    checkpoints, folded (``rewrite.fold``), eager and ONNX Runtime (interleaved, medians), next to the mAPs.
 3. **From a trained base** — the seed-0 YOLOv8n rewritten with ``slim-neck-v8``, then either warm-started for
-   ``--warm-start`` seconds (``rewrite.warm_start`` on 256 training images, labels unused) or left with fresh
+   each of the ``--warm-start`` budgets (``rewrite.warm_start`` on 256 training images, labels unused) or left with fresh
    blocks, and fine-tuned K epochs with ``rewrite.integrations.ultralytics.train`` and its ``FINE_TUNE``
    schedule, for K = 0 (no fine-tune), 1, 2 and 10 % of ``--epochs``: mAP50-95 against the wall time from the
    trained checkpoint to the slim one.
@@ -23,7 +23,7 @@ time are in the tables. ``--plot`` writes ``OUT/accuracy.png``: mAP50-95 against
 blocks, with the base's and the scratch-trained slim's levels.
 
     python bench/accuracy.py --out runs/accuracy [--epochs 20] [--seeds 0,1,2] [--v5-seeds 0] [--imgsz 128]
-        [--warm-start 30] [--parts scratch,paper,trained] [--plot]
+        [--warm-start 30,60] [--fine-tune KEY=VALUE ...] [--parts scratch,paper,trained] [--plot]
 
 Goals (issue 20): from scratch, slim-neck within 1.0 point of the base's mAP50-95 (mean of the seeds) in both
 families; from a trained base, at least 99 % of its mAP50-95 after a warm start of at most 60 s and a fine-tune
@@ -34,6 +34,7 @@ base epoch.
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
 import csv
 import functools
@@ -57,6 +58,7 @@ from ultralytics.utils import LOGGER
 import rewrite
 from rewrite.datasets import make_detection_task
 from rewrite.integrations.ultralytics import (
+    FINE_TUNE,
     rewrite_detection_model,
     train,
     training_images,
@@ -103,13 +105,23 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--train-images", type=int, default=1000)
     parser.add_argument("--val-images", type=int, default=200)
-    parser.add_argument("--warm-start", type=float, default=30.0, help="the warm start's seconds")
+    parser.add_argument(
+        "--warm-start", default="30,60", help="the warm start's budgets in seconds, comma separated"
+    )
+    parser.add_argument(
+        "--fine-tune",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="ultralytics arguments over FINE_TUNE in part 3 (lr0=0.0002 ...); recorded as runs of their own",
+    )
     parser.add_argument("--parts", default="scratch,paper,trained")
     parser.add_argument("--latency-runs", type=int, default=15)
     parser.add_argument("--plot", action="store_true", help="write OUT/accuracy.png")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
     seeds = {"yolov8n": _ints(args.seeds), "yolov5nu": _ints(args.v5_seeds)}
+    budgets = [float(value) for value in args.warm_start.split(",") if value]
 
     args.out.mkdir(parents=True, exist_ok=True)
     record = Record(args.out / "results.json")
@@ -171,10 +183,15 @@ def main() -> None:
     if "trained" in parts:
         base = record.runs[f"scratch/{TRAINED_FAMILY}/base/seed{seeds[TRAINED_FAMILY][0]}"]["checkpoint"]
         rules = FAMILIES[TRAINED_FAMILY][1]
+        overrides = {
+            key: _literal(value) for key, _, value in (pair.partition("=") for pair in args.fine_tune)
+        }
+        schedule = "".join(f",{key}={value}" for key, value in overrides.items())
         for epochs in _fine_tune_epochs(args.epochs):
-            for warm in (True, False):
-                kind = "warm" if warm else "fresh"
-                budget = args.warm_start if warm else False
+            for budget in [*budgets, False]:
+                kind = f"warm{budget:g}" if budget else "fresh"
+                if epochs == 0 and schedule:
+                    continue
                 if epochs == 0:
                     run = functools.partial(_rewritten_alone, base, rules, data, args.imgsz, budget)
                 else:
@@ -186,17 +203,26 @@ def main() -> None:
                         **common,
                         epochs=epochs,
                         seed=0,
-                        name=f"trained-{kind}-{epochs}",
+                        name=f"trained-{kind}-{epochs}{schedule}",
+                        **overrides,
                     )
-                record.get_or_run(f"trained/{kind}/{epochs}", run)
+                record.get_or_run(f"trained/{kind}{schedule}/{epochs}", run)
 
     print(
         f"\nbench wall time this run: {time.perf_counter() - started:.0f} s; recorded runs' wall time: "
         f"{sum(run['wall_s'] for run in record.runs.values()):.0f} s"
     )
-    print_tables(record.runs, seeds, args.epochs, args.warm_start)
+    print_tables(record.runs, seeds, args.epochs)
     if args.plot:
         plot(record.runs, seeds, args.out / "accuracy.png")
+
+
+def _literal(text: str) -> object:
+    """``"0.001"`` -> 0.001, ``"True"`` -> True; anything else stays text."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
 
 
 def _ints(text: str) -> list[int]:
@@ -310,9 +336,7 @@ def _mean_spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
-def print_tables(
-    runs: dict[str, dict[str, Any]], seeds: dict[str, list[int]], epochs: int, warm: float
-) -> None:
+def print_tables(runs: dict[str, dict[str, Any]], seeds: dict[str, list[int]], epochs: int) -> None:
     """The three tables, as markdown, from whatever the record holds."""
     print(f"\n## From scratch, same recipe ({epochs} epochs)\n")
     print("| model | seeds | mAP50 | mAP50-95 | per seed | s / epoch | wall s |")
@@ -362,7 +386,8 @@ def print_tables(
         return
     print(
         f"\n## From the trained {TRAINED_FAMILY} (seed {seeds[TRAINED_FAMILY][0]}, mAP50-95 {base['map50_95']:.3f}):"
-        f" rewrite, warm start ({warm:g} s) or fresh blocks, fine-tune K epochs\n"
+        " rewrite, warm start (warmN: N seconds) or fresh blocks, fine-tune K epochs with FINE_TUNE "
+        f"({FINE_TUNE}; a run's overrides in its name)\n"
     )
     print("| K | blocks | warm start s | wall s | mAP50 | mAP50-95 | of base |")
     print("|---:|---|---:|---:|---:|---:|---:|")
@@ -382,21 +407,23 @@ def plot(runs: dict[str, dict[str, Any]], seeds: dict[str, list[int]], path: Pat
 
     base = runs[f"scratch/{TRAINED_FAMILY}/base/seed{seeds[TRAINED_FAMILY][0]}"]
     figure, axes = plt.subplots(figsize=(7, 4.2))
-    for kind, label, style in (
-        ("warm", "warm start, then fine-tune", "o-"),
-        ("fresh", "fresh blocks, fine-tune", "s--"),
-    ):
+    kinds = sorted(
+        {key.split("/")[1] for key in runs if key.startswith("trained/")}, key=lambda k: k != "fresh"
+    )
+    for kind in kinds:
         points = sorted(
             (run["wall_s"], run["map50_95"], int(key.split("/")[2]))
             for key, run in runs.items()
             if key.startswith(f"trained/{kind}/")
         )
-        if points:
-            axes.plot([p[0] for p in points], [p[1] for p in points], style, label=label)
-            for seconds, score, epochs in points:
-                axes.annotate(
-                    f"K={epochs}", (seconds, score), textcoords="offset points", xytext=(4, -10), fontsize=8
-                )
+        label = "fresh blocks, fine-tune" if kind == "fresh" else f"warm start {kind[4:]} s, then fine-tune"
+        axes.plot(
+            [p[0] for p in points], [p[1] for p in points], "s--" if kind == "fresh" else "o-", label=label
+        )
+        for seconds, score, epochs in points:
+            axes.annotate(
+                f"K={epochs}", (seconds, score), textcoords="offset points", xytext=(4, -10), fontsize=8
+            )
     axes.axhline(base["map50_95"], color="black", linewidth=1, label=f"trained base {base['map50_95']:.3f}")
     axes.axhline(0.99 * base["map50_95"], color="grey", linestyle=":", linewidth=1, label="99 % of the base")
     slim = [
