@@ -59,6 +59,7 @@ import rewrite
 from rewrite.datasets import make_detection_task
 from rewrite.integrations.ultralytics import (
     FINE_TUNE,
+    WARM_FINE_TUNE,
     rewrite_detection_model,
     train,
     training_images,
@@ -386,8 +387,9 @@ def print_tables(runs: dict[str, dict[str, Any]], seeds: dict[str, list[int]], e
         return
     print(
         f"\n## From the trained {TRAINED_FAMILY} (seed {seeds[TRAINED_FAMILY][0]}, mAP50-95 {base['map50_95']:.3f}):"
-        " rewrite, warm start (warmN: N seconds) or fresh blocks, fine-tune K epochs with FINE_TUNE "
-        f"({FINE_TUNE}; a run's overrides in its name)\n"
+        " rewrite, warm start (warmN: N seconds) or fresh blocks, fine-tune K epochs with train()'s schedule "
+        f"(WARM_FINE_TUNE {WARM_FINE_TUNE} after a warm start, FINE_TUNE {FINE_TUNE} on fresh blocks; a run's "
+        "overrides in its name)\n"
     )
     print("| K | blocks | warm start s | wall s | mAP50 | mAP50-95 | of base |")
     print("|---:|---|---:|---:|---:|---:|---:|")
@@ -406,17 +408,23 @@ def plot(runs: dict[str, dict[str, Any]], seeds: dict[str, list[int]], path: Pat
     import matplotlib.pyplot as plt
 
     base = runs[f"scratch/{TRAINED_FAMILY}/base/seed{seeds[TRAINED_FAMILY][0]}"]
-    figure, axes = plt.subplots(figsize=(7, 4.2))
+    figure, axes = plt.subplots(figsize=(10, 4.5))
     kinds = sorted(
         {key.split("/")[1] for key in runs if key.startswith("trained/")}, key=lambda k: k != "fresh"
     )
     for kind in kinds:
+        # A schedule's line starts where its fine-tune starts: the same warm start (or none), no epochs.
+        starts = {kind, kind.split(",")[0]}
         points = sorted(
-            (run["wall_s"], run["map50_95"], int(key.split("/")[2]))
+            (run["wall_s"], run["map50_95"], int(epochs))
             for key, run in runs.items()
-            if key.startswith(f"trained/{kind}/")
+            if key.startswith("trained/")
+            for _, run_kind, epochs in [key.split("/")]
+            if run_kind == kind or (epochs == "0" and run_kind in starts)
         )
-        label = "fresh blocks, fine-tune" if kind == "fresh" else f"warm start {kind[4:]} s, then fine-tune"
+        warm, _, overrides = kind.partition(",")
+        label = "fresh blocks" if warm == "fresh" else f"warm start {warm[4:]} s"
+        label += f", fine-tune {overrides or 'with the default schedule'}"
         axes.plot(
             [p[0] for p in points], [p[1] for p in points], "s--" if kind == "fresh" else "o-", label=label
         )
@@ -442,7 +450,7 @@ def plot(runs: dict[str, dict[str, Any]], seeds: dict[str, list[int]], path: Pat
     axes.set_xlabel("wall seconds from the trained checkpoint (2-core CPU)")
     axes.set_ylabel("mAP50-95 (val)")
     axes.set_title(f"{TRAINED_FAMILY} → slim-neck: warm start against fresh blocks")
-    axes.legend(loc="lower right", fontsize=8)
+    axes.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     print(f"\nwrote {path}")

@@ -22,7 +22,7 @@ os.environ.setdefault("YOLO_CONFIG_DIR", tempfile.mkdtemp(prefix="rewrite-ultral
 ultralytics = pytest.importorskip("ultralytics")
 
 import rewrite
-from rewrite.integrations.ultralytics import FINE_TUNE, rewrite_detection_model, train
+from rewrite.integrations.ultralytics import WARM_FINE_TUNE, rewrite_detection_model, train
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 # Works today on ultralytics' YOLOv8: its two neck downsampling convs (3x3, stride 2) become GSConvs.
@@ -198,10 +198,10 @@ def test_warm_start_then_one_epoch_of_fine_tuning_and_the_log_says_what_it_did(t
     assert started.keys() == warm.keys()
     assert all(torch.equal(started[k], warm[k]) for k in warm)
     assert all(torch.equal(states["ema starts"][k].float(), warm[k].float()) for k in warm)
-    # One epoch of fine-tuning, validated, with the fine-tune schedule (the caller set none of it).
+    # One epoch of fine-tuning, validated, with the schedule after a warm start (the caller set none of it).
     assert len(trainer.csv.read_text().splitlines()) == 2
     assert "metrics/mAP50-95(B)" in yolo.metrics.results_dict
-    assert {key: getattr(trainer.args, key) for key in FINE_TUNE} == FINE_TUNE
+    assert {key: getattr(trainer.args, key) for key in WARM_FINE_TUNE} == WARM_FINE_TUNE
     assert sum(isinstance(m, rewrite.VoVGSCSP) for m in ultralytics.YOLO(trainer.last).model.modules()) == 4
 
 

@@ -58,6 +58,7 @@ from rewrite.warm_start import WarmStartReport, changed_modules, warm_start
 
 __all__ = [
     "FINE_TUNE",
+    "WARM_FINE_TUNE",
     "WARM_START_IMAGES",
     "WARM_START_SECONDS",
     "Comparison",
@@ -77,12 +78,15 @@ WARM_START_SECONDS = 30.0
 WARM_START_IMAGES = 256
 _WARM_START_BATCH = 16
 
-# The schedule of a fine-tune that starts from trained weights (see train()); the caller's keywords win.
+# The schedule of a fine-tune that starts from trained weights with fresh new blocks (see train()); the caller's
+# keywords win.
 FINE_TUNE: dict[str, Any] = {
     "optimizer": "AdamW",
     "lr0": 0.001,
     "warmup_epochs": 0.0,
 }
+# ... and after a warm start, whose new blocks already compute what the trained ones did: a tenth of the rate.
+WARM_FINE_TUNE: dict[str, Any] = {**FINE_TUNE, "lr0": 0.0001}
 
 
 def train(
@@ -110,11 +114,14 @@ def train(
     holds it (a :class:`rewrite.WarmStartReport`).
 
     From trained weights (a ``.pt`` checkpoint, or ``pretrained=`` naming one) the training is a fine-tune, and its
-    schedule is :data:`FINE_TUNE` unless the keywords say otherwise: AdamW at ``lr0=0.001``, no warmup. ultralytics'
-    own defaults are made for weights from scratch: ``optimizer='auto'`` ignores ``lr0`` and picks a rate from the
-    number of classes (0.01 / (4 + classes)), and its warmup (up to 3 epochs, all but the last) starts the biases
-    at a rate of 0.1. Pass ``optimizer="auto", warmup_epochs=3.0`` for them. The README's "Train and evaluate"
-    says what each schedule measured.
+    schedule is :data:`WARM_FINE_TUNE` after a warm start and :data:`FINE_TUNE` without one, unless the keywords
+    say otherwise: AdamW, no warmup, at ``lr0=0.0001`` and ``0.001``. A warm start leaves the model close to the
+    trained one, and AdamW's first steps move every weight by about the learning rate whatever its gradient:
+    0.001 undoes most of a warm start in the first epoch, while fresh blocks need it to learn at all.
+    ultralytics' own defaults are made for weights from scratch: ``optimizer='auto'`` ignores ``lr0`` and picks a
+    rate from the number of classes (0.01 / (4 + classes)), and its warmup (up to 3 epochs, all but the last)
+    starts the biases at a rate of 0.1. Pass ``optimizer="auto", warmup_epochs=3.0`` for them. The README's
+    "Train and evaluate" says what each schedule measured.
 
     The rule set is checked on the model first: one that rewrites nothing raises
     :class:`~rewrite.errors.NoMatchError`, and a warm start without trained weights
@@ -137,7 +144,8 @@ def train(
         (RewriteTrainer,),
         {"rules": rule_set, "scope": scope, "warm_start_seconds": seconds},
     )
-    yolo.train(trainer=trainer, **({**FINE_TUNE, **kwargs} if trained else kwargs))
+    schedule = WARM_FINE_TUNE if seconds is not None else FINE_TUNE
+    yolo.train(trainer=trainer, **({**schedule, **kwargs} if trained else kwargs))
     return yolo
 
 
