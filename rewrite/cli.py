@@ -556,16 +556,22 @@ def _run_plan(args: argparse.Namespace) -> int:
         min_params_reduction=args.min_params_reduction,
         min_flops_reduction=args.min_flops_reduction,
     )
-    _write_reports(lambda fmt: render(result, fmt, gates=gates), destinations, say)
+    # The report names each gate by the option that set it.
+    _write_reports(lambda fmt: render(result, fmt, gates=gates, gate_label=_option), destinations, say)
     failed = [gate for gate in gates if not gate.passed]
     if result.nothing_rewritten:
         print(f"rewrite: {result.nothing_rewritten}", file=sys.stderr)
     # Also on stderr: the CI log says why the step failed even when the report went to a file.
     for gate in failed:
-        print(f"rewrite: gate failed: --{gate.gate}: {gate.detail}", file=sys.stderr)
+        print(f"rewrite: gate failed: {_option(gate.gate)}: {gate.detail}", file=sys.stderr)
     if not result.shape_check.passed:
         print(f"rewrite: shape check failed: {result.shape_check.detail}", file=sys.stderr)
     return 1 if failed or not result.shape_check.passed else 0
+
+
+def _option(gate: str) -> str:
+    """The command-line option that sets ``gate`` (a gate's name is its option without the dashes)."""
+    return f"--{gate}"
 
 
 def _run_apply(args: argparse.Namespace) -> int:
