@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import rewrite.cli
+import rewrite.cli.commands
 from rewrite.cli import (
     EXIT_BAD_INPUT,
     EXIT_BROKEN_PIPE,
@@ -77,7 +77,7 @@ def test_an_impossible_input_shape_is_bad_input(capsys, shape, message):
 
 
 def test_an_input_larger_than_the_memory_is_refused_before_allocating(capsys, monkeypatch):
-    monkeypatch.setattr(rewrite.cli, "_physical_memory", lambda: 10**6)  # 1 MB of "memory"
+    monkeypatch.setattr(rewrite.cli.commands, "_physical_memory", lambda: 10**6)  # 1 MB of "memory"
     line = one_error_line(*run("profile yolov5n --input 1,3,640,640 --quiet", capsys))
     assert line == (
         "rewrite: error: --input 1,3,640,640: the example input alone needs 0.0 GB, more than this machine's 0.0 GB"

@@ -15,7 +15,9 @@ from torch import nn
 
 import rewrite
 from rewrite.blocks import ConvBNAct, GSConv, VoVGSCSP
-from rewrite.warm_start import _autocast, _fit_end_to_end, changed_modules
+from rewrite.warm_start import changed_modules
+from rewrite.warm_start.end_to_end import fit_end_to_end
+from rewrite.warm_start.fitting import autocast
 from rewrite.zoo import create_model
 from rewrite.zoo.yolov5 import C3, Conv
 
@@ -378,7 +380,7 @@ def test_the_end_to_end_steps_replay_what_runs_before_the_first_new_block():
         rewritten = copy.deepcopy(original)
         rewritten[1] = GSConv(8, 16, 3)
         Counted.calls = 0
-        taken, _ = _fit_end_to_end(
+        taken, _ = fit_end_to_end(
             rewritten, [rewritten[1]], [(b,) for b in batches], targets, lr=1e-2, seconds=seconds
         )
         calls.append(Counted.calls)
@@ -423,7 +425,7 @@ def test_depthwise_convolutions_compute_in_float32_inside_the_bfloat16_autocast_
     x = torch.randn(2, 8, 12, 12)
     with torch.no_grad():
         expected, expected_rounded = depthwise(x), depthwise(x.bfloat16().float()).bfloat16()
-        with _autocast(depthwise, enabled=True):
+        with autocast(depthwise, enabled=True):
             assert depthwise(x).dtype == torch.float32
             assert torch.equal(depthwise(x), expected)
             assert depthwise(x.bfloat16()).dtype == torch.bfloat16  # back to the stream's dtype
@@ -432,7 +434,7 @@ def test_depthwise_convolutions_compute_in_float32_inside_the_bfloat16_autocast_
 
 
 def test_where_bfloat16_is_native_steps_compute_in_it_and_keep_float32_weights(monkeypatch):
-    monkeypatch.setattr(warm_start_module, "_native_bfloat16", lambda model: True)
+    monkeypatch.setattr(warm_start_module, "native_bfloat16", lambda model: True)
     torch.manual_seed(0)
     batches = [torch.rand(4, 3, 16, 16) for _ in range(2)]
     original = three_layers(batches)
@@ -445,3 +447,21 @@ def test_where_bfloat16_is_native_steps_compute_in_it_and_keep_float32_weights(m
     assert torch.float32 in dtypes  # the errors before and after, measured in float32
     assert all(p.dtype == torch.float32 for p in rewritten.parameters())
     assert report.model_after < report.model_before
+
+
+def test_forward_hooks_look_without_changing_and_go_away_even_on_an_error():
+    from rewrite.warm_start.hooks import forward_hooks
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    seen = []
+    modules = dict(model.named_children())
+    with forward_hooks(
+        modules,
+        before=lambda path, module, args: seen.append(("called", path)),
+        after=lambda path, module, args, output: seen.append(("returned", path)),
+    ):
+        model(torch.zeros(1, 2))
+    assert seen == [("called", "0"), ("returned", "0"), ("called", "1"), ("returned", "1")]
+    with pytest.raises(RuntimeError), forward_hooks(modules, after=lambda *args: seen.append(args)):
+        model(torch.zeros(1, 3))  # the wrong width: the forward fails
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
