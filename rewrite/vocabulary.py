@@ -116,26 +116,24 @@ class Op:
     """One op in its spellings and what it is to the library.
 
     ``module`` and ``arguments`` say how an activation's function or method is reproduced as a module: the module
-    class (by default the row's first module class) and the names of the arguments after the input that it takes
-    (``inplace`` never: a new block computes out of place). ``name`` is what a builder's ``activation`` option
-    calls it.
+    class and the names of the arguments after the input that it takes (``inplace`` never: a new block computes
+    out of place). ``name`` is what a builder's ``activation`` option calls it.
     """
 
     spellings: tuple[Spelling, ...]
     roles: frozenset[Role]
+    module: type[nn.Module] | None = None
     arguments: tuple[str, ...] = ()
     name: str | None = None
-    module: type[nn.Module] | None = None
-
-    def reproduction(self) -> tuple[type[nn.Module], tuple[str, ...]] | None:
-        classes = [s for s in self.spellings if isinstance(s, type) and issubclass(s, nn.Module)]
-        module = self.module or next(iter(classes), None)
-        return (module, self.arguments) if module is not None else None
 
 
-def _op(*spellings: Spelling, roles: str, **how: Any) -> Op:
-    """A row of the table: its roles are written as their names, separated by spaces."""
-    return Op(spellings, frozenset(Role(name) for name in roles.split()), **how)
+def _op(*spellings: Spelling, roles: str, module: type[nn.Module] | None = None, **how: Any) -> Op:
+    """A row of the table: its roles written as their names, separated by spaces; its module, unless given, the
+    first module class among its spellings."""
+    classes = (s for s in spellings if isinstance(s, type) and issubclass(s, nn.Module))
+    return Op(
+        spellings, frozenset(Role(name) for name in roles.split()), module or next(classes, None), **how
+    )
 
 
 OPS: tuple[Op, ...] = (
@@ -294,7 +292,7 @@ CATEGORIES: Mapping[str, Category] = MappingProxyType(
 # What a builder's ``activation`` option accepts besides "inherit" (the site's own activation); LeakyReLU with
 # PyTorch's slope, 0.01.
 ACTIVATION_NAMES: Mapping[str, Callable[[], nn.Module]] = MappingProxyType(
-    {op.name: op.reproduction()[0] for op in OPS if op.name is not None}  # type: ignore[index]
+    {op.name: op.module for op in OPS if op.name is not None and op.module is not None}
 )
 
 
@@ -336,18 +334,17 @@ def reproduce_activation(
     if op == "call_module" and module is not None and CATEGORIES["activation"].has_module(module):
         return copy.deepcopy(module)
     row = _row(op, target)
-    if row is None or Role.ACTIVATION not in row.roles:
+    if row is None or Role.ACTIVATION not in row.roles or row.module is None:
         raise ValueError(f"{_describe(target)} is not an activation")
-    cls, names = row.reproduction()  # type: ignore[misc]
-    values = dict(zip(names, args[1:]))
-    values.update((name, kwargs[name]) for name in names if name in kwargs)
+    values = dict(zip(row.arguments, args[1:]))
+    values.update((name, kwargs[name]) for name in row.arguments if name in kwargs)
     computed = [name for name, value in values.items() if isinstance(value, torch.fx.Node)]
     if computed:
         raise IrreproducibleError(
             f"{_describe(target)} takes {', '.join(computed)} computed by the forward; no module with fixed "
             "arguments reproduces it"
         )
-    return cls(**values)
+    return row.module(**values)
 
 
 def is_idempotent(activation: nn.Module) -> bool:
