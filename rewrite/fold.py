@@ -293,7 +293,7 @@ def fold_channel_orders(gm: fx.GraphModule) -> bool:
         _erase_if_unused(node)
     for node in list(gm.graph.nodes):
         if any(_is_order(arg) for arg in node.all_input_nodes):
-            for take in _TAKERS:
+            for take in _RULES:
                 if take(gm, node):
                     break
     return bool(shuffles)
@@ -484,7 +484,7 @@ def _is_channelwise_on_one_tensor(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 
 # The rules an op with a permuted input is tried against, in order; the first that applies rewrites it.
-_TAKERS = (
+_RULES = (
     _compose,
     _into_conv,
     _through_batch_norm,
