@@ -50,8 +50,8 @@ __all__ = [
 
 Builder = TypeVar("Builder", bound=Callable[..., nn.Module])
 
-# What ``activation`` options accept: the site's own activation, or one of the vocabulary's by name.
-ActivationName = Literal["inherit", "silu", "relu", "hardswish", "leaky_relu", "gelu", "identity"]
+# What ``activation`` options accept: the site's own activation, or one of the op table's by name.
+ActivationName = Literal[("inherit", *ACTIVATION_NAMES)]  # type: ignore[valid-type]
 
 
 @dataclass(frozen=True)

@@ -1,26 +1,23 @@
 """Fold a model for inference: the same outputs from a leaner graph.
 
-:func:`fold` returns an eval-mode copy in which
-
-* every ``BatchNorm`` that follows a convolution (whose output nothing else reads) is folded into that conv's
-  weights and bias;
-* every fixed permutation of channels (a GSConv channel shuffle: strided slices and a concatenation, an
-  unflatten-transpose-flatten, an ``index_select``, …) is gone from the graph. The permutation travels with
-  the values: through channel-wise ops (activations, pooling, upsampling, a BatchNorm whose parameters are
-  permuted to match), through concatenations (each input keeps its own permutation, in its slice of the
-  output), into the input side of the convolutions that consume it (their weights are permuted instead), and,
-  where two values meet in an elementwise sum, into the output side of the convolution that produces the other
-  operand. Where no consumer can take it (a model output, a reshape, an opaque module), it is applied once, as
-  an ``index_select``, so the result stays exact;
-* ``Identity`` and ``Dropout`` modules are dropped.
+:func:`fold` returns an eval-mode copy in which every ``BatchNorm`` that follows a convolution (whose output
+nothing else reads) is folded into that conv, ``Identity`` and ``Dropout`` modules are dropped, and every fixed
+permutation of channels (a GSConv channel shuffle: strided slices and a concatenation, an
+unflatten-transpose-flatten, an ``index_select``, …) is gone from the graph: the permutation travels with the
+values, through channel-wise ops and concatenations, into the weights of the convolutions that read it or, where
+two values meet in an elementwise sum, of the one that produces the other operand. Where nothing can take it (a
+model output, a reshape, an opaque module), it is applied once, as an ``index_select``, so the result stays exact.
 
 Nothing here knows a particular model: permutations are recognised by what a chain of pure data-movement ops
-does to a probe tensor whose entries are all different, so any spelling of a channel shuffle is found.
+does to a probe tensor whose entries are all different, so any spelling of a channel shuffle is found; what an op
+is (a conv, channel-wise, data movement, …) comes from the op table, :mod:`rewrite.vocabulary`.
 
-The model is traced with :func:`rewrite.tracer.trace`. Each traced region is rebuilt as an ``fx.GraphModule`` and
-put in place of the module it was traced from, with that module's plain attributes and hooks (the root region's
-graph is the result); a region where nothing folds is left as it was. What the tracer kept opaque (a module whose
-own ``forward`` cannot be traced) runs as before, and the modules it calls are folded as regions of their own.
+Each step is an fx pass over a graph module that :func:`rewrite.tracer.trace` made (its nodes carry their
+shapes): :func:`drop_no_ops`, :func:`fold_batch_norms`, :func:`fold_channel_orders` and
+:func:`lower_channel_orders`. A pass edits the graph in place and never changes a module it calls: new weights are
+a new module. :func:`fold` runs them on a copy of each traced region's graph and puts the result in place of the
+region's module, with that module's plain attributes and hooks; a region where nothing folds is left as it was,
+and what the tracer kept opaque runs as before, the modules it calls folded as regions of their own.
 
 >>> import torch
 >>> from torch import nn
@@ -39,61 +36,32 @@ True
 from __future__ import annotations
 
 import copy
-import operator
-from collections.abc import Callable, Iterable
+import itertools
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, fx, nn
-from torch.nn import functional as F
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torch.utils import _pytree as pytree
 
 from rewrite.rewriter import carry_hooks, carry_plain_attributes
-from rewrite.tracer import Region, trace
+from rewrite.tracer import trace
+from rewrite.vocabulary import Role, has_role
 
-__all__ = ["fold"]
+__all__ = [
+    "channel_order",
+    "drop_no_ops",
+    "fold",
+    "fold_batch_norms",
+    "fold_channel_orders",
+    "lower_channel_orders",
+]
 
-# A permutation ``p`` of the channels (dim 1) held by a value: the value the model means, ``T``, is
-# ``T[:, c] = V[:, p[c]]`` for the tensor ``V`` that the folded graph computes. ``None`` is the identity.
-Perm = tuple[int, ...] | None
-
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_DROPPED = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
-
-# Modules and functions that treat every channel alike: a permutation of the channels passes through them.
-_CHANNELWISE_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.LeakyReLU, nn.GELU,
-    nn.ELU, nn.Mish, nn.Hardtanh, nn.Softplus,
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.Upsample, nn.UpsamplingNearest2d,
-    nn.UpsamplingBilinear2d,
-)  # fmt: skip
-_CHANNELWISE_FUNCTIONS = {
-    torch.relu, torch.sigmoid, torch.tanh, F.relu, F.relu6, F.silu, F.gelu, F.hardswish, F.hardsigmoid,
-    F.leaky_relu, F.elu, F.mish, F.interpolate, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d,
-    operator.neg,
-}  # fmt: skip
-_CHANNELWISE_METHODS = {"relu", "sigmoid", "tanh", "neg", "contiguous", "clone"}
-_ELEMENTWISE_FUNCTIONS = {
-    operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul, torch.div
-}  # fmt: skip
-_ELEMENTWISE_METHODS = {"add", "sub", "mul", "div"}
-_CATS = {torch.cat, torch.concat}
-
-# Ops that only move data; a chain of them from one tensor to one of the same shape may be a permutation.
-_MOVEMENT_FUNCTIONS = {
-    operator.getitem, torch.cat, torch.concat, torch.stack, torch.index_select, torch.transpose, torch.permute,
-    torch.flatten, torch.unflatten, torch.reshape, torch.narrow, torch.chunk, torch.split,
-}  # fmt: skip
-_MOVEMENT_METHODS = {
-    "view", "reshape", "flatten", "unflatten", "transpose", "permute", "contiguous", "index_select", "narrow",
-    "chunk", "split",
-}  # fmt: skip
-# Size arithmetic a shuffle may do on its input's shape (``b, c, h, w = x.size()``) is recomputed on the probe.
-_SIZE_METHODS = {"size", "dim"}
-_SIZE_FUNCTIONS = {operator.mul, operator.floordiv, operator.add, operator.sub, operator.getitem, getattr}
+# A permutation of the channels (dim 1): ``T[:, c] = V[:, order[c]]``.
+Order = tuple[int, ...]
 
 
 def fold(model: nn.Module, example_inputs: Any) -> nn.Module:
@@ -117,7 +85,7 @@ def fold(model: nn.Module, example_inputs: Any) -> nn.Module:
     traced = trace(result, inputs)
     # Deepest first, so that a region's new graph module is in place before anything above it is rebuilt.
     for region in sorted(traced.regions, key=lambda r: r.path.count(".") + bool(r.path), reverse=True):
-        folded = _fold_region(region)
+        folded = _fold_graph_module(region.graph_module)
         if folded is None:
             continue
         replaced = result.get_submodule(region.path)
@@ -131,7 +99,85 @@ def fold(model: nn.Module, example_inputs: Any) -> nn.Module:
     return result
 
 
-# Finding permutations
+def _fold_graph_module(traced: fx.GraphModule) -> fx.GraphModule | None:
+    """The passes in order, on a copy of ``traced``'s graph; ``None`` when none of them changes anything."""
+    work = fx.GraphModule(traced, copy.deepcopy(traced.graph))
+    changed = [fold_pass(work) for fold_pass in (drop_no_ops, fold_batch_norms, fold_channel_orders)]
+    if not any(changed):
+        return None
+    fold_batch_norms(work)  # those the shuffles had kept from their conv
+    work.graph.eliminate_dead_code()  # chains a shuffle made unneeded, folded BatchNorms
+    lowered = lower_channel_orders(work)
+    return fx.GraphModule(lowered, lowered.graph, class_name=type(traced).__name__)
+
+
+# Identities and BatchNorms
+
+
+def drop_no_ops(gm: fx.GraphModule) -> bool:
+    """Drop every call of a module that returns its input in eval mode (``Identity``, ``Dropout``)."""
+    dropped = [node for node in gm.graph.nodes if _has(Role.NO_OP, gm, node) and _reads_one_value(node)]
+    for node in dropped:
+        node.replace_all_uses_with(node.args[0])
+        gm.graph.erase_node(node)
+    return bool(dropped)
+
+
+def fold_batch_norms(gm: fx.GraphModule) -> bool:
+    """Fold every eval-mode BatchNorm whose input is a conv that nothing else reads into that conv."""
+    folded = False
+    for bn in list(gm.graph.nodes):  # in order: a BatchNorm after a folded one reads the conv next
+        if _is_foldable_batch_norm(gm, bn) and _is_plain_conv(gm, bn.args[0]) and len(bn.args[0].users) == 1:
+            conv = bn.args[0]
+            _set_module(gm, conv, _conv_with_batch_norm(_module(gm, conv), _module(gm, bn)))
+            bn.replace_all_uses_with(conv)
+            gm.graph.erase_node(bn)
+            folded = True
+    return folded
+
+
+def _conv_with_batch_norm(conv: nn.Module, bn: nn.Module) -> nn.Module:
+    """torch's :func:`~torch.nn.utils.fusion.fuse_conv_bn_weights` in float64, so that folding adds no rounding of
+    its own beyond the final cast."""
+    fused = copy.deepcopy(conv)
+    double = [
+        None if t is None else t.detach().double() for t in (conv.weight, conv.bias, bn.weight, bn.bias)
+    ]
+    weight, bias, scale, shift = double
+    with torch.no_grad():
+        weight, bias = fuse_conv_bn_weights(
+            weight, bias, bn.running_mean.double(), bn.running_var.double(), bn.eps, scale, shift
+        )
+    trainable = conv.weight.requires_grad
+    fused.weight = nn.Parameter(weight.to(conv.weight.dtype), requires_grad=trainable)
+    fused.bias = nn.Parameter(bias.to(conv.weight.dtype), requires_grad=trainable)
+    return fused
+
+
+def _is_foldable_batch_norm(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """An eval-mode BatchNorm with running statistics, called on one tensor, that computes only the norm (a
+    subclass with a forward of its own, such as timm's ``BatchNormAct2d``, computes more)."""
+    if not _has(Role.BATCH_NORM, gm, node) or not _reads_one_value(node):
+        return False
+    bn = _module(gm, node)
+    return not bn.training and bn.running_mean is not None and type(bn).forward is nn.BatchNorm2d.forward
+
+
+def _reads_one_value(node: fx.Node) -> bool:
+    return len(node.args) == 1 and isinstance(node.args[0], fx.Node) and not node.kwargs
+
+
+def _is_plain_conv(gm: fx.GraphModule, node: Any) -> bool:
+    """A call of a conv module (not a transposed one)."""
+    return _has(Role.CONV, gm, node) and node.op == "call_module" and not _module(gm, node).transposed
+
+
+# Channel orders: finding shuffles
+
+
+def channel_order(x: Tensor, order: Order) -> Tensor:
+    """``x`` with its channels (dim 1) in ``order``: how :func:`fold_channel_orders` writes a permutation."""
+    return x.index_select(1, torch.tensor(order, device=x.device))
 
 
 @dataclass(frozen=True)
@@ -140,18 +186,13 @@ class _Shuffle:
 
     source: fx.Node
     output: fx.Node
-    order: tuple[int, ...]
+    order: Order
     inside: frozenset[fx.Node]  # the chain's nodes, output included
 
 
-def _find_shuffles(gm: fx.GraphModule) -> dict[fx.Node, _Shuffle]:
-    found: dict[fx.Node, _Shuffle] = {}
-    for node in gm.graph.nodes:
-        if _is_movement(node) and _shape(node) is not None and len(_shape(node)) >= 2:
-            shuffle = _shuffle_ending_at(gm, node)
-            if shuffle is not None:
-                found[node] = shuffle
-    return found
+def _find_shuffles(gm: fx.GraphModule) -> list[_Shuffle]:
+    ends = [node for node in gm.graph.nodes if _is_movement(node) and len(_shape(node) or ()) >= 2]
+    return [shuffle for shuffle in (_shuffle_ending_at(gm, end) for end in ends) if shuffle is not None]
 
 
 def _shuffle_ending_at(gm: fx.GraphModule, output: fx.Node) -> _Shuffle | None:
@@ -169,11 +210,10 @@ def _shuffle_ending_at(gm: fx.GraphModule, output: fx.Node) -> _Shuffle | None:
             seen.add(source)
             if _is_movement(source) and _shape(source) != shape or _is_size_op(source):
                 frontier.append(source)
-    position = _order_key(gm)
-    for source in sorted(seen - set(chain), key=position, reverse=True):
+    for source in sorted(seen - set(chain), reverse=True):
         if _shape(source) != shape:
             continue
-        inside = _nodes_between(source, output, set(chain), position)
+        inside = _nodes_between(source, output, set(chain))
         if inside is None:
             continue
         order = _probe(gm, source, output, inside, shape)
@@ -182,9 +222,7 @@ def _shuffle_ending_at(gm: fx.GraphModule, output: fx.Node) -> _Shuffle | None:
     return None
 
 
-def _nodes_between(
-    source: fx.Node, output: fx.Node, chain: set[fx.Node], position: Callable[[fx.Node], int]
-) -> list[fx.Node] | None:
+def _nodes_between(source: fx.Node, output: fx.Node, chain: set[fx.Node]) -> list[fx.Node] | None:
     """The chain's nodes that ``output`` needs, when ``source`` is the only thing from outside they read."""
     needed, stack = {output}, [output]
     while stack:
@@ -198,14 +236,14 @@ def _nodes_between(
                 return None
             needed.add(arg)
             stack.append(arg)
-    return sorted(needed, key=position)
+    return sorted(needed)
 
 
 def _probe(
     gm: fx.GraphModule, source: fx.Node, output: fx.Node, inside: list[fx.Node], shape: tuple[int, ...]
-) -> tuple[int, ...] | None:
+) -> Order | None:
     """Run the chain on a tensor of all-different integers; a channel permutation gathers whole channels."""
-    probe = torch.arange(_numel(shape), dtype=torch.int64).reshape(shape)
+    probe = torch.arange(math.prod(shape), dtype=torch.int64).reshape(shape)
     env: dict[fx.Node, Any] = {source: probe}
     try:
         for node in inside:
@@ -219,12 +257,10 @@ def _probe(
     except Exception:  # noqa: BLE001 - not a permutation we can prove: the chain stays as it is
         return None
     result = env[output]
-    if not isinstance(result, Tensor) or tuple(result.shape) != shape:
-        return None
-    if not shape[0]:
+    if not isinstance(result, Tensor) or tuple(result.shape) != shape or not shape[0]:
         return None
     # Entry (b, c, ...) of the probe is b*C*R + c*R + r: channel c of the output came from channel value // R.
-    order = (result[0].reshape(shape[1], -1)[:, 0] // _numel(shape[2:])).tolist()
+    order = (result[0].reshape(shape[1], -1)[:, 0] // math.prod(shape[2:])).tolist()
     if sorted(order) != list(range(shape[1])):
         return None
     if not torch.equal(result, probe.index_select(1, torch.tensor(order))):
@@ -232,397 +268,341 @@ def _probe(
     return tuple(order)
 
 
-# Rebuilding a region
+# Channel orders: moving them into the ops after them
 
 
-class _Builder:
-    """Copies a region's graph node by node, folding as it goes; see the module docstring."""
+def fold_channel_orders(gm: fx.GraphModule) -> bool:
+    """Write every channel shuffle as one :func:`channel_order` node, then move each into the ops after it.
 
-    def __init__(self, gm: fx.GraphModule) -> None:
-        self.gm = gm
-        self.graph = fx.Graph()
-        # A forward taking or returning containers (a dict of images, a named tuple) was traced with fx's pytree
-        # codegen, which flattens them on the way in and rebuilds them on the way out; the new graph must keep
-        # that calling convention. fx copies a graph's codegen the same way (Graph.__deepcopy__).
-        self.graph.set_codegen(copy.deepcopy(gm.graph._codegen))
-        self.attributes: dict[str, Any] = {}  # what the new graph module holds, by target
-        self.env: dict[fx.Node, tuple[Any, Perm]] = {}  # old node -> (new node or constant, its permutation)
-        self.origin: dict[fx.Node, list[fx.Node]] = {}  # new node -> the old nodes whose value it is
-        self.applied: dict[tuple[fx.Node, Perm], fx.Node] = {}
-        self.changed = False
-        # Where the region's weights live: an applied channel order must be there too.
-        self.device = next(iter([*gm.parameters(), *gm.buffers()]), torch.empty(0)).device
+    A channel-wise op, a BatchNorm (its parameters permuted), a concatenation on dim 1 and an elementwise op
+    whose operands hold the same order compute on the unpermuted values and pass the order on; a conv takes it
+    into its input weights (a grouped conv when it moves whole groups, passing a group order on). An order that
+    no reader takes stays where it is, for :func:`lower_channel_orders`.
+    """
+    shuffles = _find_shuffles(gm)
+    written: dict[fx.Node, fx.Node] = {}  # a shuffle's output -> its channel_order node
+    for shuffle in shuffles:
+        source = written.get(shuffle.source, shuffle.source)
+        with gm.graph.inserting_after(shuffle.output):
+            written[shuffle.output] = gm.graph.call_function(channel_order, (source, shuffle.order))
+        shuffle.output.replace_all_uses_with(written[shuffle.output])
+    # What only the shuffles read goes (last first, so that a node's readers go before it).
+    for node in sorted(
+        {*written.values(), *(n for shuffle in shuffles for n in shuffle.inside)}, reverse=True
+    ):
+        _erase_if_unused(node)
+    for node in list(gm.graph.nodes):
+        if any(_is_order(arg) for arg in node.all_input_nodes):
+            for take in _RULES:
+                if take(gm, node):
+                    break
+    return bool(shuffles)
 
-    def build(self) -> fx.GraphModule | None:
-        shuffles = _find_shuffles(self.gm)
-        skipped = _only_used_by_shuffles(shuffles)
-        self.changed = bool(shuffles)
-        for node in self.gm.graph.nodes:
-            if node in skipped:
-                continue
-            if node in shuffles:
-                shuffle = shuffles[node]
-                value, perm = self.env[shuffle.source]
-                self.set(node, value, _compose(perm, shuffle.order))
-            else:
-                self.copy(node)
-        if not self.changed:
-            return None
-        graph_module = fx.GraphModule(self.attributes, self.graph, class_name=type(self.gm).__name__)
-        graph_module.graph.eliminate_dead_code()  # chains a shuffle made unneeded, folded BatchNorms
-        graph_module.delete_all_unused_submodules()
-        graph_module.recompile()
-        return graph_module
 
-    def set(self, old: fx.Node, value: Any, perm: Perm) -> None:
-        self.env[old] = (value, perm)
-        if isinstance(value, fx.Node):
-            self.origin.setdefault(value, []).append(old)
+def _compose(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """An order of an order: one order of the first's source (none when they cancel)."""
+    if not (_is_order(node) and _is_order(node.args[0])):
+        return False
+    inner = node.args[0]
+    source, first = inner.args
+    order = tuple(first[c] for c in node.args[1])
+    if order == tuple(range(len(order))):
+        node.replace_all_uses_with(source)
+        _erase_if_unused(node)
+    else:
+        node.args = (source, order)
+    _erase_if_unused(inner)
+    return True
 
-    # One node
 
-    def copy(self, node: fx.Node) -> None:
-        if node.op == "call_module":
-            module = self.gm.get_submodule(node.target)
-            if isinstance(module, _DROPPED) and len(node.args) == 1 and not node.kwargs:
-                self.changed = True
-                self.set(node, *self.env[node.args[0]])
-                return
-            if isinstance(module, _CONVS) and self.conv(node, module):
-                return
-            if isinstance(module, _BATCH_NORMS) and self.batch_norm(node, module):
-                return
-            if isinstance(module, _CHANNELWISE_MODULES) and self.channelwise(node):
-                return
-        elif node.op == "call_function":
-            if node.target in _CHANNELWISE_FUNCTIONS and self.channelwise(node):
-                return
-            if node.target in _ELEMENTWISE_FUNCTIONS and self.elementwise(node):
-                return
-            if node.target in _CATS and self.cat(node):
-                return
-        elif node.op == "call_method":
-            if node.target in _CHANNELWISE_METHODS and self.channelwise(node):
-                return
-            if node.target in _ELEMENTWISE_METHODS and self.elementwise(node):
-                return
-        self.emit(node, self.applied_value)
+def _into_conv(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A conv reads the unpermuted input, its weights permuted to match."""
+    if not _is_plain_conv(gm, node) or not _reads_one_value(node) or not _is_order(node.args[0]):
+        return False
+    taken = _conv_reading(_module(gm, node), node.args[0].args[1])
+    if taken is None:
+        return False
+    new, out_order = taken
+    _set_module(gm, node, new)
+    _read_sources(node, [node.args[0]])
+    if out_order is not None:
+        _order_readers(node, out_order)
+    return True
 
-    def emit(self, node: fx.Node, value_of: Callable[[fx.Node], Any], target: str | None = None) -> fx.Node:
-        """Copy ``node`` into the new graph, its arguments given by ``value_of``; its result is unpermuted."""
-        if node.op == "get_attr":
-            self.attributes[node.target] = _attribute(self.gm, node.target)
-        new = self.graph.node_copy(node, value_of)
-        if node.op == "call_module":
-            new.target = target or self.own_module(node.target, self.gm.get_submodule(node.target))
-        new.meta = {key: value for key, value in node.meta.items() if key in ("shapes", "dtypes")}
-        self.set(node, new, None)
-        return new
 
-    def own_module(self, target: str, module: nn.Module) -> str:
-        """``target`` for ``module`` in the new graph module; a module called twice gets a copy the second time."""
-        name, number = target, 0
-        while name in self.attributes and self.attributes[name] is not module:
-            number += 1
-            name = f"{target}_{number}"
-        self.attributes[name] = module
-        return name
+def _conv_reading(conv: nn.Module, order: Order) -> tuple[nn.Module, Order | None] | None:
+    """A copy of ``conv`` that computes on its input's unpermuted channels, and the order of its output.
 
-    def fresh_module(self, target: str, module: nn.Module) -> str:
-        """Put a new ``module`` (made by folding) in the new graph module, under ``target`` if that is free."""
-        name, number = target, 0
-        while name in self.attributes:
-            number += 1
-            name = f"{target}_{number}"
-        self.attributes[name] = module
-        return name
-
-    def value(self, arg: Any) -> tuple[Any, Perm]:
-        return self.env[arg] if isinstance(arg, fx.Node) else (arg, None)
-
-    def applied_value(self, old: fx.Node) -> Any:
-        """The value ``old`` means, with any pending permutation applied (once per value and permutation)."""
-        value, perm = self.env[old]
-        if perm is None:
-            return value
-        key = (value, perm)
-        if key not in self.applied:
-            self.changed = True
-            order = torch.tensor(perm, dtype=torch.int64, device=self.device)
-            buffer = self.fresh_module("_fold_channel_order", order)
-            index = self.graph.get_attr(buffer)
-            self.applied[key] = self.graph.call_function(torch.index_select, (value, 1, index))
-        return self.applied[key]
-
-    # Rules
-
-    def conv(self, node: fx.Node, module: nn.Module) -> bool:
-        if len(node.args) != 1 or node.kwargs or module.transposed:
-            return False
-        value, perm = self.value(node.args[0])
-        if perm is None:
-            self.emit(node, self.applied_value)
-            return True
-        groups = module.groups
-        per_group = module.in_channels // groups
-        group_of = [perm[c] // per_group for c in range(len(perm))]
-        # A grouped conv takes a permutation that moves whole groups and keeps the order inside each one.
-        if groups > 1 and (
-            any(perm[c] % per_group != c % per_group for c in range(len(perm)))
-            or any(group_of[c] != group_of[c - c % per_group] for c in range(len(perm)))
-        ):
-            return False
-        new = copy.deepcopy(module)
+    An ungrouped conv permutes the columns of its weight and its output is in order. A grouped conv takes an
+    order that moves whole groups and keeps the order inside each: it permutes its groups' rows and its output
+    is in the order of its groups; any other order it cannot take (``None``).
+    """
+    groups, per_group = conv.groups, conv.in_channels // conv.groups
+    group_of = [order[c] // per_group for c in range(len(order))]
+    if groups > 1 and (
+        any(order[c] % per_group != c % per_group for c in range(len(order)))
+        or any(group_of[c] != group_of[c - c % per_group] for c in range(len(order)))
+    ):
+        return None
+    new = copy.deepcopy(conv)
+    if groups == 1:
         with torch.no_grad():
-            if groups == 1:
-                new.weight.copy_(module.weight[:, list(_inverse(perm))])
-                out_perm = None
-            else:
-                old_group = _inverse(tuple(group_of[g * per_group] for g in range(groups)))
-                out_per_group = module.out_channels // groups
-                rows = [old_group[g] * out_per_group + m for g in range(groups) for m in range(out_per_group)]
-                new.weight.copy_(module.weight[rows])
-                if module.bias is not None:
-                    new.bias.copy_(module.bias[rows])
-                out_perm = tuple(
-                    group_of[g * per_group] * out_per_group + m
-                    for g in range(groups)
-                    for m in range(out_per_group)
-                )
-        self.changed = True
-        target = self.fresh_module(node.target, new)
-        new_node = self.emit(node, lambda _: value, target)
-        self.set(node, new_node, out_perm)
-        return True
+            new.weight.copy_(conv.weight[:, list(_inverse(order))])
+        return new, None
+    out_per_group = conv.out_channels // groups
+    old_group = _inverse(tuple(group_of[::per_group]))
+    rows = [old_group[g] * out_per_group + m for g in range(groups) for m in range(out_per_group)]
+    with torch.no_grad():
+        new.weight.copy_(conv.weight[rows])
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias[rows])
+    return new, tuple(g * out_per_group + m for g in group_of[::per_group] for m in range(out_per_group))
 
-    def batch_norm(self, node: fx.Node, module: nn.Module) -> bool:
-        if module.training or module.running_mean is None or len(node.args) != 1 or node.kwargs:
-            return False
-        value, perm = self.value(node.args[0])
-        conv = self.producing_conv(node.args[0], value)
-        if conv is not None:
-            fused = _fold_batch_norm(self.attributes[conv.target], module, perm)
-            self.attributes[conv.target] = fused
-            self.changed = True
-            self.set(node, value, perm)
-            return True
-        if perm is None:
-            self.emit(node, self.applied_value)
-            return True
-        new = copy.deepcopy(module)
-        order = list(_inverse(perm))
+
+def _through_batch_norm(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A BatchNorm with its per-channel parameters and statistics permuted to match."""
+    if not _is_foldable_batch_norm(gm, node) or not _is_order(node.args[0]):
+        return False
+    module, order = _module(gm, node), node.args[0].args[1]
+    new = copy.deepcopy(module)
+    rows = list(_inverse(order))
+    with torch.no_grad():
         for name in ("weight", "bias", "running_mean", "running_var"):
-            tensor = getattr(new, name)
-            if tensor is not None:
-                with torch.no_grad():
-                    tensor.copy_(getattr(module, name)[order])
-        target = self.fresh_module(node.target, new)
-        self.set(node, self.emit(node, lambda _: value, target), perm)
-        return True
+            if getattr(new, name) is not None:
+                getattr(new, name).copy_(getattr(module, name)[rows])
+    _set_module(gm, node, new)
+    _read_sources(node, [node.args[0]])
+    _order_readers(node, order)
+    return True
 
-    def producing_conv(self, old: fx.Node, value: Any) -> fx.Node | None:
-        """The new conv node that computes ``value``, when nothing but the BatchNorm at hand reads it."""
-        if not (isinstance(value, fx.Node) and value.op == "call_module" and not value.users):
-            return None
-        if len(old.users) != 1 or any(len(o.users) != 1 for o in self.origin.get(value, [])):
-            return None
-        module = self.attributes[value.target]
-        return value if isinstance(module, _CONVS) and not module.transposed and self.owns(value) else None
 
-    def channelwise(self, node: fx.Node) -> bool:
-        """Ops whose first argument is the only tensor: the permutation passes through."""
-        rest = pytree.tree_leaves((node.args[1:], node.kwargs))
-        if (
-            not node.args
-            or not isinstance(node.args[0], fx.Node)
-            or any(isinstance(a, fx.Node) for a in rest)
-        ):
-            return False
-        perm = self.env[node.args[0]][1]
-        if perm is None or _shape(node) is None or len(_shape(node)) < 2 or _shape(node)[1] != len(perm):
-            return False
-        self.set(node, self.emit(node, lambda n: self.env[n][0]), perm)
-        return True
+def _through_channelwise(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """An op whose first argument is its only tensor and that treats every channel alike."""
+    if not _has(Role.CHANNELWISE, gm, node) or not node.args or not _is_order(node.args[0]):
+        return False
+    if any(isinstance(a, fx.Node) for a in pytree.tree_leaves((node.args[1:], node.kwargs))):
+        return False
+    order, shape = node.args[0].args[1], _shape(node)
+    if shape is None or len(shape) < 2 or shape[1] != len(order):
+        return False
+    _read_sources(node, [node.args[0]])
+    _order_readers(node, order)
+    return True
 
-    def elementwise(self, node: fx.Node) -> bool:
-        """A sum or product: operands that vary over channels must hold the same permutation."""
-        out = _shape(node)
-        if out is None or len(out) < 2 or len(node.args) != 2:
+
+def _through_concatenation(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A concatenation on dim 1: each input's order, in its slice of the output."""
+    tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    out = _shape(node)
+    if not _has(Role.CONCATENATION, gm, node) or out is None or not isinstance(tensors, (list, tuple)):
+        return False
+    if dim not in (1, 1 - len(out)) or not all(_shape(t) is not None for t in tensors):
+        return False
+    if not any(_is_order(t) for t in tensors):
+        return False
+    order: list[int] = []
+    for tensor in tensors:
+        channels = _shape(tensor)[1]
+        order += [len(order) + c for c in (tensor.args[1] if _is_order(tensor) else range(channels))]
+    _read_sources(node, [t for t in tensors if _is_order(t)])
+    _order_readers(node, tuple(order))
+    return True
+
+
+def _through_elementwise(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A sum or product: the operands that vary over channels hold the same order, or one of them comes from a
+    conv (through channel-wise ops) whose output rows can be put in that order."""
+    out = _shape(node)
+    if not _has(Role.ELEMENTWISE, gm, node) or out is None or len(out) < 2 or len(node.args) != 2:
+        return False
+    full = []
+    for operand in (a for a in node.args if isinstance(a, fx.Node)):
+        shape = _shape(operand)
+        if shape is None:
             return False
-        operands = [a for a in node.args if isinstance(a, fx.Node)]
-        full = []
-        for operand in operands:
-            shape = _shape(operand)
-            if shape is None:
+        channel = len(shape) - len(out) + 1
+        if channel < 0 or shape[channel] == 1:  # the same for every channel: it must not be permuted
+            if _is_order(operand):
                 return False
-            channel = len(shape) - len(out) + 1
-            if channel < 0 or shape[channel] == 1:
-                if self.env[operand][1] is not None:
-                    return False
-                continue
-            if len(shape) != len(out):
-                return False
+        elif len(shape) != len(out):
+            return False
+        else:
             full.append(operand)
-        perms = {self.env[o][1] for o in full} - {None}
-        if len(perms) != 1:
-            return False
-        (perm,) = perms
-        for operand in full:
-            if self.env[operand][1] is None and not self.permute_producer(operand, perm):
-                return False
-        self.set(node, self.emit(node, lambda n: self.env[n][0]), perm)
-        return True
-
-    def permute_producer(self, old: fx.Node, perm: tuple[int, ...]) -> bool:
-        """Make the conv behind ``old`` (through channel-wise ops nothing else reads yet) emit ``perm``'s order."""
-        node, chain = self.env[old][0], []
-        # From the operand up to its conv: the operand has no reader yet, each node above it one (the next).
-        while True:
-            if not isinstance(node, fx.Node) or len(node.users) != (1 if chain else 0):
-                return False
-            if any(self.env[o][1] is not None for o in self.origin.get(node, [])):
-                return False
-            chain.append(node)
-            if node.op == "call_module" and isinstance(self.attributes[node.target], _CONVS):
-                break
-            if not _is_channelwise_new(self, node):
-                return False
-            node = node.args[0]
-        module = self.attributes[node.target]
-        if module.groups != 1 or module.transposed or not self.owns(node):
-            return False
-        new = copy.deepcopy(module)
-        order = list(_inverse(perm))
-        with torch.no_grad():
-            new.weight.copy_(module.weight[order])
-            if module.bias is not None:
-                new.bias.copy_(module.bias[order])
-        self.attributes[node.target] = new
-        self.changed = True
-        for new_node in chain:
-            for old_node in self.origin.get(new_node, []):
-                self.env[old_node] = (new_node, perm)
-        return True
-
-    def owns(self, node: fx.Node) -> bool:
-        """Whether ``node`` is the only call of its module in the new graph (so its weights may change)."""
-        return sum(1 for n in self.graph.nodes if n.op == "call_module" and n.target == node.target) == 1
-
-    def cat(self, node: fx.Node) -> bool:
-        tensors = node.args[0] if node.args else node.kwargs.get("tensors")
-        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-        out = _shape(node)
-        if out is None or not isinstance(tensors, (list, tuple)) or dim not in (1, 1 - len(out)):
-            return False
-        values = [self.value(t) for t in tensors]
-        if all(perm is None for _, perm in values):
-            return False
-        order: list[int] = []
-        offset = 0
-        for tensor, (_, perm) in zip(tensors, values, strict=True):
-            shape = _shape(tensor) if isinstance(tensor, fx.Node) else None
-            if shape is None:
-                return False
-            order += [offset + c for c in (perm or range(shape[1]))]
-            offset += shape[1]
-        self.set(node, self.emit(node, lambda n: self.env[n][0]), tuple(order))
-        return True
+    orders = {operand.args[1] for operand in full if _is_order(operand)}
+    if len(orders) != 1:
+        return False
+    (order,) = orders
+    chains = [_producer_chain(gm, operand, node) for operand in full if not _is_order(operand)]
+    if None in chains:
+        return False
+    for chain in chains:
+        _put_producer_in_order(gm, chain, order, node)
+    _read_sources(node, [operand for operand in full if _is_order(operand)])
+    _order_readers(node, order)
+    return True
 
 
-def _is_channelwise_new(builder: _Builder, node: Any) -> bool:
-    """Whether a node of the new graph is a one-input channel-wise op."""
-    if not isinstance(node, fx.Node) or not node.args or not isinstance(node.args[0], fx.Node):
+def _producer_chain(gm: fx.GraphModule, operand: fx.Node, reader: fx.Node) -> list[fx.Node] | None:
+    """From ``operand`` up to the ungrouped conv computing it through one-input channel-wise ops, when nothing
+    before ``reader`` reads any of them but the next of them (so the conv's output rows may be reordered)."""
+    chain: list[fx.Node] = []
+    node = operand
+    while isinstance(node, fx.Node):
+        next_link = chain[-1] if chain else reader
+        if any(user < reader and user is not next_link for user in node.users):
+            return None
+        chain.append(node)
+        if _is_plain_conv(gm, node):
+            return chain if _module(gm, node).groups == 1 else None
+        if not _is_channelwise_on_one_tensor(gm, node):
+            return None
+        node = node.args[0]
+    return None
+
+
+def _put_producer_in_order(gm: fx.GraphModule, chain: list[fx.Node], order: Order, reader: fx.Node) -> None:
+    """Permute the output rows of the conv ending ``chain``; every other reader of the chain reads the order."""
+    conv = chain[-1]
+    module, rows = _module(gm, conv), list(_inverse(order))
+    new = copy.deepcopy(module)
+    with torch.no_grad():
+        new.weight.copy_(module.weight[rows])
+        if module.bias is not None:
+            new.bias.copy_(module.bias[rows])
+    _set_module(gm, conv, new)
+    for node, next_link in zip(chain, [reader, *chain], strict=False):
+        _order_readers(node, order, keep=next_link)
+
+
+def _is_channelwise_on_one_tensor(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if not _has(Role.CHANNELWISE, gm, node) or not node.args or not isinstance(node.args[0], fx.Node):
         return False
     if node.op == "call_module":
-        return isinstance(builder.attributes[node.target], _CHANNELWISE_MODULES) and len(node.args) == 1
-    rest = pytree.tree_leaves((node.args[1:], node.kwargs))
-    if any(isinstance(a, fx.Node) for a in rest):
-        return False
-    if node.op == "call_function":
-        return node.target in _CHANNELWISE_FUNCTIONS
-    return node.op == "call_method" and node.target in _CHANNELWISE_METHODS
+        return len(node.args) == 1
+    return not any(isinstance(a, fx.Node) for a in pytree.tree_leaves((node.args[1:], node.kwargs)))
 
 
-def _fold_region(region: Region) -> fx.GraphModule | None:
-    return _Builder(region.graph_module).build()
+# The rules an op with a permuted input is tried against, in order; the first that applies rewrites it.
+_RULES = (
+    _compose,
+    _into_conv,
+    _through_batch_norm,
+    _through_channelwise,
+    _through_elementwise,
+    _through_concatenation,
+)
 
 
-def _only_used_by_shuffles(shuffles: dict[fx.Node, _Shuffle]) -> set[fx.Node]:
-    """Nodes inside shuffles whose value nothing else needs: they are not copied at all."""
-    skipped: set[fx.Node] = set()
-    for shuffle in shuffles.values():
-        for node in shuffle.inside:
-            if node is not shuffle.output and all(user in shuffle.inside for user in node.users):
-                skipped.add(node)
-    return skipped
+def _read_sources(node: fx.Node, orders: Iterable[fx.Node]) -> None:
+    """``node`` reads the sources of these channel orders instead (an order nothing reads any more goes)."""
+    for order in dict.fromkeys(orders):
+        node.replace_input_with(order, order.args[0])
+        _erase_if_unused(order)
 
 
-def _fold_batch_norm(conv: nn.Module, bn: nn.Module, perm: Perm) -> nn.Module:
-    """``conv`` followed by ``bn`` as one conv; ``perm`` is the order of the conv's output channels."""
-    fused = copy.deepcopy(conv)
-    with torch.no_grad():
-        # In float64, so that folding adds no rounding of its own beyond the final cast.
-        scale = bn.weight.double() if bn.weight is not None else torch.ones_like(bn.running_var.double())
-        shift = bn.bias.double() if bn.bias is not None else torch.zeros_like(scale)
-        scale = scale / torch.sqrt(bn.running_var.double() + bn.eps)
-        shift = shift - bn.running_mean.double() * scale
-        if perm is not None:  # BN channel c is conv output channel perm[c]
-            order = list(_inverse(perm))
-            scale, shift = scale[order], shift[order]
-        bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(scale)
-        weight = conv.weight.double() * scale.reshape(-1, *(1,) * (conv.weight.dim() - 1))
-        fused.weight.copy_(weight.to(conv.weight.dtype))
-        fused.bias = nn.Parameter(
-            (bias * scale + shift).to(conv.weight.dtype), requires_grad=conv.weight.requires_grad
-        )
-    return fused
+def _order_readers(node: fx.Node, order: Order, keep: fx.Node | None = None) -> None:
+    """Every reader of ``node`` but ``keep`` reads ``node`` in ``order``: one new channel order node."""
+    readers = [user for user in node.users if user is not keep]
+    if not readers:
+        return
+    with node.graph.inserting_after(node):
+        ordered = node.graph.call_function(channel_order, (node, order))
+    for reader in readers:
+        reader.replace_input_with(node, ordered)
+
+
+# Channel orders left: one index_select each
+
+
+def lower_channel_orders(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` (with only the attributes its graph uses) in which each :func:`channel_order` is an
+    ``index_select`` on a buffer of its own (``_fold_channel_order``: what ONNX exports as one Gather), one for
+    each value and order."""
+    return _ChannelOrderLowering(fx.GraphModule(gm, copy.deepcopy(gm.graph))).transform()
+
+
+class _ChannelOrderLowering(fx.Transformer):
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.lowered: dict[tuple[fx.Node, Order], fx.Proxy] = {}
+        # Where the weights live: an index must be there too.
+        self.device = next(iter([*gm.parameters(), *gm.buffers()]), torch.empty(0)).device
+
+    def call_function(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if target is not channel_order:
+            return super().call_function(target, args, kwargs)
+        value, order = args
+        if (value.node, order) not in self.lowered:
+            name = _free_name(self.module, "_fold_channel_order")
+            self.module.register_buffer(name, torch.tensor(order, dtype=torch.int64, device=self.device))
+            index = self.tracer.create_proxy("get_attr", name, (), {})
+            self.lowered[value.node, order] = self.tracer.create_proxy(
+                "call_function", torch.index_select, (value, 1, index), {}
+            )
+        return self.lowered[value.node, order]
+
+    def call_module(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        # The name the graph calls it by (fx's Transformer would look the module object up among all of them).
+        return self.tracer.create_proxy("call_module", target, args, kwargs)
 
 
 # Small helpers
 
 
-def _compose(perm: Perm, order: tuple[int, ...]) -> Perm:
-    """The permutation of a shuffle's output, given its source's: ``T_out[:, c] = V[:, perm[order[c]]]``."""
-    composed = tuple(order[c] if perm is None else perm[order[c]] for c in range(len(order)))
-    return None if composed == tuple(range(len(composed))) else composed
-
-
-def _inverse(perm: tuple[int, ...]) -> tuple[int, ...]:
-    inverse = [0] * len(perm)
-    for c, p in enumerate(perm):
-        inverse[p] = c
-    return tuple(inverse)
-
-
-def _shape(node: Any) -> tuple[int, ...] | None:
+def _shape(node: object) -> tuple[int, ...] | None:
+    """The shape of the one tensor ``node`` gives (the tracer's facts; a channel order's is its source's)."""
+    while _is_order(node):
+        node = node.args[0]
     shapes = node.meta.get("shapes") if isinstance(node, fx.Node) else None
     if not shapes or len(shapes) != 1 or shapes[0] is None:
         return None
     return tuple(shapes[0])
 
 
-def _numel(shape: Iterable[int]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
+def _is_order(node: object) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is channel_order
+
+
+def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    return gm.get_submodule(node.target) if node.op == "call_module" else None
+
+
+def _has(role: Role, gm: fx.GraphModule, node: Any) -> bool:
+    return isinstance(node, fx.Node) and has_role(role, node.op, node.target, _module(gm, node))
 
 
 def _is_movement(node: fx.Node) -> bool:
-    return (node.op == "call_function" and node.target in _MOVEMENT_FUNCTIONS) or (
-        node.op == "call_method" and node.target in _MOVEMENT_METHODS
-    )
+    return has_role(Role.MOVEMENT, node.op, node.target)
 
 
 def _is_size_op(node: fx.Node) -> bool:
-    if node.op == "call_method":
-        return node.target in _SIZE_METHODS
-    return node.op == "call_function" and node.target in _SIZE_FUNCTIONS and _shape(node) is None
+    return has_role(Role.SIZE, node.op, node.target) and _shape(node) is None
 
 
-def _order_key(gm: fx.GraphModule) -> Callable[[fx.Node], int]:
-    positions = {node: index for index, node in enumerate(gm.graph.nodes)}
-    return lambda node: positions[node]
+def _set_module(gm: fx.GraphModule, node: fx.Node, module: nn.Module) -> None:
+    """``node`` calls ``module``: in place of the module it called, or under a new name where other nodes call or
+    read that one."""
+    target, uses = node.target, ("call_module", "get_attr")
+    if any(
+        n is not node and n.op in uses and f"{n.target}.".startswith(f"{target}.") for n in gm.graph.nodes
+    ):
+        node.target = _free_name(gm, target)
+    gm.add_submodule(node.target, module)
+
+
+def _free_name(gm: nn.Module, base: str) -> str:
+    """``base``, else the first of ``base_1``, ``base_2``, … that ``gm`` has no attribute under."""
+    numbered = (f"{base}_{number}" for number in itertools.count(1))
+    return next(name for name in itertools.chain([base], numbered) if not _has_attribute(gm, name))
+
+
+def _has_attribute(gm: nn.Module, target: str) -> bool:
+    owner, _, name = target.rpartition(".")
+    try:
+        return hasattr(gm.get_submodule(owner), name)
+    except AttributeError:
+        return False
 
 
 def _attribute(gm: nn.Module, target: str) -> Any:
@@ -630,3 +610,12 @@ def _attribute(gm: nn.Module, target: str) -> Any:
     for part in target.split("."):
         value = getattr(value, part)
     return value
+
+
+def _erase_if_unused(node: fx.Node) -> None:
+    if not node.users:
+        node.graph.erase_node(node)
+
+
+def _inverse(order: Order) -> Order:
+    return tuple(sorted(range(len(order)), key=order.__getitem__))

@@ -36,11 +36,11 @@ from typing import Any, NamedTuple
 
 import networkx as nx
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from rewrite.errors import ScopeError, TraceError
 from rewrite.tracer import CallId, Traced, join_path, path_and_ancestors, trace
+from rewrite.vocabulary import Role, has_role
 
 __all__ = [
     "STAGES",
@@ -360,32 +360,9 @@ def _is_spatial(node: fx.Node) -> bool:
     )
 
 
-_UPSAMPLING_MODULES = (
-    nn.Upsample,
-    nn.ConvTranspose1d,
-    nn.ConvTranspose2d,
-    nn.ConvTranspose3d,
-    nn.PixelShuffle,
-)
-_UPSAMPLING_FUNCTIONS = {
-    F.interpolate,
-    F.upsample,
-    F.upsample_nearest,
-    F.upsample_bilinear,
-    F.pixel_shuffle,
-    torch.pixel_shuffle,
-    F.conv_transpose1d,
-    F.conv_transpose2d,
-    F.conv_transpose3d,
-}
-
-
 def _is_upsample(node: fx.Node, graph_module: fx.GraphModule) -> bool:
-    if node.op == "call_module":
-        is_upsampling_op = isinstance(graph_module.get_submodule(node.target), _UPSAMPLING_MODULES)
-    else:
-        is_upsampling_op = node.op == "call_function" and node.target in _UPSAMPLING_FUNCTIONS
-    if not is_upsampling_op or not node.all_input_nodes:
+    module = graph_module.get_submodule(node.target) if node.op == "call_module" else None
+    if not has_role(Role.UPSAMPLING, node.op, node.target, module) or not node.all_input_nodes:
         return False
     return _numel(node) > _numel(node.all_input_nodes[0]) > 0
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import operator
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -34,6 +33,7 @@ from rewrite.execution import RunFailed, meta_memo, one_line, run
 from rewrite.match import Match, Occurrence
 from rewrite.site import Site
 from rewrite.tracer import CallId, Traced, join_path, relative_path
+from rewrite.vocabulary import Role, has_role
 
 __all__ = [
     "BuiltSite",
@@ -99,30 +99,6 @@ def absorb_into_graph_regions(sites: Sequence[BuiltSite]) -> list[BuiltSite]:
     ]
 
 
-# Ops that move or select values without changing them: what comes out of them came out of an op before.
-_VALUE_PRESERVING_FUNCTIONS = {
-    torch.cat,
-    torch.flatten,
-    torch.transpose,
-    torch.permute,
-    torch.index_select,
-    torch.reshape,
-    operator.getitem,
-}
-_VALUE_PRESERVING_METHODS = {
-    "view",
-    "reshape",
-    "transpose",
-    "permute",
-    "contiguous",
-    "flatten",
-    "unflatten",
-    "index_select",
-    "chunk",
-    "split",
-}
-
-
 def _ends_in(block: nn.Module, activation: type[nn.Module]) -> bool:
     """Whether every value ``block`` outputs comes out of an ``activation`` module, through ops that only move
     values (concatenation, slicing, reshapes, transposes)."""
@@ -140,9 +116,7 @@ def _ends_in(block: nn.Module, activation: type[nn.Module]) -> bool:
         if node.op == "call_module":
             if not isinstance(graph_module.get_submodule(node.target), activation):
                 return False
-        elif (node.op == "call_function" and node.target in _VALUE_PRESERVING_FUNCTIONS) or (
-            node.op == "call_method" and node.target in _VALUE_PRESERVING_METHODS
-        ):
+        elif has_role(Role.VALUE_PRESERVING, node.op, node.target):
             # only the tensor argument carries values; indices and sizes do not
             pending += [
                 arg

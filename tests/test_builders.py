@@ -10,7 +10,7 @@ from torch import nn
 from rewrite import builders
 from rewrite.blocks import BN_EPS, GSConv
 from rewrite.builders import Site, build, builder_options, get_builder, list_builders, register_builder
-from rewrite.errors import BuildError
+from rewrite.errors import BuildError, RuleError
 from rewrite.rules import Derivation, load_rules, parse_rules
 from rewrite.vocabulary import ACTIVATION_NAMES
 from rewrite.zoo import create_model
@@ -168,6 +168,16 @@ def test_named_activations(name):
     block = build("GSConv", conv_site(activation=nn.SiLU()), {"activation": name})
     assert type(block.cv1.act) is type(ACTIVATION_NAMES[name]())
     assert set(get_args(builders.ActivationName)) == {"inherit", *ACTIVATION_NAMES}
+
+
+def test_an_unknown_activation_name_is_refused_with_the_op_tables_names():
+    with pytest.raises(RuleError) as refused:
+        parse_rules(
+            '[ruleset]\nname = "mine"\n[[rule]]\nname = "gs"\nmatch.chain = ["conv"]\n'
+            'replace.builder = "GSConv"\nreplace.activation = "swish"\n'
+        )
+    names = ", ".join(repr(name) for name in ("inherit", *ACTIVATION_NAMES))
+    assert f"replace.activation: GSConv expects one of {names}, got 'swish'" in str(refused.value)
 
 
 def test_batchnorm_settings_come_from_the_matched_norm_else_the_block_defaults():

@@ -1,4 +1,5 @@
-"""rewrite.fold: BatchNorms and channel shuffles folded away, the same outputs, the input model untouched."""
+"""rewrite.fold: BatchNorms and channel shuffles folded away, the same outputs, the input model untouched; and each of
+its passes on its own."""
 
 import copy
 import operator
@@ -8,7 +9,14 @@ import torch
 from torch import fx, nn
 
 import rewrite
-from rewrite.blocks import GSConv, VoVGSCSP
+from rewrite.blocks import GSConv, VoVGSCSP, channel_shuffle
+from rewrite.fold import (
+    channel_order,
+    drop_no_ops,
+    fold_batch_norms,
+    fold_channel_orders,
+    lower_channel_orders,
+)
 from rewrite.zoo import create_model
 
 X = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
@@ -211,3 +219,144 @@ def test_torchvision_fpn_rewrite_folds_exactly():
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
     # The five FPN levels are model outputs: each keeps its order, applied once (P7's conv absorbs P6's too).
     assert shuffles_left(folded) == 5
+
+
+# --- the passes, each on its own -------------------------------------------------------------------------------
+
+
+def traced_graph(model: nn.Module, x: torch.Tensor) -> fx.GraphModule:
+    """The root region's graph module as rewrite.trace makes it (its nodes carry their shapes): what passes take."""
+    (region,) = rewrite.trace(model.eval(), x).regions
+    return region.graph_module
+
+
+def runs_as(gm: fx.GraphModule, model: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``gm``, recompiled after a pass edited its graph, still computes what ``model`` does."""
+    gm.graph.lint()
+    gm.recompile()
+    with torch.no_grad():
+        return relative_error(gm(x), model(x)) < 1e-6
+
+
+def called(gm: fx.GraphModule) -> list[str]:
+    return [type(gm.get_submodule(n.target)).__name__ for n in gm.graph.nodes if n.op == "call_module"]
+
+
+def test_drop_no_ops_drops_identities_and_dropouts():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Identity(), nn.Dropout(0.5), nn.ReLU(), nn.Dropout2d())
+    x = torch.randn(2, 3, 8, 8)
+    gm = traced_graph(model, x)
+    assert drop_no_ops(gm)
+    assert called(gm) == ["Conv2d", "ReLU"] and runs_as(gm, model, x)
+    assert not drop_no_ops(gm)
+
+
+class SharedConv(nn.Module):
+    """One conv called twice, each call followed by a BatchNorm of its own; a third BatchNorm after a conv whose
+    output something else reads too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn1, self.bn2 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+        self.other, self.bn3 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.bn2(self.conv(self.bn1(self.conv(x))))
+        z = self.other(y)
+        return self.bn3(z) + z
+
+
+def test_fold_batch_norms_gives_each_call_its_own_conv_and_leaves_the_model_alone():
+    model = with_batch_norm_statistics(SharedConv())
+    before = copy.deepcopy(model.state_dict())
+    x = torch.randn(2, 4, 6, 6)
+    gm = traced_graph(model, x)
+    assert fold_batch_norms(gm)
+    assert called(gm) == ["Conv2d", "Conv2d", "Conv2d", "BatchNorm2d"] and runs_as(gm, model, x)
+    first, second = [gm.get_submodule(n.target) for n in gm.graph.nodes if n.op == "call_module"][:2]
+    assert first is not second and model.conv not in (first, second)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_fold_batch_norms_leaves_a_norm_that_computes_more_than_the_norm():
+    timm_layers = pytest.importorskip("timm.layers")
+    model = with_batch_norm_statistics(
+        nn.Sequential(nn.Conv2d(3, 8, 3), timm_layers.BatchNormAct2d(8, act_layer=nn.SiLU))
+    )
+    x = torch.randn(2, 3, 8, 8)
+    gm = traced_graph(model, x)
+    assert not fold_batch_norms(gm)
+    assert relative_error(exactly_folded(model, x)(x), model(x)) < 1e-6
+
+
+def channel_orders(gm: fx.GraphModule) -> list[tuple[int, ...]]:
+    return [n.args[1] for n in gm.graph.nodes if n.target is channel_order]
+
+
+@pytest.mark.parametrize("activation", [nn.SiLU(), nn.CELU(0.5), nn.SELU(), nn.Hardtanh(-2.0, 2.0)])
+def test_fold_channel_orders_moves_a_shuffle_through_any_channelwise_activation_into_the_next_conv(
+    activation,
+):
+    model = with_batch_norm_statistics(
+        nn.Sequential(GSConv(8, 16, shuffle="interleave"), activation, nn.Conv2d(16, 4, 1))
+    )
+    x = torch.randn(2, 8, 6, 6)
+    gm = traced_graph(model, x)
+    assert fold_channel_orders(gm)
+    assert shuffles_left(gm) == 0 and channel_orders(gm) == [] and runs_as(gm, model, x)
+    assert gm.get_submodule("2") is not model[2]  # the conv that took the order is a new one
+
+
+class ShuffledResidual(nn.Module):
+    """A shuffled value added to a conv's output (GSBottleneck's shortcut): that conv's rows take the order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gs, self.shortcut, self.head = GSConv(8, 16), nn.Conv2d(8, 16, 1), nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.gs(x) + torch.relu(self.shortcut(x))))
+
+
+def test_fold_channel_orders_puts_the_other_operand_of_a_sum_in_the_same_order():
+    model = with_batch_norm_statistics(ShuffledResidual())
+    x = torch.randn(2, 8, 6, 6)
+    gm = traced_graph(model, x)
+    assert fold_channel_orders(gm)
+    assert channel_orders(gm) == [] and runs_as(gm, model, x)
+
+
+def test_an_order_nothing_takes_stays_and_is_lowered_once_per_value_and_order():
+    model = with_batch_norm_statistics(ShuffleAtTheOutputs())
+    x = torch.randn(2, 8, 10, 10)
+    gm = traced_graph(model, x)
+    assert fold_channel_orders(gm) and runs_as(gm, model, x)
+    assert len(channel_orders(gm)) == 2  # `a`'s output, once reversed: each a model output
+    lowered = lower_channel_orders(gm)
+    assert channel_orders(lowered) == [] and shuffles_left(lowered) == 2 and runs_as(lowered, model, x)
+    orders = sorted(name for name, _ in lowered.named_buffers() if name.startswith("_fold"))
+    assert orders == ["_fold_channel_order", "_fold_channel_order_1"]
+    assert not fold_channel_orders(traced_graph(nn.Sequential(nn.Conv2d(3, 4, 1)), torch.randn(1, 3, 4, 4)))
+
+
+class ShuffledBack(nn.Module):
+    """A shuffle and its inverse, one after the other: nothing is permuted at the output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+
+    def forward(self, x):
+        return channel_shuffle(channel_shuffle(self.conv(x), "interleave"), "split")
+
+
+def test_orders_that_cancel_leave_nothing():
+    model, x = ShuffledBack(), torch.randn(2, 3, 4, 4)
+    gm = traced_graph(model, x)
+    assert fold_channel_orders(gm)
+    assert channel_orders(gm) == [] and [n.op for n in gm.graph.nodes] == [
+        "placeholder",
+        "call_module",
+        "output",
+    ]
+    assert runs_as(gm, model, x)

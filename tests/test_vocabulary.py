@@ -1,4 +1,5 @@
-"""The op vocabulary (conv, norm, activation): what belongs to each category, and what a site inherits from it.
+"""The op table: what belongs to each category (conv, norm, activation), what a site inherits from it, and the
+roles the other stages ask about.
 
 Each case is a pattern that a category once missed or reproduced wrongly: functional activations with their own
 arguments, tensor methods, torchvision's ``FrozenBatchNorm2d`` (not a ``torch.nn`` class, so fx traced through it),
@@ -21,11 +22,16 @@ import rewrite
 from rewrite.blocks import GSConv
 from rewrite.match import find_matches
 from rewrite.vocabulary import (
+    ACTIVATION_NAMES,
+    OPS,
     IrreproducibleError,
+    Role,
     carried_activation,
     category_of,
+    has_role,
     is_vocabulary_module,
     reproduce_activation,
+    roles,
 )
 
 # conv → norm → activation? → GSConv (activation "inherit", the default), where GSConv can take the conv's place.
@@ -191,3 +197,59 @@ def test_a_timm_model_plans_applies_and_runs_with_the_generic_rule():
 
     assert len(plan.sites) > 0 and plan.params.after < plan.params.before
     assert slim(x).shape == model(x).shape
+
+
+# --- the table ----------------------------------------------------------------------------------------------------
+
+
+def test_each_spelling_of_an_op_has_one_row():
+    spellings = [spelling for op in OPS for spelling in op.spellings]
+    assert len(spellings) == len(set(spellings))
+    assert F.relu_ in spellings and F.pixel_shuffle in spellings  # torch's own, under another name
+
+
+@pytest.mark.parametrize(
+    "op, target, module, channelwise",
+    [
+        ("call_module", "act", nn.CELU(), True),
+        ("call_module", "act", nn.SELU(), True),
+        ("call_module", "act", nn.ReLU6(), True),
+        ("call_module", "act", nn.PReLU(8), False),  # one slope per channel
+        ("call_function", F.celu, None, True),
+        ("call_function", F.selu, None, True),
+        ("call_function", F.hardtanh, None, True),
+        ("call_function", F.relu_, None, False),  # in place: other readers of its input would see the change
+        ("call_method", "sigmoid", None, True),
+        ("call_method", "sigmoid_", None, False),
+    ],
+    ids=lambda value: (
+        getattr(value, "__name__", type(value).__name__) if not isinstance(value, str) else value
+    ),
+)
+def test_activations_computed_out_of_place_the_same_on_every_channel_are_channelwise(
+    op, target, module, channelwise
+):
+    assert has_role(Role.ACTIVATION, op, target, module)
+    assert has_role(Role.CHANNELWISE, op, target, module) == channelwise
+
+
+def test_roles_follow_the_class_hierarchy_and_the_class_name():
+    assert {Role.ACTIVATION, Role.CHANNELWISE, Role.IDEMPOTENT} <= roles("call_module", "a", nn.ReLU6())
+    assert roles("call_module", "bn", FrozenBatchNorm2d(8)) == {Role.NORM}
+    assert Role.BATCH_NORM in roles("call_module", "bn", BatchNormAct2d(8))
+    assert roles("call_module", "up", nn.UpsamplingNearest2d(scale_factor=2)) == {
+        Role.CHANNELWISE,
+        Role.UPSAMPLING,
+    }
+    assert roles("call_function", len) == frozenset() and roles("placeholder", "x") == frozenset()
+
+
+def test_the_builders_activation_names_are_the_tables():
+    named = {op.name: op for op in OPS if op.name is not None}
+    assert (
+        list(ACTIVATION_NAMES)
+        == list(named)
+        == ["silu", "relu", "hardswish", "leaky_relu", "gelu", "identity"]
+    )
+    assert all(Role.ACTIVATION in op.roles for op in named.values())
+    assert all(has_role(Role.ACTIVATION, "call_module", "act", make()) for make in ACTIVATION_NAMES.values())
