@@ -1,10 +1,11 @@
 """Fine-tuning a rewritten, trained YOLO with ultralytics: warm start or fresh blocks, rewrite's fine-tune schedule
-(``FINE_TUNE``) or ultralytics' defaults; the mAP50-95 of each next to the trained model's own.
+(``WARM_FINE_TUNE`` / ``FINE_TUNE``) or ultralytics' defaults; the mAP50-95 of each next to the trained model's own.
 
 The trained model is a ``.pt`` checkpoint (``--model``) of an ultralytics detector trained on ``--data``; each
 variant rewrites it with ``--rules``, warm-starts the new blocks for ``--warm-start`` seconds on the training
 images (or not: fresh blocks) and fine-tunes ``--epochs`` epochs with ``rewrite.integrations.ultralytics.train``,
-either with its schedule for trained weights (``FINE_TUNE``) or with ultralytics' own values of those keys
+either with its schedule for trained weights (``WARM_FINE_TUNE`` after a warm start, ``FINE_TUNE`` on fresh
+blocks) or with ultralytics' own values of those keys
 (``optimizer=auto``, ``lr0=0.01``, ``warmup_epochs=3``). Printed: per variant the final validation's mAP50 and
 mAP50-95, their ratio to the base's, the warm start's seconds and the whole run's.
 
@@ -47,7 +48,7 @@ def main() -> None:
     from ultralytics import YOLO
     from ultralytics.cfg import DEFAULT_CFG_DICT
 
-    from rewrite.integrations.ultralytics import FINE_TUNE, train
+    from rewrite.integrations.ultralytics import FINE_TUNE, WARM_FINE_TUNE, train
 
     common = {
         "data": args.data,
@@ -98,7 +99,10 @@ def main() -> None:
         print(f"{variant}: mAP50-95 {box.map:.4f}", flush=True)
 
     print(f"\nbase {args.model}: mAP50 {base.map50:.4f}, mAP50-95 {base.map:.4f}")
-    print(f"fine-tune schedule: {FINE_TUNE | fine_tune}; ultralytics': {ultralytics_schedule}")
+    print(
+        f"fine-tune schedule: after a warm start {WARM_FINE_TUNE | fine_tune}, fresh blocks {FINE_TUNE | fine_tune}; "
+        f"ultralytics': {ultralytics_schedule}"
+    )
     print(f"{'variant':<18} {'mAP50':>7} {'mAP50-95':>9} {'/ base':>7} {'warm s':>7} {'run s':>7}")
     for variant, map50, map50_95, ratio, warm_seconds, seconds in rows:
         print(f"{variant:<18} {map50:7.4f} {map50_95:9.4f} {ratio:7.3f} {warm_seconds:7.1f} {seconds:7.1f}")
