@@ -49,6 +49,7 @@ from torch import Tensor, fx, nn
 from torch.nn import functional as F
 from torch.utils import _pytree as pytree
 
+from rewrite.facts import TENSOR_META_KEY, shapes
 from rewrite.rewriter import carry_hooks, carry_plain_attributes
 from rewrite.tracer import Region, trace
 
@@ -315,7 +316,7 @@ class _Builder:
         new = self.graph.node_copy(node, value_of)
         if node.op == "call_module":
             new.target = target or self.own_module(node.target, self.gm.get_submodule(node.target))
-        new.meta = {key: value for key, value in node.meta.items() if key in ("shapes", "dtypes")}
+        new.meta = {key: value for key, value in node.meta.items() if key == TENSOR_META_KEY}
         self.set(node, new, None)
         return new
 
@@ -595,10 +596,8 @@ def _inverse(perm: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _shape(node: Any) -> tuple[int, ...] | None:
-    shapes = node.meta.get("shapes") if isinstance(node, fx.Node) else None
-    if not shapes or len(shapes) != 1 or shapes[0] is None:
-        return None
-    return tuple(shapes[0])
+    found = shapes(node) if isinstance(node, fx.Node) else ()
+    return found[0] if len(found) == 1 else None
 
 
 def _numel(shape: Iterable[int]) -> int:

@@ -18,8 +18,8 @@ from torch import nn
 
 from rewrite.errors import BuildError, NoMatchError, NoMatchWarning, RewriteError, ShapeCheckError
 from rewrite.execution import RunFailed, is_small_constant, model_lock, run, working_copy
-from rewrite.graph import StageMap, resolve_scope, resolve_stages, to_networkx
-from rewrite.match import Match, Rejection, find_matches
+from rewrite.graph import StageMap, resolve_scope, resolve_stages
+from rewrite.match import Kind, Match, Rejection, find_matches
 from rewrite.profiler import Cost, profile
 from rewrite.rewriter import (
     BuiltSite,
@@ -104,14 +104,14 @@ class SiteChange:
     path: str  # module path of the replaced module call (graph rewrites: the module of the site's first op)
     rule: str
     stage: str | None
-    kind: str  # "module": a module object swapped in its parent; "graph": fx nodes replaced in a GraphModule
+    kind: Kind  # how it was rewritten (see rewrite.match.Match); equal to its word: "module", "modules", "graph"
     replaced: BlockSummary
     replacement: BlockSummary
     params: Delta
     flops: Delta  # of every call the site's new block serves
     calls: int = 1  # how many calls of the old modules one new block now serves (kept shared)
     untied: str = ""  # set when the site's old modules were shared and its new block is not
-    # "module" / "modules" sites: the paths of the modules whose calls the new block replaces, in call order
+    # MODULE / MODULES sites: the paths of the modules whose calls the new block replaces, in call order
     # (the first becomes the block; the others nn.Identity, but a trailing shared activation that stays).
     modules: tuple[str, ...] = ()
 
@@ -280,13 +280,12 @@ def _plan(
         working_copy(model),
     )  # everything below runs on the copy: the user's model is only read
     traced = trace(model, inputs)
-    graph = to_networkx(traced)
     stages = resolve_stages(model, traced)
     scope_spec = scope if scope is not None else rule_set.scope
     resolved_scope = resolve_scope(scope_spec, traced, stages)
 
     say(f"matching {len(rule_set.rules)} rule(s) of '{rule_set.name}' in {resolved_scope.description}")
-    found = find_matches(graph, rule_set, resolved_scope)
+    found = find_matches(traced, rule_set, resolved_scope)
     messages = []
     for rule_name in found.unmatched_rules:
         message = f"{rule_set.source}: rule '{rule_name}' matched nothing in {resolved_scope.description}"
@@ -377,7 +376,7 @@ _ZERO = Cost(params=0, flops=0)
 def _touches_forward_code(sites: Sequence[BuiltSite]) -> bool:
     """Whether a site keeps (``modules``) or traces (``graph``) the user's forward code, whose other train/eval
     mode the shape check then runs too."""
-    return any(site.match.kind != "module" for site in sites)
+    return any(site.match.kind is not Kind.MODULE for site in sites)
 
 
 def _cuda_devices(model: nn.Module) -> list[int]:
@@ -425,7 +424,7 @@ def _refuse_frozen(
     regions = {
         occurrence.region
         for site in sites
-        if site.match.kind == "graph"
+        if site.match.kind is Kind.GRAPH
         for occurrence in site.match.occurrences
     }
     dependent = mode_dependent_regions(traced, sorted(regions))
@@ -433,7 +432,9 @@ def _refuse_frozen(
     for site in sites:
         match = site.match
         reasons = [
-            dependent[o.region] for o in match.occurrences if match.kind == "graph" and o.region in dependent
+            dependent[o.region]
+            for o in match.occurrences
+            if match.kind is Kind.GRAPH and o.region in dependent
         ]
         if not reasons:
             kept.append(site)
@@ -514,9 +515,9 @@ def _measure_site(
 
 
 def _replaced_modules(traced: Traced, match: Match) -> tuple[str, ...]:
-    if match.kind == "module":
+    if match.kind is Kind.MODULE:
         return (match.path,)
-    return tuple(site_module_paths(traced, match)) if match.kind == "modules" else ()
+    return tuple(site_module_paths(traced, match)) if match.kind is Kind.MODULES else ()
 
 
 def _module_signature(module: nn.Module) -> tuple | None:
