@@ -87,7 +87,7 @@ import inspect
 import threading
 import warnings
 from collections import Counter, deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -184,10 +184,18 @@ def trace(
     if isinstance(leaf_modules, (str, type)):
         leaf_modules = (leaf_modules,)
     leaf_paths, leaf_types = _split_leaf_modules(model, leaf_modules)
-    failures: dict[str, str] = {}  # shared by both attempts, so the real-data one needs no retries
+    # What fx cannot trace does not depend on where the runs go: an attempt that fails on meta hands what it
+    # learned to the one on real data, which then needs no retries.
+    learned: Mapping[str, str] = {}
 
     def build(runner: Runner) -> Traced:
-        return _Session(model, args, leaf_paths, leaf_types, failures, runner).build(propagate_shapes)
+        nonlocal learned
+        session = _Session(model, args, leaf_paths, leaf_types, learned, runner)
+        try:
+            return session.build(propagate_shapes)
+        except RunFailed:
+            learned = session.failures
+            raise
 
     try:
         with model_lock(model), buffer_values_restored(model):
@@ -265,14 +273,15 @@ class _Session:
         args: tuple,
         leaf_paths: frozenset[str],
         leaf_types: tuple[type, ...],
-        failures: dict[str, str],
+        known_failures: Mapping[str, str],
         runner: Runner,
     ) -> None:
         self.model = model
         self.args = args
         self.leaf_paths = leaf_paths
         self.leaf_types = leaf_types
-        self.failures = failures  # path -> reason, for modules whose own forward fx cannot trace
+        # path -> reason, for modules whose own forward fx cannot trace: what earlier attempts found, and more
+        self.failures = dict(known_failures)
         self.runner = runner
         self.paths = {module: path for path, module in model.named_modules()}  # to name captured calls
         self.calls: Counter[str] = Counter({"": 1})  # the root's call is CallId("", 0)
