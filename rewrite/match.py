@@ -242,7 +242,7 @@ def _settle_identity(calls: _CallIndex, rule: Rule, passed: list[_Found]) -> lis
             for found in members
         )
         if all_calls <= covered and same:
-            matches.append(_shared_match(calls, rule, members))
+            matches.append(_match_serving_all(calls, rule, members))
             continue
         shared = sorted(
             f"{calls.path_of_object[key]} called {len(calls.calls_of_object[key])} times"
@@ -267,7 +267,7 @@ def _settle_identity(calls: _CallIndex, rule: Rule, passed: list[_Found]) -> lis
     return matches
 
 
-def _shared_match(calls: _CallIndex, rule: Rule, members: list[_Found]) -> Match:
+def _match_serving_all(calls: _CallIndex, rule: Rule, members: list[_Found]) -> Match:
     """One match for sites that are together every call of the modules they call, with the same facts."""
     first = members[0]
     swappable = all(found.candidate.covering_call is not None for found in members) and bool(
