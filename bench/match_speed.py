@@ -21,15 +21,19 @@ import networkx as nx
 import torch
 from networkx.algorithms.isomorphism import DiGraphMatcher
 
-from rewrite.graph import to_networkx
+from rewrite.graph import NodeKey, to_networkx
 from rewrite.match import _CallIndex, _chain_candidates  # the search itself, without the site facts
 from rewrite.rules import load_rules
-from rewrite.tracer import trace
+from rewrite.tracer import Traced, trace
 from rewrite.zoo import create_model
 
 
-def anchored_chains(graph: nx.DiGraph, rule) -> set[tuple[str, ...]]:
-    return {candidate.nodes for candidate in _chain_candidates(graph, _CallIndex(graph), rule)}
+def anchored_chains(traced: Traced, rule) -> set[tuple[NodeKey, ...]]:
+    calls = _CallIndex(traced)
+    return {
+        tuple(NodeKey(traced.regions[calls.region_of[node]].path, node.name) for node in candidate.nodes)
+        for candidate in _chain_candidates(calls, rule)
+    }
 
 
 def networkx_chains(graph: nx.DiGraph, rule) -> set[tuple[str, ...]]:
@@ -70,12 +74,12 @@ def main(repetitions: int = 5) -> None:
     graph = to_networkx(traced)
     rule = load_rules("gsconv-only").rules[0]
 
-    found = anchored_chains(graph, rule)
+    found = anchored_chains(traced, rule)
     assert found == networkx_chains(graph, rule), "the two searches disagree"
 
     times: dict[str, list[float]] = {"anchored": [], "networkx DiGraphMatcher": []}
     for _ in range(repetitions):
-        times["anchored"].append(seconds(lambda: anchored_chains(graph, rule)))
+        times["anchored"].append(seconds(lambda: anchored_chains(traced, rule)))
         times["networkx DiGraphMatcher"].append(seconds(lambda: networkx_chains(graph, rule)))
     base = statistics.median(times["anchored"])
     print(f"YOLOv5-L graph: {graph.number_of_nodes()} nodes; both find the same {len(found)} conv chains")

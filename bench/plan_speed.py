@@ -47,7 +47,7 @@ replace.activation = "inherit"
 
 # What each phase of a plan is made of: the planner's names for its steps (wrapped with a timer).
 PHASES = {
-    "trace": ["trace", "to_networkx", "resolve_stages", "resolve_scope"],
+    "trace": ["trace", "resolve_stages", "resolve_scope"],
     "match": ["find_matches"],
     "build": ["build_sites", "_refuse_frozen", "absorb_into_graph_regions", "rewrite_model"],
     "measure": ["profile", "_measure_site"],

@@ -79,9 +79,8 @@ def main() -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             traced = rewrite.trace(model, torch.zeros(1, 3, 96, 96))
-        graph = rewrite.to_networkx(traced)
         found = find_matches(
-            graph, rule_set, rewrite.resolve_scope(None, traced, rewrite.resolve_stages(model, traced))
+            traced, rule_set, rewrite.resolve_scope(None, traced, rewrite.resolve_stages(model, traced))
         )
         norms = collections.Counter(type(match.site.norm).__name__ for match in found.matches)
         acts = collections.Counter(type(match.site.activation).__name__ for match in found.matches)

@@ -47,6 +47,7 @@ from torch import Tensor, fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torch.utils import _pytree as pytree
 
+from rewrite.facts import shapes
 from rewrite.rewriter import carry_hooks, carry_plain_attributes
 from rewrite.tracer import trace
 from rewrite.vocabulary import Role, has_role
@@ -551,13 +552,11 @@ class _ChannelOrderLowering(fx.Transformer):
 
 
 def _shape(node: object) -> tuple[int, ...] | None:
-    """The shape of the one tensor ``node`` gives (the tracer's facts; a channel order's is its source's)."""
+    """The shape of the one tensor ``node`` gives (the tracer's ``tensor_meta``; a channel order's is its source's)."""
     while _is_order(node):
         node = node.args[0]
-    shapes = node.meta.get("shapes") if isinstance(node, fx.Node) else None
-    if not shapes or len(shapes) != 1 or shapes[0] is None:
-        return None
-    return tuple(shapes[0])
+    found = shapes(node) if isinstance(node, fx.Node) else ()
+    return tuple(found[0]) if len(found) == 1 and found[0] is not None else None
 
 
 def _is_order(node: object) -> bool:

@@ -39,7 +39,9 @@ import torch
 from torch import fx, nn
 
 from rewrite.errors import ScopeError, TraceError
-from rewrite.tracer import CallId, Traced, join_path, path_and_ancestors, trace
+from rewrite.facts import CallId, dtypes, facts, shapes
+from rewrite.paths import join_path, path_and_ancestors, split_path
+from rewrite.tracer import Traced, trace
 from rewrite.vocabulary import Role, has_role
 
 __all__ = [
@@ -102,18 +104,18 @@ def to_networkx(traced: Traced) -> nx.DiGraph:
     order = 0
     for index, region in enumerate(traced.regions):
         for node in region.graph_module.graph.nodes:
-            meta = node.meta
+            node_facts = facts(node)
             graph.add_node(
                 NodeKey(region.path, node.name),
                 op=node.op,
                 target=node.target,
-                module_path=meta["module_path"],
-                module_type=meta["module_type"],
-                module_stack=meta["module_stack"],
-                call_stack=meta["call_stack"],
+                module_path=node_facts.path,
+                module_type=node_facts.type_name,
+                module_stack=tuple((frame.path, frame.type_name) for frame in node_facts.frames),
+                call_stack=node_facts.calls,
                 module=region.graph_module.get_submodule(node.target) if node.op == "call_module" else None,
-                shapes=meta.get("shapes", ()),
-                dtypes=meta.get("dtypes", ()),
+                shapes=shapes(node),
+                dtypes=dtypes(node),
                 region=index,
                 fx_node=node,
                 order=order,
@@ -216,12 +218,12 @@ def _stages_from_config(model: nn.Module) -> StageMap | None:
 
 def _stages_from_fpn(model: nn.Module) -> StageMap | None:
     for backbone_path, backbone in model.named_modules():
-        if backbone_path.rpartition(".")[2] != "backbone":
+        owner_path, name = split_path(backbone_path)
+        if name != "backbone":
             continue
         fpn_name = next((name for name, child in backbone.named_children() if _is_fpn(child)), None)
         if fpn_name is None:
             continue
-        owner_path = backbone_path.rpartition(".")[0]
         fpn_path = join_path(backbone_path, fpn_name)
         prefixes = {backbone_path: "backbone", fpn_path: "neck"}
         unstaged = []
@@ -317,7 +319,7 @@ def _classify(graph_module: fx.GraphModule) -> StageMap:
         lateral_calls, laterals = _laterals(upsamples[0], parametric, nodes)
         backbone = _reachable(laterals, downstream=False) - laterals - head
         neck_note = (
-            f"neck from the first upsampling ({upsamples[0].meta['module_path'] or upsamples[0].name})"
+            f"neck from the first upsampling ({facts(upsamples[0]).path or upsamples[0].name})"
             f" back to its laterals ({_span(lateral_calls)})"
         )
     else:
@@ -329,7 +331,7 @@ def _classify(graph_module: fx.GraphModule) -> StageMap:
         for node in nodes
         if node.op != "get_attr"
     }
-    last_names = sorted({node.meta["module_path"] or node.name for node in last_layers})
+    last_names = sorted({facts(node).path or node.name for node in last_layers})
     explanation = (
         f"heuristic: head = the last parametric layers ({_span(last_names)}) and what follows the"
         f" last spatial feature map; {neck_note}; backbone = the rest"
@@ -349,15 +351,13 @@ def _is_parametric(node: fx.Node, graph_module: fx.GraphModule) -> bool:
 
 
 def _attribute(graph_module: fx.GraphModule, target: str) -> object:
-    owner, _, name = target.rpartition(".")
+    owner, name = split_path(target)
     return getattr(graph_module.get_submodule(owner), name)
 
 
 def _is_spatial(node: fx.Node) -> bool:
     """Whether the node outputs a feature map: a 4-d tensor with two non-batch dims above 1 (NCHW or NHWC)."""
-    return any(
-        len(shape) == 4 and sum(dim > 1 for dim in shape[1:]) >= 2 for shape in node.meta.get("shapes", ())
-    )
+    return any(len(shape) == 4 and sum(dim > 1 for dim in shape[1:]) >= 2 for shape in shapes(node))
 
 
 def _is_upsample(node: fx.Node, graph_module: fx.GraphModule) -> bool:
@@ -368,8 +368,8 @@ def _is_upsample(node: fx.Node, graph_module: fx.GraphModule) -> bool:
 
 
 def _numel(node: fx.Node) -> int:
-    shapes = node.meta.get("shapes", ())
-    return math.prod(shapes[0]) if shapes else 0
+    output_shapes = shapes(node)
+    return math.prod(output_shapes[0]) if output_shapes else 0
 
 
 def _tail(nodes: list[fx.Node]) -> set[fx.Node]:
@@ -394,9 +394,9 @@ def _laterals(
     """
     found = _nearest_parametric([upsample], parametric)
     calls = {_enclosing_call(node) for node in found}
-    widened = {node for node in nodes if calls & set(node.meta["call_stack"])}
+    widened = {node for node in nodes if calls & set(facts(node).calls)}
     names = {call.path for call in calls if call is not None} | {
-        node.meta["module_path"] for node in found if _enclosing_call(node) is None
+        facts(node).path for node in found if _enclosing_call(node) is None
     }
     return sorted(names), found | widened
 
@@ -418,7 +418,7 @@ def _nearest_parametric(start: Iterable[fx.Node], parametric: set[fx.Node]) -> s
 
 def _enclosing_call(node: fx.Node) -> CallId | None:
     """The call of the module holding ``node``'s layer (a Conv block for its conv), if not the root's."""
-    calls = node.meta["call_stack"]
+    calls = facts(node).calls
     depth = len(calls) - (2 if node.op == "call_module" else 1)
     return calls[depth] if depth >= 1 else None
 
@@ -439,8 +439,8 @@ def _prefixes(stage_of: dict[fx.Node, str]) -> dict[str, str]:
     """Module-path prefixes for node stages: the shallowest modules whose nodes all share one stage."""
     stages_under: dict[str, set[str]] = {}
     for node, stage in stage_of.items():
-        for path, _ in node.meta["module_stack"]:
-            stages_under.setdefault(path, set()).add(stage)
+        for frame in facts(node).frames:
+            stages_under.setdefault(frame.path, set()).add(stage)
     prefixes: dict[str, str] = {}
     for path in sorted(stages_under, key=lambda path: (path.count(".") + bool(path), path)):
         stages = stages_under[path]

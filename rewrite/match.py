@@ -1,10 +1,11 @@
 """Find where a rule set's rules apply in a traced model.
 
-The matcher walks the networkx view of a :class:`~rewrite.tracer.Traced` model (see :mod:`rewrite.graph`).
-Structure and semantics are kept apart the way networkx's ``GraphMatcher`` keeps them: the walk only follows
-data-flow edges and module calls, and every question about *what* a node is goes through the rule's own
-callbacks (``ChainStep.accepts`` for op chains, class names for module matches, ``Predicate.check`` for
-``where``).
+The matcher walks the fx graphs of a :class:`~rewrite.tracer.Traced` model: data flow through each node's
+``users`` and ``all_input_nodes``, and module calls through the :class:`~rewrite.facts.NodeFacts` the tracer
+wrote on every node. Structure and semantics are kept apart the way networkx's ``GraphMatcher`` keeps them:
+the walk only follows data-flow edges and module calls, and every question about *what* a node is goes through
+the rule's own callbacks (``ChainStep.accepts`` for op chains, class names for module matches,
+``Predicate.check`` for ``where``).
 
 Matching is anchored rather than a general subgraph isomorphism: a chain starts at a node its first step
 accepts and can only continue to that node's sole user, so each candidate costs O(chain length) and a whole
@@ -13,7 +14,7 @@ within a rule candidates are visited in graph order; a node that an earlier matc
 
 >>> import torch, rewrite
 >>> from rewrite.tracer import trace
->>> from rewrite.graph import to_networkx, resolve_stages, resolve_scope
+>>> from rewrite.graph import resolve_stages, resolve_scope
 >>> from rewrite.rules import parse_rules
 >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU())
 >>> rules = parse_rules('''
@@ -26,10 +27,9 @@ within a rule candidates are visited in graph order; a node that an earlier matc
 ... replace.builder = "GSConv"
 ... ''')
 >>> traced = trace(net, (torch.zeros(1, 3, 16, 16),))
->>> graph = to_networkx(traced)
->>> result = find_matches(graph, rules, resolve_scope(None, traced, resolve_stages(net, traced)))
->>> [(m.rule.name, m.path, m.kind, m.site.out_channels) for m in result.matches]
-[('conv', '0', 'modules', 8)]
+>>> result = find_matches(traced, rules, resolve_scope(None, traced, resolve_stages(net, traced)))
+>>> [(m.rule.name, m.path, m.kind, [node.target for node in m.nodes]) for m in result.matches]
+[('conv', '0', <Kind.MODULES: 'modules'>, ['0', '1', '2'])]
 """
 
 from __future__ import annotations
@@ -37,14 +37,16 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
 
-import networkx as nx
 import torch
 from torch import fx, nn
 
-from rewrite.graph import NodeKey, Scope
+from rewrite.facts import CallId, dtypes, facts, shapes
+from rewrite.graph import Scope
 from rewrite.rules import ChainStep, Rule, RuleSet
 from rewrite.site import Site
+from rewrite.tracer import Traced
 from rewrite.vocabulary import (
     CATEGORIES,
     IrreproducibleError,
@@ -54,10 +56,19 @@ from rewrite.vocabulary import (
     reproduce_activation,
 )
 
-__all__ = ["Match", "MatchResult", "Occurrence", "Rejection", "find_matches"]
+__all__ = ["Kind", "Match", "MatchResult", "Occurrence", "Rejection", "find_matches"]
 
 # Nodes that carry no computation of their own; a site may contain or drop them freely.
 _STRUCTURAL_OPS = ("get_attr",)
+
+
+class Kind(StrEnum):
+    """How a site is rewritten (see :class:`Match`). Its value is the word reports and JSON show, and a kind
+    compares equal to it, so that a plan stays plain data to whoever reads it as a string."""
+
+    MODULE = "module"
+    MODULES = "modules"
+    GRAPH = "graph"
 
 
 @dataclass(frozen=True)
@@ -74,10 +85,10 @@ class Rejection:
 class Occurrence:
     """One place in the graph where a site's nodes sit: the nodes, the node feeding them, and their output."""
 
-    region: int
-    nodes: tuple[NodeKey, ...]  # graph node keys, in graph order
-    input_node: NodeKey  # the graph node feeding the site (outside it)
-    output_node: NodeKey  # the site node whose value leaves the site
+    region: int  # index into Traced.regions of the first node's region
+    nodes: tuple[fx.Node, ...]  # in graph order
+    input_node: fx.Node  # the node feeding the site (outside it)
+    output_node: fx.Node  # the site node whose value leaves the site
 
 
 @dataclass(frozen=True)
@@ -86,34 +97,36 @@ class Match:
 
     ``kind`` says how the rewrite is made, the first that applies:
 
-    * ``"module"``: the site is exactly the calls of one module object, so that object is swapped wherever it is
-      held (``path`` is the first path it was called through);
-    * ``"modules"``: the site is a chain of module calls written in a larger forward (``act(bn(conv(x)))``), each
-      module called only there: the first module is swapped for the new block and the others for
+    * ``Kind.MODULE``: the site is exactly the calls of one module object, so that object is swapped wherever it
+      is held (``path`` is the first path it was called through);
+    * ``Kind.MODULES``: the site is a chain of module calls written in a larger forward (``act(bn(conv(x)))``),
+      each module called only there: the first module is swapped for the new block and the others for
       ``nn.Identity``, so the forward that calls them is kept, with its training branches (``path`` is the first
       module's);
-    * ``"graph"``: anything else (functional ops, modules called elsewhere too): the site's nodes are replaced in
-      the traced region's fx graph, which takes the region module's place (``path`` names the module of the
+    * ``Kind.GRAPH``: anything else (functional ops, modules called elsewhere too): the site's nodes are replaced
+      in the traced region's fx graph, which takes the region module's place (``path`` names the module of the
       site's first op). The trace fixed every Python-level decision of that forward.
 
     A module (or an inline chain of modules) that the forward calls more than once is one match with
     ``calls`` > 1 when every call matched this rule with the same facts: one new block serves them all, kept
     shared (``repeats`` are the other calls' places, for graph sites). Otherwise each call is a match of its own
     and ``untied`` says which modules lose their sharing, since each call then gets a block of its own.
+
+    The nodes are those of the traced graphs (``Traced.regions``); a rewrite works on copies of them.
     """
 
     rule: Rule
     path: str
-    kind: str
+    kind: Kind
     region: int
-    nodes: tuple[NodeKey, ...]  # graph node keys, in graph order
-    input_node: NodeKey  # the graph node feeding the site (outside it)
-    output_node: NodeKey  # the site node whose value leaves the site
+    nodes: tuple[fx.Node, ...]  # in graph order
+    input_node: fx.Node  # the node feeding the site (outside it)
+    output_node: fx.Node  # the site node whose value leaves the site
     site: Site
     calls: int = 1  # how many calls of the site's modules the one new block serves
     repeats: tuple[Occurrence, ...] = ()  # for a shared graph site: where its other calls sit
     untied: str = ""  # why the site's modules stop being shared, when they do
-    kept_activation: str = ""  # "modules" sites: a trailing shared activation left in place (see _editable)
+    kept_activation: str = ""  # MODULES sites: a trailing shared activation left in place (see _editable)
 
     @property
     def occurrences(self) -> tuple[Occurrence, ...]:
@@ -130,11 +143,16 @@ class MatchResult:
 
 @dataclass(frozen=True)
 class _Candidate:
-    nodes: tuple[NodeKey, ...]  # every node of the site, for overlap and scope
-    covering_call: object | None  # the call id of the module call the nodes make up exactly, if any
+    nodes: tuple[fx.Node, ...]  # every node of the site, for overlap and scope
+    covering_call: CallId | None  # the module call the nodes make up exactly, if any
     covering_path: str | None
     # The covering call's own call_module node, when it is one (a leaf's call).
-    boundary: NodeKey | None = None
+    boundary: fx.Node | None = None
+
+    @property
+    def path(self) -> str:
+        """Where the candidate is reported: its covering module call, else the module of its first op."""
+        return self.covering_path if self.covering_path is not None else facts(self.nodes[0]).path
 
 
 @dataclass(frozen=True)
@@ -142,58 +160,69 @@ class _Found:
     """A candidate that passed its rule's tests, before module identity settles how it is rewritten."""
 
     candidate: _Candidate
-    path: str
     site: Site
-    input_node: NodeKey
-    output_node: NodeKey
+    input_node: fx.Node
+    output_node: fx.Node
     region: int
 
+    @property
+    def path(self) -> str:
+        return self.candidate.path
 
-def find_matches(graph: nx.DiGraph, rules: RuleSet, scope: Scope) -> MatchResult:
-    """Apply ``rules`` in order to ``graph`` (from :func:`rewrite.graph.to_networkx`) within ``scope``."""
-    calls = _CallIndex(graph)
-    taken: set[NodeKey] = set()
+    @property
+    def occurrence(self) -> Occurrence:
+        return Occurrence(self.region, self.candidate.nodes, self.input_node, self.output_node)
+
+
+def find_matches(traced: Traced, rules: RuleSet, scope: Scope) -> MatchResult:
+    """Apply ``rules`` in order to the graphs of ``traced`` within ``scope``."""
+    calls = _CallIndex(traced)
+    taken: set[fx.Node] = set()
     result = MatchResult()
     for rule in rules.rules:
-        found = False
+        caught = False
         passed: list[_Found] = []
-        for candidate in _candidates(graph, calls, rule):
+        for candidate in _candidates(calls, rule):
             if taken.intersection(candidate.nodes):
                 continue
-            path = (
-                candidate.covering_path
-                if candidate.covering_path is not None
-                else graph.nodes[candidate.nodes[0]]["module_path"]
-            )
-            if not all(scope.contains(graph.nodes[key]["module_path"]) for key in candidate.nodes):
+            if not all(scope.contains(facts(node).path) for node in candidate.nodes):
                 continue
-            if _inside_excluded(graph, calls, candidate, rule):
+            if _inside_excluded(calls, candidate, rule):
                 continue
-            found = True
-            site_or_reason = _site(graph, calls, candidate, rule, path)
-            if isinstance(site_or_reason, str):
-                result.rejected.append(Rejection(path, rule.name, site_or_reason))
-                continue
-            site, input_node, output_node = site_or_reason
-            facts = site.facts()
-            reasons = [r for r in (p.check(facts.get(p.key), site.module_type) for p in rule.where) if r]
-            hidden = calls.hidden_calls(graph, candidate)
-            if hidden:
-                reasons.append(hidden)
-            if reasons:
-                result.rejected.append(Rejection(path, rule.name, "; ".join(reasons)))
+            caught = True
+            examined = _examine(calls, candidate, rule)
+            if isinstance(examined, Rejection):
+                result.rejected.append(examined)
                 continue
             taken.update(candidate.nodes)
-            region = graph.nodes[candidate.nodes[0]]["region"]
-            passed.append(_Found(candidate, path, site, input_node, output_node, region))
-        result.matches += _settle_identity(graph, calls, rule, passed)
-        if not found:
+            passed.append(examined)
+        result.matches += _settle_identity(calls, rule, passed)
+        if not caught:
             result.unmatched_rules.append(rule.name)
-    result.matches.sort(key=lambda m: graph.nodes[m.nodes[0]]["order"])  # graph order, whichever rule won
+    result.matches.sort(key=lambda m: calls.order[m.nodes[0]])  # graph order, whichever rule won
     return result
 
 
-def _settle_identity(graph: nx.DiGraph, calls: _CallIndex, rule: Rule, passed: list[_Found]) -> list[Match]:
+def _examine(calls: _CallIndex, candidate: _Candidate, rule: Rule) -> _Found | Rejection:
+    """The candidate with its site facts when it passes the rule's ``where`` tests, else why not."""
+    found = _site(calls, candidate, rule)
+    if isinstance(found, Rejection):
+        return found
+    facts_by_name = found.site.facts()
+    reasons = [
+        reason
+        for reason in (p.check(facts_by_name.get(p.key), found.site.module_type) for p in rule.where)
+        if reason
+    ]
+    hidden = calls.hidden_calls(candidate)
+    if hidden:
+        reasons.append(hidden)
+    if reasons:
+        return Rejection(found.path, rule.name, "; ".join(reasons))
+    return found
+
+
+def _settle_identity(calls: _CallIndex, rule: Rule, passed: list[_Found]) -> list[Match]:
     """Group one rule's sites by the module objects they call, so that a rewrite keeps what was shared.
 
     Sites that call the same stateful modules (a block called in a loop, one conv used twice) become one
@@ -202,48 +231,18 @@ def _settle_identity(graph: nx.DiGraph, calls: _CallIndex, rule: Rule, passed: l
     """
     groups: dict[frozenset[int], list[_Found]] = {}
     for found in passed:
-        groups.setdefault(calls.identity(graph, found.candidate), []).append(found)
+        groups.setdefault(calls.identity(found.candidate), []).append(found)
     matches = []
     for identity, members in groups.items():
-        first = members[0]
         all_calls = set().union(*(calls.calls_of_object[key] for key in identity))
-        covered = set().union(*(calls.calls_within(graph, found.candidate) for found in members))
+        covered = set().union(*(calls.calls_within(found.candidate) for found in members))
+        first = members[0]
         same = all(
             found.site.facts() == first.site.facts() and found.site.counts == first.site.counts
             for found in members
         )
         if all_calls <= covered and same:
-            swappable = all(found.candidate.covering_call is not None for found in members) and bool(
-                first.candidate.covering_path
-            )
-            repeats = (
-                ()
-                if swappable
-                else tuple(
-                    Occurrence(f.region, f.candidate.nodes, f.input_node, f.output_node) for f in members[1:]
-                )
-            )
-            nodes = tuple(key for found in members for key in found.candidate.nodes) if swappable else None
-            editable, kept = _editable(graph, calls, first) if len(members) == 1 else (False, "")
-            kind = "module" if swappable else "modules" if editable else "graph"
-            # A module edit is named after the module that becomes the new block, even when the chain is the
-            # whole of some module's call (an nn.Sequential root, say).
-            path = graph.nodes[first.candidate.nodes[0]]["module_path"] if kind == "modules" else first.path
-            matches.append(
-                Match(
-                    rule,
-                    path,
-                    kind,
-                    first.region,
-                    nodes or first.candidate.nodes,
-                    first.input_node,
-                    first.output_node,
-                    replace(first.site, path=path),
-                    calls=len(members),
-                    repeats=repeats,
-                    kept_activation=kept if kind == "modules" else "",
-                )
-            )
+            matches.append(_match_serving_all(calls, rule, members))
             continue
         shared = sorted(
             f"{calls.path_of_object[key]} called {len(calls.calls_of_object[key])} times"
@@ -256,7 +255,7 @@ def _settle_identity(graph: nx.DiGraph, calls: _CallIndex, rule: Rule, passed: l
                 Match(
                     rule,
                     found.path,
-                    "graph",
+                    Kind.GRAPH,
                     found.region,
                     found.candidate.nodes,
                     found.input_node,
@@ -268,7 +267,35 @@ def _settle_identity(graph: nx.DiGraph, calls: _CallIndex, rule: Rule, passed: l
     return matches
 
 
-def _editable(graph: nx.DiGraph, calls: _CallIndex, found: _Found) -> tuple[bool, str]:
+def _match_serving_all(calls: _CallIndex, rule: Rule, members: list[_Found]) -> Match:
+    """One match for sites that are together every call of the modules they call, with the same facts."""
+    first = members[0]
+    swappable = all(found.candidate.covering_call is not None for found in members) and bool(
+        first.candidate.covering_path
+    )
+    editable, kept = _editable(calls, first) if len(members) == 1 else (False, "")
+    kind = Kind.MODULE if swappable else Kind.MODULES if editable else Kind.GRAPH
+    # A module edit is named after the module that becomes the new block, even when the chain is the whole of
+    # some module's call (an nn.Sequential root, say).
+    path = facts(first.candidate.nodes[0]).path if kind is Kind.MODULES else first.path
+    return Match(
+        rule,
+        path,
+        kind,
+        first.region,
+        tuple(node for found in members for node in found.candidate.nodes)
+        if swappable
+        else first.candidate.nodes,
+        first.input_node,
+        first.output_node,
+        replace(first.site, path=path),
+        calls=len(members),
+        repeats=() if swappable else tuple(found.occurrence for found in members[1:]),
+        kept_activation=kept if kind is Kind.MODULES else "",
+    )
+
+
+def _editable(calls: _CallIndex, found: _Found) -> tuple[bool, str]:
     """Whether the site can be rewritten on its modules, keeping the forward that calls them, and the path of a
     trailing activation to keep in place.
 
@@ -279,98 +306,100 @@ def _editable(graph: nx.DiGraph, calls: _CallIndex, found: _Found) -> tuple[bool
     end in that activation (checked once it is built).
     """
     previous, kept = found.input_node, ""
-    keys = found.candidate.nodes
-    for index, key in enumerate(keys):
-        data = graph.nodes[key]
-        node = data["fx_node"]
-        if data["op"] != "call_module" or node.kwargs or len(node.args) != 1:
+    nodes = found.candidate.nodes
+    for index, node in enumerate(nodes):
+        if node.op != "call_module" or node.kwargs or len(node.args) != 1 or node.args[0] is not previous:
             return False, ""
-        if not isinstance(node.args[0], fx.Node) or _key_in_region(key, node.args[0]) != previous:
-            return False, ""
-        shared = len(calls.calls_of_object[calls.object_of_call[data["call_stack"][-1]]]) != 1
-        if shared or calls.opaque_calls.get(data["module_path"], 0) > 1:
-            if index == len(keys) - 1 and index > 0 and is_idempotent(data["module"]):
-                kept = data["module_path"]
+        node_facts = facts(node)
+        shared = len(calls.calls_of_object[calls.object_of_call[node_facts.call]]) != 1
+        if shared or calls.opaque_calls.get(node_facts.path, 0) > 1:
+            if index == len(nodes) - 1 and index > 0 and is_idempotent(calls.module_of[node]):
+                kept = node_facts.path
             else:
                 return False, ""
-        previous = key
+        previous = node
     return True, kept
 
 
-def _key_in_region(key: NodeKey, node: fx.Node) -> NodeKey:
-    """The graph key of ``node``, which sits in the region of the node keyed ``key``."""
-    return NodeKey(key.region, node.name)
-
-
 class _CallIndex:
-    """The graph's nodes in order, and its module calls: which nodes each call made, which module object made it."""
+    """The traced graphs' nodes in order, and their module calls: which nodes each call made, which module object
+    made it."""
 
-    def __init__(self, graph: nx.DiGraph) -> None:
-        model: nn.Module = graph.graph["model"]
-        self.opaque_calls: dict[str, int] = graph.graph.get("opaque_calls", {})
-        self.ordered: list[NodeKey] = sorted(graph.nodes, key=lambda k: graph.nodes[k]["order"])
-        self.nodes_of_call: dict[object, list[NodeKey]] = {}
-        self.path_of_call: dict[object, str] = {}
-        self.type_of_call: dict[object, str] = {}
-        self.boundary_of_call: dict[object, NodeKey] = {}  # a leaf call's own call_module node
-        self.object_of_call: dict[object, int] = {}  # id() of the module object that made the call
-        self.calls_of_object: dict[int, set[object]] = {}
+    def __init__(self, traced: Traced) -> None:
+        self.model = traced.model
+        self.opaque_calls = traced.opaque_calls
+        self.ordered: list[fx.Node] = []
+        self.region_of: dict[fx.Node, int] = {}
+        self.module_of: dict[fx.Node, nn.Module] = {}  # what each call_module node calls
+        for index, region in enumerate(traced.regions):
+            for node in region.graph_module.graph.nodes:
+                self.ordered.append(node)
+                self.region_of[node] = index
+                if node.op == "call_module":
+                    self.module_of[node] = region.graph_module.get_submodule(node.target)
+        self.order = {node: position for position, node in enumerate(self.ordered)}
+        self.nodes_of_call: dict[CallId, list[fx.Node]] = {}
+        self.path_of_call: dict[CallId, str] = {}
+        self.type_of_call: dict[CallId, str] = {}
+        self.boundary_of_call: dict[CallId, fx.Node] = {}  # a leaf call's own call_module node
+        self.object_of_call: dict[CallId, int] = {}  # id() of the module object that made the call
+        self.calls_of_object: dict[int, set[CallId]] = {}
         self.path_of_object: dict[int, str] = {}
         self.stateful: set[int] = set()  # objects holding parameters or buffers
-        for key in self.ordered:
-            data = graph.nodes[key]
-            if data["op"] in ("placeholder", "output"):
-                continue
-            if data["op"] == "call_module":
-                self.boundary_of_call.setdefault(data["call_stack"][-1], key)
-            for call, (path, type_name) in zip(data["call_stack"], data["module_stack"]):
-                self.nodes_of_call.setdefault(call, []).append(key)
-                if call in self.path_of_call:
-                    continue
-                self.path_of_call[call] = path
-                self.type_of_call[call] = type_name
-                module = _module_at(model, path)
-                self.object_of_call[call] = id(module)
-                self.calls_of_object.setdefault(id(module), set()).add(call)
-                self.path_of_object.setdefault(id(module), path)
-                if next(module.parameters(), None) is not None or next(module.buffers(), None) is not None:
-                    self.stateful.add(id(module))
+        for node in self.ordered:
+            if node.op not in ("placeholder", "output"):
+                self._add(node)
         self.distinct_nodes_of_call = {call: len(set(nodes)) for call, nodes in self.nodes_of_call.items()}
         self.size_of_call = {
-            call: sum(graph.nodes[key]["op"] not in _STRUCTURAL_OPS for key in nodes)
+            call: sum(node.op not in _STRUCTURAL_OPS for node in nodes)
             for call, nodes in self.nodes_of_call.items()
         }
 
-    def made_within(self, call: object, own: set[NodeKey]) -> bool:
+    def _add(self, node: fx.Node) -> None:
+        node_facts = facts(node)
+        if node.op == "call_module":
+            self.boundary_of_call.setdefault(node_facts.call, node)
+        for frame in node_facts.frames:
+            self.nodes_of_call.setdefault(frame.call, []).append(node)
+            if frame.call in self.path_of_call:
+                continue
+            self.path_of_call[frame.call] = frame.path
+            self.type_of_call[frame.call] = frame.type_name
+            module = _module_at(self.model, frame.path)
+            self.object_of_call[frame.call] = id(module)
+            self.calls_of_object.setdefault(id(module), set()).add(frame.call)
+            self.path_of_object.setdefault(id(module), frame.path)
+            if next(module.parameters(), None) is not None or next(module.buffers(), None) is not None:
+                self.stateful.add(id(module))
+
+    def made_within(self, call: CallId, own: set[fx.Node]) -> bool:
         """Whether every node of ``call`` is in ``own``; the size first, so that a site's enclosing calls (the
         root's: every node) cost nothing to rule out."""
         return self.distinct_nodes_of_call[call] <= len(own) and own.issuperset(self.nodes_of_call[call])
 
-    def computing_nodes(self, graph: nx.DiGraph, call: object) -> list[NodeKey]:
-        return [key for key in self.nodes_of_call[call] if graph.nodes[key]["op"] not in _STRUCTURAL_OPS]
+    def computing_nodes(self, call: CallId) -> list[fx.Node]:
+        return [node for node in self.nodes_of_call[call] if node.op not in _STRUCTURAL_OPS]
 
-    def calls_within(self, graph: nx.DiGraph, candidate: _Candidate) -> set[object]:
+    def calls_within(self, candidate: _Candidate) -> set[CallId]:
         """The module calls all of whose nodes belong to the candidate."""
         own = set(candidate.nodes)
-        stacks = {call for key in candidate.nodes for call in graph.nodes[key]["call_stack"]}
+        stacks = {call for node in candidate.nodes for call in facts(node).calls}
         return {call for call in stacks if self.made_within(call, own)}
 
-    def identity(self, graph: nx.DiGraph, candidate: _Candidate) -> frozenset[int]:
+    def identity(self, candidate: _Candidate) -> frozenset[int]:
         """The module objects whose sharing a rewrite of the candidate must respect: the stateful ones it calls,
         and the module it swaps."""
-        within = self.calls_within(graph, candidate)
-        objects = {self.object_of_call[call] for call in within}
+        objects = {self.object_of_call[call] for call in self.calls_within(candidate)}
         identity = {obj for obj in objects if obj in self.stateful}
         if candidate.covering_call is not None and candidate.covering_path:
             identity.add(self.object_of_call[candidate.covering_call])
         return frozenset(identity)
 
-    def hidden_calls(self, graph: nx.DiGraph, candidate: _Candidate) -> str | None:
+    def hidden_calls(self, candidate: _Candidate) -> str | None:
         """Why the candidate cannot be rewritten safely when an opaque module calls one of its modules (or
         their region) more often than the graph shows, else None."""
-        data = graph.nodes[candidate.nodes[0]]
-        paths = {graph.nodes[key]["module_path"] for key in candidate.nodes} | {
-            p for p, _ in data["module_stack"]
+        paths = {facts(node).path for node in candidate.nodes} | {
+            frame.path for frame in facts(candidate.nodes[0]).frames
         }
         repeated = sorted(path for path in paths if self.opaque_calls.get(path, 0) > 1)
         if not repeated:
@@ -389,11 +418,11 @@ def _module_at(model: nn.Module, path: str) -> nn.Module:
         return nn.Module()
 
 
-def _candidates(graph: nx.DiGraph, calls: _CallIndex, rule: Rule) -> Iterator[_Candidate]:
+def _candidates(calls: _CallIndex, rule: Rule) -> Iterator[_Candidate]:
     if rule.match.module:
         yield from _module_candidates(calls, set(rule.match.module))
     else:
-        yield from _chain_candidates(graph, calls, rule)
+        yield from _chain_candidates(calls, rule)
 
 
 def _module_candidates(calls: _CallIndex, class_names: set[str]) -> Iterator[_Candidate]:
@@ -402,29 +431,29 @@ def _module_candidates(calls: _CallIndex, class_names: set[str]) -> Iterator[_Ca
             yield _Candidate(tuple(nodes), call, calls.path_of_call[call], calls.boundary_of_call.get(call))
 
 
-def _chain_candidates(graph: nx.DiGraph, calls: _CallIndex, rule: Rule) -> Iterator[_Candidate]:
+def _chain_candidates(calls: _CallIndex, rule: Rule) -> Iterator[_Candidate]:
     steps = rule.match.chain
-    for key in calls.ordered:
-        chain = _follow_chain(graph, key, steps)
+    for node in calls.ordered:
+        chain = _follow_chain(calls, node, steps)
         if chain:
-            yield _covering(graph, calls, tuple(chain))
+            yield _covering(calls, tuple(chain))
 
 
-def _follow_chain(graph: nx.DiGraph, start: NodeKey, steps: tuple[ChainStep, ...]) -> list[NodeKey] | None:
+def _follow_chain(calls: _CallIndex, start: fx.Node, steps: tuple[ChainStep, ...]) -> list[fx.Node] | None:
     """The longest node chain from ``start`` that the steps accept, each link being its predecessor's sole user."""
-    if not _accepts(graph, start, steps[0]):
+    if not _accepts(calls, start, steps[0]):
         return None
-    best: list[NodeKey] | None = None
+    best: list[fx.Node] | None = None
 
-    def extend(chain: list[NodeKey], step_index: int) -> None:
+    def extend(chain: list[fx.Node], step_index: int) -> None:
         nonlocal best
         if step_index == len(steps):
             if best is None or len(chain) > len(best):
                 best = list(chain)
             return
         step = steps[step_index]
-        users = list(graph.successors(chain[-1]))
-        if len(users) == 1 and _accepts(graph, users[0], step):
+        users = list(chain[-1].users)
+        if len(users) == 1 and _accepts(calls, users[0], step):
             chain.append(users[0])
             extend(chain, step_index + 1)
             chain.pop()
@@ -435,14 +464,13 @@ def _follow_chain(graph: nx.DiGraph, start: NodeKey, steps: tuple[ChainStep, ...
     return best
 
 
-def _accepts(graph: nx.DiGraph, key: NodeKey, step: ChainStep) -> bool:
-    data = graph.nodes[key]
-    return step.accepts(data["op"], data["target"], data["module"])
+def _accepts(calls: _CallIndex, node: fx.Node, step: ChainStep) -> bool:
+    return step.accepts(node.op, node.target, calls.module_of.get(node))
 
 
-def _covering(graph: nx.DiGraph, calls: _CallIndex, nodes: tuple[NodeKey, ...]) -> _Candidate:
+def _covering(calls: _CallIndex, nodes: tuple[fx.Node, ...]) -> _Candidate:
     """The outermost module call whose nodes are exactly ``nodes`` (plus structural ones), if there is one."""
-    stacks = [graph.nodes[key]["call_stack"] for key in nodes]
+    stacks = [facts(node).calls for node in nodes]
     common = []
     for level in zip(*stacks):
         if all(call == level[0] for call in level):
@@ -454,73 +482,57 @@ def _covering(graph: nx.DiGraph, calls: _CallIndex, nodes: tuple[NodeKey, ...]) 
     for call in reversed(common):  # innermost first; an enclosing call holds at least its inner call's nodes
         if calls.size_of_call[call] > len(wanted):
             break
-        if set(calls.computing_nodes(graph, call)) == wanted:
+        if set(calls.computing_nodes(call)) == wanted:
             covering = call
     if covering is None:
         return _Candidate(nodes, None, None)
     return _Candidate(nodes, covering, calls.path_of_call[covering], calls.boundary_of_call.get(covering))
 
 
-def _inside_excluded(graph: nx.DiGraph, calls: _CallIndex, candidate: _Candidate, rule: Rule) -> bool:
+def _inside_excluded(calls: _CallIndex, candidate: _Candidate, rule: Rule) -> bool:
     excluded = set(rule.match.not_inside)
     if not excluded:
         return False
     own = set(candidate.nodes)
-    for call, (_, type_name) in zip(
-        graph.nodes[candidate.nodes[0]]["call_stack"], graph.nodes[candidate.nodes[0]]["module_stack"]
-    ):
-        if type_name in excluded and not calls.made_within(call, own):
-            return True
-    return False
+    return any(
+        frame.type_name in excluded and not calls.made_within(frame.call, own)
+        for frame in facts(candidate.nodes[0]).frames
+    )
 
 
-def _site(graph: nx.DiGraph, calls: _CallIndex, candidate: _Candidate, rule: Rule, path: str):
-    """The facts builders and ``where`` predicates see, or the reason the candidate cannot be a site."""
-    own = set(candidate.nodes)
-    # A leaf's call is one node: its input and output are the call's own, whatever regions show its inside.
-    boundary = (candidate.boundary,) if candidate.boundary is not None else candidate.nodes
-    inputs = []
-    for key in boundary:
-        for source in graph.predecessors(key):
-            if (
-                source not in own
-                and graph.nodes[source]["op"] not in _STRUCTURAL_OPS
-                and source not in inputs
-            ):
-                inputs.append(source)
-    outputs = [key for key in boundary if any(user not in own for user in graph.successors(key))]
-    if len(inputs) != 1 or len(outputs) != 1:
-        return f"the site has {len(inputs)} inputs and {len(outputs)} outputs; builders take one of each"
-    in_shapes, out_shapes = graph.nodes[inputs[0]]["shapes"], graph.nodes[outputs[0]]["shapes"]
+def _site(calls: _CallIndex, candidate: _Candidate, rule: Rule) -> _Found | Rejection:
+    """The facts builders and ``where`` predicates see, or why the candidate cannot be a site."""
+    ends = _ends(candidate)
+    if isinstance(ends, str):
+        return Rejection(candidate.path, rule.name, ends)
+    input_node, output_node = ends
+    in_shapes, out_shapes = shapes(input_node), shapes(output_node)
     if len(in_shapes) != 1 or len(out_shapes) != 1 or len(in_shapes[0]) < 2 or len(out_shapes[0]) < 2:
-        return "the site's input and output are not single (N, C, ...) tensors"
-    in_shape, out_shape = tuple(in_shapes[0]), tuple(out_shapes[0])
+        return Rejection(
+            candidate.path, rule.name, "the site's input and output are not single (N, C, ...) tensors"
+        )
+    in_shape, out_shape = in_shapes[0], out_shapes[0]
 
-    modules = list(_modules_under(graph, candidate))
+    modules = list(_modules_under(calls, candidate))
     conv = next((m for m in modules if CATEGORIES["conv"].has_module(m)), None)
     norm = next((m for m in modules if CATEGORIES["norm"].has_module(m)), None)
     try:
-        activation = _activation(graph, candidate)
+        activation = _activation(calls, candidate)
     except IrreproducibleError as error:
-        return f"its activation cannot be reproduced: {error}"
+        return Rejection(candidate.path, rule.name, f"its activation cannot be reproduced: {error}")
 
-    counts = Counter(
-        calls.type_of_call[call]
-        for call in {c for key in candidate.nodes for c in graph.nodes[key]["call_stack"]}
-        if calls.made_within(call, own)
-    )
     if candidate.covering_call is not None:
         module_type = calls.type_of_call[candidate.covering_call]
     elif conv is not None:
         module_type = type(conv).__name__
     else:
-        module_type = graph.nodes[candidate.nodes[0]]["module_type"]
+        module_type = facts(candidate.nodes[0]).type_name
     spatial_stride = 1
     if len(in_shape) > 2 and len(out_shape) > 2 and out_shape[2]:
         spatial_stride = max(1, round(in_shape[2] / out_shape[2]))
     weight = next((p for m in modules for p in m.parameters()), None)
     site = Site(
-        path=path,
+        path=candidate.path,
         rule=rule.name,
         module_type=module_type,
         in_channels=in_shape[1],
@@ -535,48 +547,63 @@ def _site(graph: nx.DiGraph, calls: _CallIndex, candidate: _Candidate, rule: Rul
         bias=conv.bias is not None if conv is not None else None,
         activation=activation,
         norm=norm,
-        counts=dict(counts),
-        lengths=_lengths(graph, calls, candidate),
+        counts=dict(Counter(calls.type_of_call[call] for call in calls.calls_within(candidate))),
+        lengths=_lengths(calls, candidate),
         # New blocks go where the replaced weights are; a site without weights follows its input.
         device=weight.device if weight is not None else torch.device("cpu"),
-        dtype=weight.dtype if weight is not None else graph.nodes[inputs[0]]["dtypes"][0],
+        dtype=weight.dtype if weight is not None else dtypes(input_node)[0],
     )
-    return site, inputs[0], outputs[0]
+    return _Found(candidate, site, input_node, output_node, calls.region_of[candidate.nodes[0]])
 
 
-def _lengths(graph: nx.DiGraph, calls: _CallIndex, candidate: _Candidate) -> dict[str, int]:
+def _ends(candidate: _Candidate) -> tuple[fx.Node, fx.Node] | str:
+    """The site's one input (the node feeding it) and one output (its node read outside it), or why it has
+    not one of each."""
+    own = set(candidate.nodes)
+    # A leaf's call is one node: its input and output are the call's own, whatever regions show its inside.
+    boundary = (candidate.boundary,) if candidate.boundary is not None else candidate.nodes
+    inputs = []
+    for node in boundary:
+        for source in node.all_input_nodes:
+            if source not in own and source.op not in _STRUCTURAL_OPS and source not in inputs:
+                inputs.append(source)
+    outputs = [node for node in boundary if any(user not in own for user in node.users)]
+    if len(inputs) != 1 or len(outputs) != 1:
+        return f"the site has {len(inputs)} inputs and {len(outputs)} outputs; builders take one of each"
+    return inputs[0], outputs[0]
+
+
+def _lengths(calls: _CallIndex, candidate: _Candidate) -> dict[str, int]:
     """For a site that is one module's call: how many modules each of its direct children holds directly."""
     if candidate.covering_call is None:
         return {}
-    module = _module_at(graph.graph["model"], calls.path_of_call[candidate.covering_call])
+    module = _module_at(calls.model, calls.path_of_call[candidate.covering_call])
     return {name: len(child._modules) for name, child in module.named_children()}
 
 
-def _modules_under(graph: nx.DiGraph, candidate: _Candidate) -> Iterator[nn.Module]:
-    for key in candidate.nodes:
-        module = graph.nodes[key]["module"]
+def _modules_under(calls: _CallIndex, candidate: _Candidate) -> Iterator[nn.Module]:
+    for node in candidate.nodes:
+        module = calls.module_of.get(node)
         if module is not None:
             yield from module.modules()
 
 
-def _activation(graph: nx.DiGraph, candidate: _Candidate) -> nn.Module | None:
+def _activation(calls: _CallIndex, candidate: _Candidate) -> nn.Module | None:
     """A new module computing the site's last activation (a module, function or tensor method, with its
     arguments, or the activation a norm applies itself), or ``None`` when the site has none.
 
     An ``nn.Identity`` computes nothing: it is the site's activation only when the site has no other.
     """
     identity = None
-    for key in reversed(candidate.nodes):
-        data = graph.nodes[key]
-        module = data["module"]
+    for node in reversed(candidate.nodes):
+        module = calls.module_of.get(node)
         if module is not None and CATEGORIES["norm"].has_module(module):
             carried = carried_activation(module)
             if carried is not None:
                 return carried
-        if node_in_category("activation", data["op"], data["target"], module):
+        if node_in_category("activation", node.op, node.target, module):
             if isinstance(module, nn.Identity):
                 identity = identity or module
                 continue
-            node = data["fx_node"]
-            return reproduce_activation(data["op"], data["target"], node.args, node.kwargs, module)
+            return reproduce_activation(node.op, node.target, node.args, node.kwargs, module)
     return identity

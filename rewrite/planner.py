@@ -18,9 +18,9 @@ from torch import nn
 
 from rewrite.errors import BuildError, NoMatchError, NoMatchWarning, RewriteError, ShapeCheckError
 from rewrite.execution import RunFailed, is_small_constant, model_lock, run, working_copy
-from rewrite.graph import StageMap, resolve_scope, resolve_stages, to_networkx
-from rewrite.match import Match, Rejection, find_matches
-from rewrite.profiler import Cost, profile
+from rewrite.graph import Scope, StageMap, resolve_scope, resolve_stages
+from rewrite.match import Kind, Match, MatchResult, Rejection, find_matches
+from rewrite.profiler import Cost, Profile, profile
 from rewrite.rewriter import (
     BuiltSite,
     ShapeCheck,
@@ -104,14 +104,14 @@ class SiteChange:
     path: str  # module path of the replaced module call (graph rewrites: the module of the site's first op)
     rule: str
     stage: str | None
-    kind: str  # "module": a module object swapped in its parent; "graph": fx nodes replaced in a GraphModule
+    kind: Kind  # how it was rewritten (see rewrite.match.Match); equal to its word: "module", "modules", "graph"
     replaced: BlockSummary
     replacement: BlockSummary
     params: Delta
     flops: Delta  # of every call the site's new block serves
     calls: int = 1  # how many calls of the old modules one new block now serves (kept shared)
     untied: str = ""  # set when the site's old modules were shared and its new block is not
-    # "module" / "modules" sites: the paths of the modules whose calls the new block replaces, in call order
+    # MODULE / MODULES sites: the paths of the modules whose calls the new block replaces, in call order
     # (the first becomes the block; the others nn.Identity, but a trailing shared activation that stays).
     modules: tuple[str, ...] = ()
 
@@ -257,105 +257,165 @@ def plan(
     # Blocks built on a real device draw their initial weights: the caller's random numbers stay as they were.
     # One plan of a model at a time: its runs swap stand-ins into the model's modules.
     with model_lock(model), torch.random.fork_rng(_cuda_devices(model)):
-        say = progress or (lambda message: None)
-        return _plan(model, rules, example_inputs, scope, model_name, strict, allow_frozen, say)
+        request = _Request(
+            load_rules(rules),
+            example_inputs if isinstance(example_inputs, tuple) else (example_inputs,),
+            scope,
+            model_name,
+            strict,
+            allow_frozen,
+        )
+        return _plan(model, request, progress or (lambda message: None))
 
 
-def _plan(
-    model: nn.Module,
-    rules: str | Path | RuleSet,
-    example_inputs: Any,
-    scope: str | Sequence[str] | None,
-    model_name: str | None,
-    strict: bool,
-    allow_frozen: bool,
-    say: Callable[[str], None],
-) -> Plan:
-    rule_set = load_rules(rules)
-    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+@dataclass(frozen=True)
+class _Request:
+    """What ``plan()`` was asked for."""
 
-    say(f"tracing {type(model).__name__}")
-    source, model = (
-        model,
-        working_copy(model),
-    )  # everything below runs on the copy: the user's model is only read
-    traced = trace(model, inputs)
-    graph = to_networkx(traced)
-    stages = resolve_stages(model, traced)
-    scope_spec = scope if scope is not None else rule_set.scope
-    resolved_scope = resolve_scope(scope_spec, traced, stages)
+    rule_set: RuleSet
+    inputs: tuple  # positional arguments of the model's forward
+    scope: str | Sequence[str] | None  # as given; None: the rule set's own
+    model_name: str | None
+    strict: bool
+    allow_frozen: bool
 
-    say(f"matching {len(rule_set.rules)} rule(s) of '{rule_set.name}' in {resolved_scope.description}")
-    found = find_matches(graph, rule_set, resolved_scope)
-    messages = []
-    for rule_name in found.unmatched_rules:
-        message = f"{rule_set.source}: rule '{rule_name}' matched nothing in {resolved_scope.description}"
-        if strict:
-            raise NoMatchError(message)
-        warnings.warn(message, NoMatchWarning, stacklevel=3)
-        messages.append(message)
+
+@dataclass(frozen=True)
+class _Matched:
+    """The traced working copy and the rule set's matches in scope."""
+
+    traced: Traced
+    stages: StageMap
+    scope: Scope
+    found: MatchResult
+    warnings: list[str]  # one per rule that matched nothing
+
+
+@dataclass(frozen=True)
+class _Sites:
+    """The sites built and measured, and those refused on the way, with the warnings that go with them."""
+
+    built: list[BuiltSite]
+    changes: list[SiteChange]  # one per built site
+    rejected: list[Rejection]
+    warnings: list[str]
+
+
+def _plan(source: nn.Module, request: _Request, say: Callable[[str], None]) -> Plan:
+    say(f"tracing {type(source).__name__}")
+    model = working_copy(source)  # everything below runs on the copy: the user's model is only read
+    matched = _match(model, request, say)
 
     say("measuring the original")
-    before = profile(model, inputs, stages=stages)
+    before = profile(model, request.inputs, stages=matched.stages)
     on_meta = not before.needed_real_data
-    if not on_meta:
-        parts = ", ".join(leaf.path or "(root)" for leaf in before.needed_real_data)
-        messages.append(
-            f"{parts} needed real data: the work after it depends on what the model finds in these inputs, so "
-            "the rewritten copy (other weights) may do more or less of it; the per-site figures are exact"
-        )
-    device = torch.device("meta") if on_meta else None
 
-    for match in found.matches:
-        if match.untied:
-            messages.append(f"{match.path}: untied: {match.untied}")
+    say(f"building {len(matched.found.matches)} site(s)")
+    sites = _build_sites(model, matched, request.allow_frozen, on_meta)
 
-    say(f"building {len(found.matches)} site(s)")
-    built, changes, rejected = [], [], list(found.rejected)
-    candidates = build_sites(model, found.matches, device=device)
-    candidates = _refuse_frozen(traced, candidates, allow_frozen, rejected, messages)
+    say("measuring the rewritten copy")
+    # A copy of the planner's own: profiled as it is, not copied once more.
+    rewritten = working_copy(
+        rewrite_model(model, matched.traced, sites.built, on_meta=on_meta), handed_over=True
+    )
+    after = profile(rewritten, _to_meta(request.inputs) if on_meta else request.inputs, stages=matched.stages)
+    check = check_outputs(model, rewritten, request.inputs, other_mode=_touches_forward_code(sites.built))
+
+    return Plan(
+        model_name=request.model_name or type(model).__name__,
+        rule_set=request.rule_set.name,
+        scope=matched.scope.description,
+        input_shapes=[tuple(t.shape) for t in _tensors(request.inputs)],
+        device="meta" if on_meta else before.device,
+        sites=sites.changes,
+        rejected=[*matched.found.rejected, *sites.rejected],
+        leaves=list(matched.traced.leaves),
+        warnings=[
+            *matched.warnings,
+            *_real_data_warnings(before),
+            *(f"{match.path}: untied: {match.untied}" for match in matched.found.matches if match.untied),
+            *sites.warnings,
+        ],
+        params=Delta(before.total.params, after.total.params),
+        flops=Delta(before.total.flops, after.total.flops),
+        stages=_stage_changes(before, after),
+        shape_check=check,
+        needed_real_data=list(before.needed_real_data),
+        unmatched_rules=list(matched.found.unmatched_rules),
+        _prepared=_Prepared(
+            model,
+            matched.traced,
+            [site.match for site in sites.built],
+            request.inputs,
+            request.rule_set,
+            request.scope,
+            source,
+            _structure(source),
+        ),
+    )
+
+
+def _match(model: nn.Module, request: _Request, say: Callable[[str], None]) -> _Matched:
+    """Trace the model, find its stages and the scope, and match the rules there.
+
+    A rule that matches nothing is a warning (returned, and issued as a :class:`NoMatchWarning` at the caller
+    of ``plan()``), or a :class:`NoMatchError` when the request is strict.
+    """
+    rule_set = request.rule_set
+    traced = trace(model, request.inputs)
+    stages = resolve_stages(model, traced)
+    scope = resolve_scope(request.scope if request.scope is not None else rule_set.scope, traced, stages)
+
+    say(f"matching {len(rule_set.rules)} rule(s) of '{rule_set.name}' in {scope.description}")
+    found = find_matches(traced, rule_set, scope)
+    messages = []
+    for rule_name in found.unmatched_rules:
+        message = f"{rule_set.source}: rule '{rule_name}' matched nothing in {scope.description}"
+        if request.strict:
+            raise NoMatchError(message)
+        warnings.warn(message, NoMatchWarning, stacklevel=4)  # past _match, _plan and plan: at their caller
+        messages.append(message)
+    return _Matched(traced, stages, scope, found, messages)
+
+
+def _build_sites(model: nn.Module, matched: _Matched, allow_frozen: bool, on_meta: bool) -> _Sites:
+    """Build every match's block (on meta when the model runs there), refuse the sites that would freeze a
+    mode-dependent forward, and measure the rest; a site whose block cannot stand in for it is rejected."""
+    candidates = build_sites(model, matched.found.matches, device=torch.device("meta") if on_meta else None)
+    kept, rejected, messages = _refuse_frozen(matched.traced, candidates, allow_frozen)
+    built, changes = [], []
     measured_alike: dict[tuple, tuple] = {}  # see _measure_site
-    for candidate in absorb_into_graph_regions(candidates):
-        measured = _measure_site(traced, candidate, stages, measured_alike)
+    for candidate in absorb_into_graph_regions(kept):
+        measured = _measure_site(matched.traced, candidate, matched.stages, measured_alike)
         if isinstance(measured, Rejection):  # the builder cannot reproduce this site: the others go on
             rejected.append(measured)
             continue
         built.append(candidate)
         changes.append(measured)
+    return _Sites(built, changes, rejected, messages)
 
-    say("measuring the rewritten copy")
-    # A copy of the planner's own: profiled as it is, not copied once more.
-    rewritten = working_copy(rewrite_model(model, traced, built, on_meta=on_meta), handed_over=True)
-    run_inputs = _to_meta(inputs) if on_meta else inputs
-    after = profile(rewritten, run_inputs, stages=stages)
-    check = check_outputs(model, rewritten, inputs, other_mode=_touches_forward_code(built))
 
-    return Plan(
-        model_name=model_name or type(model).__name__,
-        rule_set=rule_set.name,
-        scope=resolved_scope.description,
-        input_shapes=[tuple(t.shape) for t in _tensors(inputs)],
-        device="meta" if on_meta else before.device,
-        sites=changes,
-        rejected=rejected,
-        leaves=list(traced.leaves),
-        warnings=messages,
-        params=Delta(before.total.params, after.total.params),
-        flops=Delta(before.total.flops, after.total.flops),
-        stages={
-            name: StageChange(
-                Delta(before.stages.get(name, _ZERO).params, after.stages.get(name, _ZERO).params),
-                Delta(before.stages.get(name, _ZERO).flops, after.stages.get(name, _ZERO).flops),
-            )
-            for name in {**before.stages, **after.stages}  # a stage may appear or vanish; both keep the sums
-        },
-        shape_check=check,
-        needed_real_data=list(before.needed_real_data),
-        unmatched_rules=list(found.unmatched_rules),
-        _prepared=_Prepared(
-            model, traced, [site.match for site in built], inputs, rule_set, scope, source, _structure(source)
-        ),
+def _real_data_warnings(before: Profile) -> list[str]:
+    """Why the figures after the rewrite may differ on other inputs, when a part of the model needed real data."""
+    if not before.needed_real_data:
+        return []
+    parts = ", ".join(leaf.path or "(root)" for leaf in before.needed_real_data)
+    message = (
+        f"{parts} needed real data: the work after it depends on what the model finds in these inputs, so "
+        "the rewritten copy (other weights) may do more or less of it; the per-site figures are exact"
     )
+    return [message]
+
+
+def _stage_changes(before: Profile, after: Profile) -> dict[str, StageChange]:
+    """Each stage's figures before and after the rewrite."""
+    return {
+        name: StageChange(
+            Delta(before.stages.get(name, _ZERO).params, after.stages.get(name, _ZERO).params),
+            Delta(before.stages.get(name, _ZERO).flops, after.stages.get(name, _ZERO).flops),
+        )
+        for name in {**before.stages, **after.stages}  # a stage may appear or vanish; both keep the sums
+    }
 
 
 def apply(
@@ -377,7 +437,7 @@ _ZERO = Cost(params=0, flops=0)
 def _touches_forward_code(sites: Sequence[BuiltSite]) -> bool:
     """Whether a site keeps (``modules``) or traces (``graph``) the user's forward code, whose other train/eval
     mode the shape check then runs too."""
-    return any(site.match.kind != "module" for site in sites)
+    return any(site.match.kind is not Kind.MODULE for site in sites)
 
 
 def _cuda_devices(model: nn.Module) -> list[int]:
@@ -418,22 +478,24 @@ def _structure_change(planned: dict[str, tuple], now: dict[str, tuple]) -> str |
 
 
 def _refuse_frozen(
-    traced: Traced, sites: list[BuiltSite], allow_frozen: bool, rejected: list[Rejection], messages: list[str]
-) -> list[BuiltSite]:
-    """The sites whose rewrite does not freeze a mode-dependent forward; the others become rejections, or, with
-    ``allow_frozen``, stay and get a warning that says which code paths were frozen."""
+    traced: Traced, sites: list[BuiltSite], allow_frozen: bool
+) -> tuple[list[BuiltSite], list[Rejection], list[str]]:
+    """The sites whose rewrite does not freeze a mode-dependent forward; the others as rejections, or, with
+    ``allow_frozen``, kept with a warning that says which code paths were frozen."""
     regions = {
         occurrence.region
         for site in sites
-        if site.match.kind == "graph"
+        if site.match.kind is Kind.GRAPH
         for occurrence in site.match.occurrences
     }
     dependent = mode_dependent_regions(traced, sorted(regions))
-    kept = []
+    kept, rejected, messages = [], [], []
     for site in sites:
         match = site.match
         reasons = [
-            dependent[o.region] for o in match.occurrences if match.kind == "graph" and o.region in dependent
+            dependent[o.region]
+            for o in match.occurrences
+            if match.kind is Kind.GRAPH and o.region in dependent
         ]
         if not reasons:
             kept.append(site)
@@ -452,7 +514,7 @@ def _refuse_frozen(
                     " that code for both modes (allow_frozen=True, or --allow-frozen, rewrites it anyway)",
                 )
             )
-    return kept
+    return kept, rejected, messages
 
 
 def _measure_site(
@@ -514,9 +576,9 @@ def _measure_site(
 
 
 def _replaced_modules(traced: Traced, match: Match) -> tuple[str, ...]:
-    if match.kind == "module":
+    if match.kind is Kind.MODULE:
         return (match.path,)
-    return tuple(site_module_paths(traced, match)) if match.kind == "modules" else ()
+    return tuple(site_module_paths(traced, match)) if match.kind is Kind.MODULES else ()
 
 
 def _module_signature(module: nn.Module) -> tuple | None:

@@ -50,7 +50,8 @@ from rewrite.execution import (
     remember_meta_output,
     working_copy,
 )
-from rewrite.tracer import Leaf, held_path, join_path, path_and_ancestors
+from rewrite.paths import join_path, path_and_ancestors
+from rewrite.tracer import Leaf, held_path
 
 if TYPE_CHECKING:
     from rewrite.graph import StageMap

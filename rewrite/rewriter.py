@@ -30,9 +30,11 @@ from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 from rewrite.builders import build
 from rewrite.errors import BuildError
 from rewrite.execution import RunFailed, meta_memo, one_line, run
-from rewrite.match import Match, Occurrence
+from rewrite.facts import FACTS_KEY, TENSOR_META_KEY, CallId, Frame, NodeFacts, facts
+from rewrite.match import Kind, Match, Occurrence
+from rewrite.paths import join_path, parent_path, relative_path
 from rewrite.site import Site
-from rewrite.tracer import CallId, Traced, join_path, relative_path
+from rewrite.tracer import Traced
 from rewrite.vocabulary import Role, has_role
 
 __all__ = [
@@ -79,7 +81,7 @@ def build_sites(
         block.train(_replaced_module(model, match.path).training)
         if match.kept_activation and not _ends_in(block, type(model.get_submodule(match.kept_activation))):
             # The activation left in place would apply again to what the block gives: rewrite the graph instead.
-            match = replace(match, kind="graph", kept_activation="")
+            match = replace(match, kind=Kind.GRAPH, kept_activation="")
         built.append(BuiltSite(match, options, block))
     return built
 
@@ -90,10 +92,10 @@ def absorb_into_graph_regions(sites: Sequence[BuiltSite]) -> list[BuiltSite]:
     Such a region's module is replaced by its graph module, which calls leaf modules only: the swap of a module
     the trace went through would not reach it.
     """
-    graph_regions = {site.match.region for site in sites if site.match.kind == "graph"}
+    graph_regions = {site.match.region for site in sites if site.match.kind is Kind.GRAPH}
     return [
-        replace(site, match=replace(site.match, kind="graph"))
-        if site.match.kind == "module" and site.match.region in graph_regions and site.match.calls == 1
+        replace(site, match=replace(site.match, kind=Kind.GRAPH))
+        if site.match.kind is Kind.MODULE and site.match.region in graph_regions and site.match.calls == 1
         else site
         for site in sites
     ]
@@ -144,11 +146,11 @@ def rewrite_model(
 
     graph_sites: dict[int, list[BuiltSite]] = {}
     for built in sites:
-        if built.match.kind == "module":
+        if built.match.kind is Kind.MODULE:
             old = new_model.get_submodule(built.match.path)
             carry_plain_attributes(old, built.block)
             new_model = holders.replace(new_model, old, built.block)
-        elif built.match.kind == "modules":
+        elif built.match.kind is Kind.MODULES:
             # The forward stays; its calls now reach the block, then Identities.
             paths = site_module_paths(traced, built.match)
             olds = [new_model.get_submodule(path) for path in paths]
@@ -163,12 +165,13 @@ def rewrite_model(
     for region_index, region_sites in graph_sites.items():
         region_path = traced.regions[region_index].path
         gm = new_graph_modules[region_index]
-        replaced: dict[str, fx.Node] = {}  # a site's output node, erased, and the node standing in for it
+        # The matches name the traced graph's nodes; the copy's are in the same order.
+        copies = dict(zip(graph_modules[region_index].graph.nodes, gm.graph.nodes, strict=True))
         names: dict[int, str] = {}  # one attribute per block, however many places call it
         for built in region_sites:
             for occurrence in built.match.occurrences:
                 if occurrence.region == region_index:
-                    _replace_nodes(gm, built, occurrence, names, region_path, replaced)
+                    _replace_nodes(gm, built, occurrence, names, region_path, copies)
                     gm.graph.lint()
         # Only the modules the site nodes called go; the rest of the graph is the user's, dead code included
         # (an op with no users may still update a buffer in place).
@@ -183,29 +186,22 @@ def rewrite_model(
 
 def site_module(traced: Traced, match: Match) -> nn.Module:
     """What a site computes today, as a module of its own (for measuring it alone)."""
-    region = traced.regions[match.region]
-    if match.kind == "module":
+    if match.kind is Kind.MODULE:
         return traced.model.get_submodule(match.path)
-    gm = region.graph_module
-    names = {key.name for key in match.nodes}
-    nodes = {node.name: node for node in gm.graph.nodes}
     graph = fx.Graph()
-    env = {nodes[match.input_node.name]: graph.placeholder("x")}
-    for node in gm.graph.nodes:
-        if node.name not in names:
-            continue
+    env = {match.input_node: graph.placeholder("x")}
+    for node in match.nodes:
         for source in node.all_input_nodes:
             if source not in env and source.op == "get_attr":
                 env[source] = graph.node_copy(source)
         env[node] = graph.node_copy(node, lambda n: env[n])
-    graph.output(env[nodes[match.output_node.name]])
-    return fx.GraphModule(gm, graph)
+    graph.output(env[match.output_node])
+    return fx.GraphModule(traced.regions[match.region].graph_module, graph)
 
 
 def site_module_paths(traced: Traced, match: Match) -> list[str]:
     """The paths of the modules that a site's nodes call, in order."""
-    nodes = {node.name: node for node in traced.regions[match.region].graph_module.graph.nodes}
-    return [nodes[key.name].meta["module_path"] for key in match.nodes]
+    return [facts(node).path for node in match.nodes]
 
 
 def _replace_nodes(
@@ -214,30 +210,34 @@ def _replace_nodes(
     occurrence: Occurrence,
     names: dict[int, str],
     region_path: str,
-    replaced: dict[str, fx.Node],
+    copies: dict[fx.Node, fx.Node],
 ) -> None:
     """Replace one occurrence's nodes by a call of the site's block, and erase them: those nodes, and the
-    ``get_attr`` nodes that only they used."""
-    nodes = {node.name: node for node in gm.graph.nodes}
-    site_nodes = [nodes[key.name] for key in occurrence.nodes]
-    source_name = occurrence.input_node.name
-    result = nodes[occurrence.output_node.name]
-    source = replaced.get(source_name) or nodes[source_name]
+    ``get_attr`` nodes that only they used.
+
+    ``copies`` maps the traced graph's nodes to ``gm``'s; a site output erased here is mapped to the node that
+    stands in for it, for a later site that reads it.
+    """
+    site_nodes = [copies[node] for node in occurrence.nodes]
+    source = copies[occurrence.input_node]
+    result = copies[occurrence.output_node]
     if id(built.block) not in names:
         first = site_nodes[0]
-        owner = relative_path(first.meta.get("module_path", ""), region_path)
+        owner = relative_path(facts(first).path, region_path)
         if first.op == "call_module":  # the path is the called module's own: the new one goes beside it
-            owner = owner.rpartition(".")[0]
+            owner = parent_path(owner)
         names[id(built.block)] = _new_module_name(gm, owner, built.match, len(names))
         gm.add_submodule(names[id(built.block)], built.block)
     with gm.graph.inserting_after(result):
         new_node = gm.graph.call_module(names[id(built.block)], (source,))
     path = join_path(region_path, names[id(built.block)])
-    new_node.meta = _new_node_meta(
-        site_nodes, result, path, built.block, built.match.occurrences.index(occurrence)
+    new_node.meta[FACTS_KEY] = _new_node_facts(
+        site_nodes, path, built.block, built.match.occurrences.index(occurrence)
     )
+    if TENSOR_META_KEY in result.meta:  # what the block computes is what the site computed
+        new_node.meta[TENSOR_META_KEY] = result.meta[TENSOR_META_KEY]
     result.replace_all_uses_with(new_node, delete_user_cb=lambda user: user is not new_node)
-    replaced[result.name] = new_node
+    copies[occurrence.output_node] = new_node
     inputs = {arg for node in site_nodes for arg in node.all_input_nodes if arg.op == "get_attr"}
     for node in reversed(site_nodes):
         gm.graph.erase_node(node)
@@ -246,30 +246,13 @@ def _replace_nodes(
             gm.graph.erase_node(node)
 
 
-def _new_node_meta(
-    site_nodes: list[fx.Node], result: fx.Node, path: str, block: nn.Module, number: int
-) -> dict:
-    """The tracer's ``node.meta`` facts for the ``number``-th node calling a new block at ``path``: a call of it
-    inside the module calls that enclosed every node of the site, with the site's output shapes."""
-    enclosing = [
-        tuple(zip(node.meta["module_stack"], node.meta["call_stack"]))[
-            : -1 if node.op == "call_module" else None
-        ]
-        for node in site_nodes
-    ]
+def _new_node_facts(site_nodes: list[fx.Node], path: str, block: nn.Module, number: int) -> NodeFacts:
+    """The tracer's facts for the ``number``-th node calling a new block at ``path``: a call of it inside the
+    module calls that enclosed every node of the site."""
+    enclosing = [facts(node).frames[: -1 if node.op == "call_module" else None] for node in site_nodes]
     shared = min(len(frames) for frames in enclosing)
     shared = next((i for i, frames in enumerate(zip(*enclosing)) if len(set(frames)) > 1), shared)
-    common = enclosing[0][:shared]
-    frame = ((path, type(block).__name__), CallId(path, number))
-    return {
-        "module_path": path,
-        "module_type": type(block).__name__,
-        "module_stack": tuple(module for module, _ in (*common, frame)),
-        "module_call": frame[1],
-        "call_stack": tuple(call for _, call in (*common, frame)),
-        "shapes": result.meta.get("shapes", ()),
-        "dtypes": result.meta.get("dtypes", ()),
-    }
+    return NodeFacts((*enclosing[0][:shared], Frame(CallId(path, number), type(block).__name__)))
 
 
 def _new_module_name(gm: fx.GraphModule, owner: str, match: Match, number: int) -> str:

@@ -30,12 +30,14 @@ How a model is cut into graphs
    gets no region. ``Traced.opaque_calls`` counts the calls that opaque modules made of each module: only the
    first has a region.
 
-Every node carries ``module_path``, ``module_type``, ``module_stack``, ``module_call``, ``call_stack``,
-``shapes`` and ``dtypes`` in ``node.meta`` (see ``docs/design.md``). A module's path is the one *it was
-called through*: its caller's path joined with the name under which the caller holds it (see
-:func:`held_path`), so an activation object that every block shares is ``model.10.act`` in ``model.10``, not
-the path it was first registered under. A call id is a :class:`CallId` ``(path, n)``: the ``n``-th call of the
-module at ``path`` (the root's call is ``("", 0)``, printed ``@0``), so two calls of a shared module differ.
+Every node carries a :class:`~rewrite.facts.NodeFacts` (read with :func:`~rewrite.facts.facts`): the module
+calls that enclosed it, each a path, a class name and a call id; and, once its region ran, fx's
+``tensor_meta`` (read flattened with :func:`~rewrite.facts.shapes` and :func:`~rewrite.facts.dtypes`; see
+``docs/design.md``). A module's path is the one *it was called through*: its caller's path joined with the name
+under which the caller holds it (see :func:`held_path`), so an activation object that every block shares is
+``model.10.act`` in ``model.10``, not the path it was first registered under. A call id is a
+:class:`~rewrite.facts.CallId` ``(path, n)``: the ``n``-th call of the module at ``path`` (the root's call is
+``("", 0)``, printed ``@0``), so two calls of a shared module differ.
 
 Shapes are found by running each region on its inputs on meta stand-ins of the weights (see
 :mod:`rewrite.execution`). When some part of the model cannot run on meta (``nonzero``, NMS, ``.item()``), the
@@ -49,11 +51,12 @@ trace and run, and no hook is left behind.
 ...     def forward(self, x):
 ...         return x if x.sum() > 0 else -x  # data-dependent: fx cannot record this branch
 >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), Gate(), nn.ReLU())
+>>> from rewrite.facts import facts, shapes
 >>> traced = trace(model, torch.randn(1, 3, 16, 16))
 >>> traced.leaves  # doctest: +ELLIPSIS
 [Leaf(path='1', type_name='Gate', reason='TraceError: symbolically traced variables cannot be used as ...')]
 >>> for node in traced.regions[0].graph_module.graph.nodes:
-...     print(node.op, repr(node.meta["module_path"]), node.meta["shapes"])
+...     print(node.op, repr(facts(node).path), shapes(node))
 placeholder '' ((1, 3, 16, 16),)
 call_module '0' ((1, 8, 14, 14),)
 call_module '1' ((1, 8, 14, 14),)
@@ -73,7 +76,7 @@ When the root's own forward is opaque, the modules it calls become the regions:
 >>> traced = trace(Net(), torch.randn(1, 3, 16, 16))
 >>> [leaf.path for leaf in traced.leaves], [region.path for region in traced.regions]
 ([''], ['body', 'head'])
->>> [(node.op, node.meta["module_path"]) for node in traced.regions[1].graph_module.graph.nodes]
+>>> [(node.op, facts(node).path) for node in traced.regions[1].graph_module.graph.nodes]
 [('placeholder', 'head'), ('call_module', 'head'), ('output', 'head')]
 """
 
@@ -84,9 +87,9 @@ import inspect
 import threading
 import warnings
 from collections import Counter, deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -106,19 +109,11 @@ from rewrite.execution import (
     real_data_device,
     working_copy,
 )
+from rewrite.facts import FACTS_KEY, CallId, Frame, NodeFacts, facts, record_tensor_meta
+from rewrite.paths import join_path, relative_path, split_path
 from rewrite.vocabulary import is_vocabulary_module
 
-__all__ = [
-    "CallId",
-    "Leaf",
-    "Region",
-    "Traced",
-    "held_path",
-    "join_path",
-    "path_and_ancestors",
-    "relative_path",
-    "trace",
-]
+__all__ = ["Leaf", "Region", "Traced", "held_path", "trace"]
 
 _USER_REASON = "user"
 # While it traces, fx patches nn.Module.__call__ and __getattr__ for the whole process, and restores them when it
@@ -145,9 +140,9 @@ class Region:
 
     It does so for inputs of the structure it was traced with (the same containers, and the same values for
     the non-tensor inputs, which the trace fixed). The graph module shares its submodules with the model by
-    reference, and ``call_module`` targets are relative to it; ``node.meta["module_path"]`` holds the absolute
-    path. In a one-node region (a leaf called
-    by an opaque module) the target is the leaf's own attribute name.
+    reference, and ``call_module`` targets are relative to it; the node's facts (``rewrite.facts.facts``) hold
+    the absolute path. In a one-node region (a leaf called by an opaque module) the target is the leaf's own
+    attribute name.
     """
 
     path: str  # module path of the module this graph was traced from ("" = root)
@@ -179,7 +174,7 @@ def trace(
     """Trace ``model`` on ``example_inputs`` (a tuple of positional args, or one tensor) into regions.
 
     ``leaf_modules`` names modules to keep opaque, by path (``"model.24"``) or class. With
-    ``propagate_shapes=False`` nodes carry no ``shapes`` / ``dtypes``, and the model runs only as far as
+    ``propagate_shapes=False`` nodes carry no ``tensor_meta``, and the model runs only as far as
     opening opaque modules needs (so bad example inputs may then go unnoticed).
 
     Raises ``TraceError`` when the example inputs do not run through the model.
@@ -189,10 +184,18 @@ def trace(
     if isinstance(leaf_modules, (str, type)):
         leaf_modules = (leaf_modules,)
     leaf_paths, leaf_types = _split_leaf_modules(model, leaf_modules)
-    failures: dict[str, str] = {}  # shared by both attempts, so the real-data one needs no retries
+    # What fx cannot trace does not depend on where the runs go: an attempt that fails on meta hands what it
+    # learned to the one on real data, which then needs no retries.
+    learned: Mapping[str, str] = {}
 
     def build(runner: Runner) -> Traced:
-        return _Session(model, args, leaf_paths, leaf_types, failures, runner).build(propagate_shapes)
+        nonlocal learned
+        session = _Session(model, args, leaf_paths, leaf_types, learned, runner)
+        try:
+            return session.build(propagate_shapes)
+        except RunFailed:
+            learned = session.failures
+            raise
 
     try:
         with model_lock(model), buffer_values_restored(model):
@@ -250,45 +253,6 @@ def _traced_in_other_mode(model: nn.Module, example_inputs: tuple) -> Traced:
     return trace(copy.deepcopy(model).train(not model.training), example_inputs, propagate_shapes=False)
 
 
-def join_path(*parts: str) -> str:
-    """The module path of ``parts`` (paths or names) one inside the other; empty parts are the root.
-
-    >>> join_path("model", "24", "m.0"), join_path("", "head"), join_path("", "")
-    ('model.24.m.0', 'head', '')
-    """
-    return ".".join(part for part in parts if part)
-
-
-def path_and_ancestors(path: str) -> Iterator[str]:
-    """``path`` itself, then each enclosing module path, nearest first, ending with the root ``""``.
-
-    >>> list(path_and_ancestors("model.24.m")), list(path_and_ancestors(""))
-    (['model.24.m', 'model.24', 'model', ''], [''])
-    """
-    while path:
-        yield path
-        path = path.rpartition(".")[0]
-    yield ""
-
-
-class CallId(NamedTuple):
-    """One call of a module: the path it was called through and which call of that path it is (from 0)."""
-
-    path: str
-    index: int
-
-    def __str__(self) -> str:
-        return f"{self.path}@{self.index}"
-
-
-class _Frame(NamedTuple):
-    """One module call on a call stack."""
-
-    path: str
-    type_name: str
-    call: CallId
-
-
 @dataclass
 class _Call:
     """A module call to trace as a region, with the inputs it was (or will be) called with."""
@@ -297,7 +261,7 @@ class _Call:
     module: nn.Module
     args: tuple
     kwargs: dict[str, Any]
-    stack: tuple[_Frame, ...]  # outermost call first, this call last
+    stack: tuple[Frame, ...]  # outermost call first, this call last
 
 
 class _Session:
@@ -309,14 +273,15 @@ class _Session:
         args: tuple,
         leaf_paths: frozenset[str],
         leaf_types: tuple[type, ...],
-        failures: dict[str, str],
+        known_failures: Mapping[str, str],
         runner: Runner,
     ) -> None:
         self.model = model
         self.args = args
         self.leaf_paths = leaf_paths
         self.leaf_types = leaf_types
-        self.failures = failures  # path -> reason, for modules whose own forward fx cannot trace
+        # path -> reason, for modules whose own forward fx cannot trace: what earlier attempts found, and more
+        self.failures = dict(known_failures)
         self.runner = runner
         self.paths = {module: path for path, module in model.named_modules()}  # to name captured calls
         self.calls: Counter[str] = Counter({"": 1})  # the root's call is CallId("", 0)
@@ -326,7 +291,7 @@ class _Session:
 
     def build(self, propagate_shapes: bool) -> Traced:
         queue = deque(
-            [_Call("", self.model, self.args, {}, (_Frame("", type(self.model).__name__, CallId("", 0)),))]
+            [_Call("", self.model, self.args, {}, (Frame(CallId("", 0), type(self.model).__name__),))]
         )
         visited: set[str] = set()
         captured: dict[str, _Call] = {}  # first call of every module below an opened one, in execution order
@@ -377,7 +342,7 @@ class _Session:
         self.regions.append(region)
         to_open = set()
         for node in region.graph_module.graph.nodes:
-            path = node.meta["module_path"]
+            path = facts(node).path
             if node.op != "call_module" or path in self.leaves:
                 continue
             module = region.graph_module.get_submodule(node.target)
@@ -434,7 +399,7 @@ class _Session:
                 return
             held = held_path(callers[-1], module)
             path = join_path(stack[-1].path, held) if held is not None else self.paths[module]
-            frame = _Frame(path, type(module).__name__, CallId(path, calls[path]))
+            frame = Frame(CallId(path, calls[path]), type(module).__name__)
             calls[path] += 1
             if path not in captured:
                 # Fresh containers: the callee may overwrite items of its input list (YOLO's Detect does).
@@ -501,7 +466,7 @@ class _Tracer(fx.Tracer):
         held = held_path(self.callers[-1], m)
         qualified_name = join_path(caller_path, held) if held is not None else super().path_of_module(m)
         path = join_path(self.region_path, qualified_name)
-        self.stack.append(_Frame(path, type(m).__name__, CallId(path, self.calls[path])))
+        self.stack.append(Frame(CallId(path, self.calls[path]), type(m).__name__))
         self.callers.append(m)
         self.calls[path] += 1
         self._calling = (m, qualified_name)
@@ -546,29 +511,13 @@ def held_path(holder: nn.Module, module: nn.Module) -> str | None:
     return None
 
 
-def relative_path(path: str, region_path: str) -> str:
-    """``path`` relative to the module at ``region_path`` (``""`` when it is not inside it).
-
-    >>> relative_path("model.10.act", "model.10"), relative_path("model.10", "")
-    ('act', 'model.10')
-    """
-    if not region_path:
-        return path
-    return path[len(region_path) + 1 :] if path.startswith(region_path + ".") else ""
-
-
-def _annotate(node: fx.Node, stack: list[_Frame] | tuple[_Frame, ...]) -> None:
-    innermost = stack[-1]
-    node.meta["module_path"] = innermost.path
-    node.meta["module_type"] = innermost.type_name
-    node.meta["module_stack"] = tuple((frame.path, frame.type_name) for frame in stack)
-    node.meta["module_call"] = innermost.call
-    node.meta["call_stack"] = tuple(frame.call for frame in stack)
+def _annotate(node: fx.Node, stack: list[Frame] | tuple[Frame, ...]) -> None:
+    node.meta[FACTS_KEY] = NodeFacts(tuple(stack))
 
 
 def _one_node_region(call: _Call, bound: inspect.BoundArguments) -> Region:
     """A region whose graph calls a leaf module once: ``output(module(*inputs))``, keeping its defaults."""
-    name = call.path.rpartition(".")[2] or "module"
+    name = split_path(call.path)[1] or "module"
     graph = fx.Graph()
     parameters = bound.signature.parameters
     named = [p for p in parameters.values() if p.kind not in _VARIADIC]
@@ -626,19 +575,16 @@ class _RecordingInterpreter(fx.Interpreter):
         # fx hands over immutable lists; modules writing into their input list (YOLO's Detect) need lists.
         args, kwargs = super().fetch_args_kwargs_from_env(n)
         args, kwargs = _mutable(args), _mutable(kwargs)
-        path, kept = n.meta["module_path"], self.region_run.kept_calls
+        node_facts, kept = facts(n), self.region_run.kept_calls
+        path = node_facts.path
         if n.op == "call_module" and path in self.region_run.keep_calls_of and path not in kept:
-            frames = zip(n.meta["module_stack"], n.meta["call_stack"], strict=True)
-            stack = tuple(_Frame(outer, type_name, call) for (outer, type_name), call in frames)
-            kept[path] = _Call(path, self.fetch_attr(n.target), *_mutable((args, kwargs)), stack)
+            kept[path] = _Call(path, self.fetch_attr(n.target), *_mutable((args, kwargs)), node_facts.frames)
         return args, kwargs
 
     def run_node(self, n: fx.Node) -> Any:
         value = super().run_node(n)
         if self.region_run.record_shapes:
-            tensors = [leaf for leaf in pytree.tree_leaves(value) if isinstance(leaf, torch.Tensor)]
-            n.meta["shapes"] = tuple(tuple(t.shape) for t in tensors)
-            n.meta["dtypes"] = tuple(t.dtype for t in tensors)
+            record_tensor_meta(n, value)
         return value
 
 

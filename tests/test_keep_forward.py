@@ -9,6 +9,7 @@ from torch import nn
 
 import rewrite
 from rewrite.blocks import GSConv
+from rewrite.facts import CallId, Frame, dtypes, facts, shapes
 
 CHAIN = """
 [ruleset]
@@ -240,9 +241,7 @@ def test_the_node_calling_a_new_block_carries_the_tracers_facts():
     ]
     traced = rewrite.trace(model, x)
     old = next(n for n in traced.regions[0].graph_module.graph.nodes if n.target == "observer")
-    contract = {"module_path", "module_type", "module_stack", "module_call", "call_stack", "shapes", "dtypes"}
-    assert contract <= set(old.meta) and contract <= set(new.meta)  # the facts docs/design.md lists
-    assert (new.meta["module_path"], new.meta["module_type"]) == (new.target, "GSConv")
-    assert new.meta["module_stack"] == (("", "ObservedStem"), (new.target, "GSConv"))
-    assert new.meta["call_stack"] == (old.meta["call_stack"][0], new.meta["module_call"])
-    assert new.meta["shapes"] == ((2, 16, 8, 8),)
+    new_facts = facts(new)  # the facts docs/design.md lists
+    assert (new_facts.path, new_facts.type_name) == (new.target, "GSConv")
+    assert new_facts.frames == (facts(old).frames[0], Frame(CallId(new.target, 0), "GSConv"))
+    assert shapes(new) == ((2, 16, 8, 8),) and dtypes(new) == dtypes(old)

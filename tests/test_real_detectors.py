@@ -20,6 +20,7 @@ from test_slim_neck_zoo import NECK_CONVS, NECK_CSPS
 
 import rewrite
 from rewrite.blocks import GSConv, VoVGSCSP
+from rewrite.facts import facts
 from rewrite.tracer import trace
 from rewrite.zoo import create_model
 
@@ -68,10 +69,10 @@ def test_calls_of_a_shared_activation_are_credited_to_the_caller():
     for opaque in (False, True):
         traced = trace(with_opaque_root(model) if opaque else model, torch.zeros(1, 3, 64, 64))
         paths = {
-            node.meta["module_path"]
+            facts(node).path
             for region in traced.regions
             for node in region.graph_module.graph.nodes
-            if node.meta["module_type"] == "SiLU"
+            if facts(node).type_name == "SiLU"
         }
         assert {"model.0.act", "model.10.act", "model.13.cv3.act", "model.23.m.0.cv2.act"} <= paths
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torchvision
@@ -19,13 +21,13 @@ from models import (
     TinyYolo,
 )
 from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from torch.utils import _pytree as pytree
 from torchvision.models import detection
 
 from rewrite.errors import TraceError
-from rewrite.tracer import CallId, Traced, trace
-
-META_KEYS = ("module_path", "module_type", "module_stack", "module_call", "call_stack", "shapes", "dtypes")
+from rewrite.facts import TENSOR_META_KEY, CallId, Frame, NodeFacts, dtypes, facts, shapes
+from rewrite.tracer import Traced, trace
 
 
 def nodes(traced: Traced, region: str = "") -> list[fx.Node]:
@@ -34,10 +36,7 @@ def nodes(traced: Traced, region: str = "") -> list[fx.Node]:
 
 def called_modules(traced: Traced) -> set[str]:
     return {
-        n.meta["module_path"]
-        for r in traced.regions
-        for n in r.graph_module.graph.nodes
-        if n.op == "call_module"
+        facts(n).path for r in traced.regions for n in r.graph_module.graph.nodes if n.op == "call_module"
     }
 
 
@@ -48,21 +47,22 @@ def assert_same_outputs(actual: object, expected: object) -> None:
         torch.testing.assert_close(a, e)
 
 
+def module_stack(node: fx.Node) -> tuple[tuple[str, str], ...]:
+    return tuple((frame.path, frame.type_name) for frame in facts(node).frames)
+
+
 def assert_well_formed(traced: Traced) -> None:
-    """The node.meta contract of docs/design.md, on every node of every region."""
+    """The node facts of docs/design.md, on every node of every region."""
     model_paths = dict(traced.model.named_modules())
     for region in traced.regions:
         for node in region.graph_module.graph.nodes:
-            meta = node.meta
-            assert all(key in meta for key in META_KEYS), (region.path, node.name)
-            assert meta["module_stack"][0] == ("", type(traced.model).__name__)
-            assert meta["module_stack"][-1] == (meta["module_path"], meta["module_type"])
-            assert len(meta["call_stack"]) == len(meta["module_stack"])
-            assert meta["module_call"] == meta["call_stack"][-1]
-            assert type(model_paths[meta["module_path"]]).__name__ == meta["module_type"]
-            assert len(meta["shapes"]) == len(meta["dtypes"])
+            node_facts = facts(node)
+            assert isinstance(node_facts, NodeFacts), (region.path, node.name)
+            assert module_stack(node)[0] == ("", type(traced.model).__name__)
+            assert type(model_paths[node_facts.path]).__name__ == node_facts.type_name
+            assert len(shapes(node)) == len(dtypes(node))
             if node.op == "call_module":  # the absolute path names the very module the node calls
-                assert model_paths[meta["module_path"]] is region.graph_module.get_submodule(node.target)
+                assert model_paths[node_facts.path] is region.graph_module.get_submodule(node.target)
 
 
 # --- the hard cases ----------------------------------------------------------------------------------------
@@ -82,7 +82,7 @@ def test_data_dependent_if_and_tensor_loop_become_leaves() -> None:
     assert called_modules(traced) == {"stem", "gate", "loop", "out"}
     assert_same_outputs(traced.regions[0].graph_module(x), model(x))
     assert_well_formed(traced)
-    assert nodes(traced)[-1].meta["shapes"] == ((2, 4, 8, 8),)
+    assert shapes(nodes(traced)[-1]) == ((2, 4, 8, 8),)
 
 
 def test_dict_and_list_inputs_and_outputs() -> None:
@@ -93,13 +93,13 @@ def test_dict_and_list_inputs_and_outputs() -> None:
     assert traced.leaves == []
     assert traced.example_inputs[0] is inputs and traced.example_inputs[1] is extras
     placeholders = [n for n in nodes(traced) if n.op == "placeholder"]
-    assert [n.meta["shapes"] for n in placeholders] == [
+    assert [shapes(n) for n in placeholders] == [
         ((2, 3, 8, 8),),
         ((2, 1, 8, 8),),
         ((2, 8, 8, 8),),
         ((1, 8, 1, 1),),
     ]
-    assert nodes(traced)[-1].meta["shapes"] == ((2, 8, 8, 8),) * 3  # "fused" and both "parts", flattened
+    assert shapes(nodes(traced)[-1]) == ((2, 8, 8, 8),) * 3  # "fused" and both "parts", flattened
     out = traced.regions[0].graph_module(inputs, extras)
     assert set(out) == {"fused", "parts"} and len(out["parts"]) == 2
     assert_same_outputs(out, model(inputs, extras))
@@ -109,8 +109,8 @@ def test_dict_and_list_inputs_and_outputs() -> None:
 def test_shared_module_calls_are_told_apart() -> None:
     traced = trace(SharedBlock(), torch.randn(1, 8, 4, 4))
     convs = [n for n in nodes(traced) if n.op == "call_module" and n.target == "conv"]
-    assert [n.meta["module_path"] for n in convs] == ["conv", "conv"]
-    assert [str(n.meta["module_call"]) for n in convs] == ["conv@0", "conv@1"]
+    assert [facts(n).path for n in convs] == ["conv", "conv"]
+    assert [str(facts(n).call) for n in convs] == ["conv@0", "conv@1"]
     assert_well_formed(traced)
 
 
@@ -118,10 +118,10 @@ def test_functional_conv_is_attributed_to_its_module() -> None:
     model, x = nn.Sequential(FunctionalConv(), nn.ReLU()), torch.randn(2, 3, 8, 8)
     traced = trace(model, x)
     conv = next(n for n in nodes(traced) if n.op == "call_function" and n.target is torch.conv2d)
-    assert (conv.meta["module_path"], conv.meta["module_type"]) == ("0", "FunctionalConv")
-    assert conv.meta["shapes"] == ((2, 8, 8, 8),) and conv.meta["dtypes"] == (torch.float32,)
+    assert (facts(conv).path, facts(conv).type_name) == ("0", "FunctionalConv")
+    assert shapes(conv) == ((2, 8, 8, 8),) and dtypes(conv) == (torch.float32,)
     weight = next(n for n in nodes(traced) if n.op == "get_attr" and n.target == "0.weight")
-    assert weight.meta["module_path"] == "0" and weight.meta["shapes"] == ((8, 3, 3, 3),)
+    assert facts(weight).path == "0" and shapes(weight) == ((8, 3, 3, 3),)
     assert_same_outputs(traced.regions[0].graph_module(x), model(x))
 
 
@@ -132,10 +132,10 @@ def test_cat_chunk_and_split_shapes() -> None:
     cat = next(n for n in nodes(traced) if n.target is torch.cat)
     chunk = next(n for n in nodes(traced) if n.op == "call_method" and n.target == "chunk")
     split = next(n for n in nodes(traced) if n.target in (torch.split, torch.functional.split))
-    assert cat.meta["shapes"] == ((2, 16, 8, 8),)
-    assert chunk.meta["shapes"] == ((2, 8, 8, 8),) * 2
-    assert split.meta["shapes"] == ((2, 4, 8, 8),) * 3
-    assert cat.meta["module_path"] == ""  # ops written in the root's forward
+    assert shapes(cat) == ((2, 16, 8, 8),)
+    assert shapes(chunk) == ((2, 8, 8, 8),) * 2
+    assert shapes(split) == ((2, 4, 8, 8),) * 3
+    assert facts(cat).path == ""  # ops written in the root's forward
     assert_same_outputs(traced.regions[0].graph_module(x), model(x))
     assert_well_formed(traced)
 
@@ -145,8 +145,8 @@ def test_layers_routed_by_index_attributes() -> None:
     traced = trace(model, x)
     assert traced.leaves == []
     cat = next(n for n in nodes(traced) if n.target is torch.cat)
-    assert cat.meta["module_path"] == "layers.2" and cat.meta["shapes"] == ((2, 16, 8, 8),)
-    assert [s.meta["module_path"] for s in cat.args[0]] == ["layers.1", "layers.0"]  # [x, y[0]]
+    assert facts(cat).path == "layers.2" and shapes(cat) == ((2, 16, 8, 8),)
+    assert [facts(s).path for s in cat.args[0]] == ["layers.1", "layers.0"]  # [x, y[0]]
     assert_same_outputs(traced.regions[0].graph_module(x), model(x))
 
 
@@ -157,16 +157,14 @@ def test_failing_root_traces_its_children_as_regions() -> None:
     assert "control flow" in traced.leaves[0].reason
     assert [r.path for r in traced.regions] == ["stem", "body", "head"]  # `unused` is never called
     stem = nodes(traced, "stem")
-    assert [n.meta["module_path"] for n in stem if n.op == "call_module"] == ["stem.0", "stem.1", "stem.2"]
-    assert stem[1].meta["module_stack"] == (("", "FailingRoot"), ("stem", "Sequential"), ("stem.0", "Conv2d"))
-    assert stem[1].meta["call_stack"] == (CallId("", 0), CallId("stem", 0), CallId("stem.0", 0))
-    convs = [
-        n.meta["module_call"] for n in nodes(traced, "body") if n.op == "call_module" and n.target == "conv"
-    ]
+    assert [facts(n).path for n in stem if n.op == "call_module"] == ["stem.0", "stem.1", "stem.2"]
+    assert module_stack(stem[1]) == (("", "FailingRoot"), ("stem", "Sequential"), ("stem.0", "Conv2d"))
+    assert facts(stem[1]).calls == (CallId("", 0), CallId("stem", 0), CallId("stem.0", 0))
+    convs = [facts(n).call for n in nodes(traced, "body") if n.op == "call_module" and n.target == "conv"]
     assert convs == [CallId("body.conv", 0), CallId("body.conv", 1)]
     head = nodes(traced, "head")  # a leaf called by an opaque module: a one-node region
     assert [n.op for n in head] == ["placeholder", "call_module", "output"]
-    assert head[1].meta["shapes"] == ((2, 2, 8, 8),)
+    assert shapes(head[1]) == ((2, 2, 8, 8),)
     assert_same_outputs(
         traced.regions[2].graph_module(torch.ones(1, 8, 4, 4)), model.head(torch.ones(1, 8, 4, 4))
     )
@@ -179,7 +177,7 @@ def test_the_innermost_failing_module_becomes_the_leaf() -> None:
     assert [leaf.path for leaf in traced.leaves] == ["block.inner.gate"]
     assert called_modules(traced) == {"stem", "block.inner.conv", "block.inner.gate", "block.conv"}
     gate = next(n for n in nodes(traced) if n.target == "block.inner.gate")
-    assert gate.meta["module_stack"][1:] == (
+    assert module_stack(gate)[1:] == (
         ("block", "Outer"),
         ("block.inner", "Inner"),
         ("block.inner.gate", "DataDependentGate"),
@@ -209,6 +207,43 @@ def test_a_module_object_as_leaf_module_is_an_error_not_ignored() -> None:
         trace(model, torch.randn(1, 3, 64, 64), leaf_modules=[0])
 
 
+# --- node facts -------------------------------------------------------------------------------------------
+
+
+def test_each_node_carries_one_frozen_record_of_its_module_calls() -> None:
+    traced = trace(SharedBlock(), torch.randn(1, 8, 4, 4))
+    second_act = [n for n in nodes(traced) if n.op == "call_module" and n.target == "act"][1]
+    record = facts(second_act)
+    assert record == NodeFacts((Frame(CallId("", 0), "SharedBlock"), Frame(CallId("act", 1), "ReLU")))
+    assert (record.path, record.type_name, record.call) == ("act", "ReLU", CallId("act", 1))
+    assert record.calls == (CallId("", 0), CallId("act", 1))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        record.frames = ()  # type: ignore[misc]
+    loose = {"module_path", "module_type", "module_stack", "module_call", "call_stack", "shapes", "dtypes"}
+    assert not any(loose & set(n.meta) for n in nodes(traced))  # one record, not loose keys
+
+
+def test_shapes_are_fx_tensor_meta_as_shape_prop_writes_it() -> None:
+    model, x = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()), torch.randn(2, 3, 8, 8)
+    traced = trace(model, x)
+    theirs = fx.symbolic_trace(model)
+    ShapeProp(theirs).propagate(x)
+    for ours, reference in zip(nodes(traced), theirs.graph.nodes, strict=True):
+        assert isinstance(ours.meta[TENSOR_META_KEY], TensorMetadata)
+        # The tracer's run records no autograd graph: nothing it describes requires grad.
+        expected = reference.meta[TENSOR_META_KEY]._replace(requires_grad=False)
+        assert ours.meta[TENSOR_META_KEY] == expected
+    assert shapes(nodes(traced)[1]) == ((2, 8, 6, 6),) and dtypes(nodes(traced)[1]) == (torch.float32,)
+
+
+def test_a_node_the_tracer_did_not_make_has_no_facts() -> None:
+    plain = fx.symbolic_trace(nn.Sequential(nn.ReLU()))
+    node = next(n for n in plain.graph.nodes if n.op == "call_module")
+    with pytest.raises(TraceError, match=r"fx node '_0' \(call_module\) carries no rewrite facts"):
+        facts(node)
+    assert shapes(node) == () and dtypes(node) == ()
+
+
 # --- TinyYolo ---------------------------------------------------------------------------------------------
 
 
@@ -219,10 +254,10 @@ def test_tiny_yolo_eval_detect_is_a_leaf_with_visible_convs() -> None:
     assert [(leaf.path, leaf.type_name) for leaf in traced.leaves] == [("model.15", "Detect")]
     assert [r.path for r in traced.regions] == ["", "model.15.m.0", "model.15.m.1"]
     detect = next(n for n in nodes(traced) if n.op == "call_module" and n.target == "model.15")
-    assert detect.meta["shapes"] == ((1, 240, 8), (1, 3, 8, 8, 8), (1, 3, 4, 4, 8))
+    assert shapes(detect) == ((1, 240, 8), (1, 3, 8, 8, 8), (1, 3, 4, 4, 8))
     conv = nodes(traced, "model.15.m.1")[1]
-    assert conv.meta["module_stack"] == (("", "TinyYolo"), ("model.15", "Detect"), ("model.15.m.1", "Conv2d"))
-    assert conv.meta["shapes"] == ((1, 24, 4, 4),)
+    assert module_stack(conv) == (("", "TinyYolo"), ("model.15", "Detect"), ("model.15.m.1", "Conv2d"))
+    assert shapes(conv) == ((1, 24, 4, 4),)
     assert_same_outputs(traced.regions[0].graph_module(x), expected)
     assert_well_formed(traced)
 
@@ -238,7 +273,7 @@ def test_tiny_yolo_train_traces_through_detect() -> None:
 def test_yolov5l_sized_model_traces_to_its_output_shapes() -> None:
     # How fast: bench/profile_speed.py (no timing asserts in tests).
     traced = trace(TinyYolo(YOLOV5L).eval(), torch.randn(1, 3, 640, 640))
-    assert nodes(traced)[-1].meta["shapes"][0] == (1, 25200, 85)
+    assert shapes(nodes(traced)[-1])[0] == (1, 25200, 85)
 
 
 # --- meta device, no side effects, errors -------------------------------------------------------------------
@@ -252,8 +287,8 @@ def test_meta_model_and_inputs_give_the_same_shapes() -> None:
     on_meta = trace(model, x.to("meta"))
     assert [r.path for r in on_meta.regions] == [r.path for r in on_cpu.regions]
     for ours, theirs in zip(on_meta.regions, on_cpu.regions, strict=True):
-        assert [n.meta["shapes"] for n in ours.graph_module.graph.nodes] == [
-            n.meta["shapes"] for n in theirs.graph_module.graph.nodes
+        assert [shapes(n) for n in ours.graph_module.graph.nodes] == [
+            shapes(n) for n in theirs.graph_module.graph.nodes
         ]
 
 
@@ -314,7 +349,7 @@ def test_without_shape_propagation_nodes_carry_no_shapes() -> None:
     traced = trace(TinyYolo().eval(), torch.randn(1, 3, 64, 64), propagate_shapes=False)
     assert [r.path for r in traced.regions] == ["", "model.15.m.0", "model.15.m.1"]
     assert all(
-        "shapes" not in n.meta and "module_path" in n.meta
+        TENSOR_META_KEY not in n.meta and isinstance(facts(n), NodeFacts)
         for r in traced.regions
         for n in r.graph_module.graph.nodes
     )
@@ -334,7 +369,7 @@ def test_torchvision_classifiers_trace_whole(name: str) -> None:
     convs = {path for path, module in model.named_modules() if isinstance(module, nn.Conv2d)}
     assert convs <= called_modules(traced)
     assert_same_outputs(traced.regions[0].graph_module(x), model(x))
-    assert nodes(traced)[-1].meta["shapes"] == ((1, 1000),)
+    assert shapes(nodes(traced)[-1]) == ((1, 1000),)
     assert_well_formed(traced)
     model.train()
     assert trace(model, torch.randn(2, 3, 64, 64)).leaves == []

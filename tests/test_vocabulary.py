@@ -53,9 +53,8 @@ class ConvThen(nn.Module):
 
 def matches(model: nn.Module, size: int = 32):
     traced = rewrite.trace(model, torch.zeros(1, model_channels(model), size, size))
-    graph = rewrite.to_networkx(traced)
     return find_matches(
-        graph, GENERIC, rewrite.resolve_scope(None, traced, rewrite.resolve_stages(model, traced))
+        traced, GENERIC, rewrite.resolve_scope(None, traced, rewrite.resolve_stages(model, traced))
     )
 
 
