@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import reference
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 SCRIPT = EXAMPLES / "slim_neck_yolov5l.py"
 NOTEBOOK = EXAMPLES / "yolov5l_slim_neck.ipynb"
 

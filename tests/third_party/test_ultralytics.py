@@ -24,7 +24,7 @@ ultralytics = pytest.importorskip("ultralytics")
 import rewrite
 from rewrite.integrations.ultralytics import WARM_FINE_TUNE, rewrite_detection_model, train
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 # Works today on ultralytics' YOLOv8: its two neck downsampling convs (3x3, stride 2) become GSConvs.
 NECK_CONVS = EXAMPLES / "rules" / "yolov8-neck-gsconv.toml"
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-NOTEBOOK = Path(__file__).resolve().parents[1] / "examples" / "train_and_evaluate.ipynb"
+NOTEBOOK = Path(__file__).resolve().parents[2] / "examples" / "train_and_evaluate.ipynb"
 
 
 def outputs_of(notebook: dict) -> list[dict]:

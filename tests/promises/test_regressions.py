@@ -1,4 +1,4 @@
-"""Defects found by the property tests (``tests/test_properties.py``), each minimised to an explicit test.
+"""Defects found by the property tests (``tests/promises/test_properties.py``), each minimised to an explicit test.
 
 Each was found failing and is fixed; the test keeps it that way.
 """

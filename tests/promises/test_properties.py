@@ -13,7 +13,7 @@ a generic chain rule over the whole model —
 
 The examples come from the hypothesis profile that ``tests/conftest.py`` loads: ``ci`` by default
 (derandomized, 200 examples, no database), so a failure reproduces on every run; ``HYPOTHESIS_PROFILE=explore``
-draws new examples. Each defect found this way is kept as an explicit test in ``tests/test_regressions.py``.
+draws new examples. Each defect found this way is kept as an explicit test in ``tests/promises/test_regressions.py``.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from torch import nn
 import rewrite
 from rewrite.zoo import create_model
 
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train_ddp.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "train_ddp.py"
 
 
 def test_two_processes_end_with_the_same_parameters_and_every_parameter_got_a_gradient(tmp_path):
