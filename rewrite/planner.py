@@ -33,7 +33,7 @@ from rewrite.rewriter import (
 )
 from rewrite.rules import RuleSet, load_rules
 from rewrite.site import Site
-from rewrite.tracer import Traced, mode_dependent_regions, trace
+from rewrite.tracer import Leaf, Traced, mode_dependent_regions, trace
 
 __all__ = [
     "BlockSummary",
@@ -146,7 +146,7 @@ class Plan:
     device: str
     sites: list[SiteChange]
     rejected: list[Rejection]
-    leaves: list  # rewrite.tracer.Leaf
+    leaves: list[Leaf]
     warnings: list[str]
     params: Delta
     flops: Delta
@@ -273,7 +273,7 @@ class _Request:
     """What ``plan()`` was asked for."""
 
     rule_set: RuleSet
-    inputs: tuple  # positional arguments of the model's forward
+    inputs: tuple[Any, ...]  # positional arguments of the model's forward
     scope: str | Sequence[str] | None  # as given; None: the rule set's own
     model_name: str | None
     strict: bool

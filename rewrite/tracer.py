@@ -158,7 +158,7 @@ class Traced:
     # region per module that an opaque module calls directly (breadth-first, each level in execution order).
     regions: list[Region]
     leaves: list[Leaf]  # modules kept as opaque calls, deepest possible, with the reason
-    example_inputs: tuple  # exactly as given (positional args)
+    example_inputs: tuple[Any, ...]  # exactly as given (positional args)
     # How often each module path was called while an opaque module ran. Only the first of those calls has a
     # region, so a module called more than once there has calls that no graph shows.
     opaque_calls: dict[str, int] = field(default_factory=dict)

@@ -53,9 +53,8 @@ from rewrite.warm_start.sites import BlockSite, changed_modules, resolve_sites
 __all__ = ["SiteFit", "WarmStartReport", "changed_modules", "warm_start"]
 
 # The budget's split: the share of the time left after recording that the site-by-site fits get; the end-to-end
-# steps get the rest. On a YOLOv8n trained for 5 epochs, rewritten with slim-neck-v8 (bench/warm_start.py, 30 s,
-# one thread of a loaded 2-core CPU), mAP50-95 after: share 0 (end to end only) 0.004, 0.5 0.250, 0.75 0.264
-# of the base's 0.318: at this budget the block-sized steps of the fits do far more than whole-model steps.
+# steps get the rest. Block-sized fitting steps do far more in a short budget than whole-model steps do
+# (bench/README.md, warm_start.py, has what each share measured).
 _SITE_SHARE = 0.75
 _SITE_LR = 1e-2  # a block fitted from fresh weights; one that copied its replaced module's gets a tenth
 _END_TO_END_LR = 3e-4
