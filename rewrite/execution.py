@@ -63,26 +63,22 @@ from typing import Any, Generic, TypeVar
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
+
+from rewrite.meta_ops import MetaOpMemo
 
 __all__ = [
-    "MetaOpMemo",
     "Outcome",
     "RunFailed",
     "Runner",
-    "UncompiledDispatchMode",
     "attributes_restored",
     "buffer_values_restored",
     "is_small_constant",
     "meta_empty_like",
     "meta_memo",
-    "meta_op_signature",
-    "meta_output",
     "model_lock",
     "on_meta_else_real",
     "one_line",
     "physical_memory",
-    "remember_meta_output",
     "run",
     "working_copy",
 ]
@@ -98,7 +94,7 @@ _SMALL_CONSTANT = (
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
 _DRIVER_FILES = frozenset(
     os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-    for name in ("execution", "tracer", "profiler")
+    for name in ("execution", "meta_ops", "tracer", "profiler")
 )
 
 
@@ -199,165 +195,6 @@ class Runner:
         for frame, _ in traceback.walk_tb(error.__traceback__):  # outermost first
             innermost = paths.get(id(frame.f_locals.get("self")), innermost)
         return innermost
-
-
-class UncompiledDispatchMode(TorchDispatchMode):
-    """A dispatch mode under which nothing is compiled: torch leaves its ``__torch_dispatch__`` as written.
-
-    torch wraps a mode's ``__torch_dispatch__`` so that ``torch.compile`` skips it; the wrapper imports
-    ``torch._dynamo`` (seconds) at the first op and costs a call per op after that.
-    """
-
-    @classmethod
-    def _should_skip_dynamo(cls) -> bool:
-        return False
-
-
-class MetaOpMemo(UncompiledDispatchMode):
-    """A dispatch mode that runs each op on meta tensors once per signature, then makes its output again.
-
-    On meta an op costs only its output's metadata, but working that out runs Python for many ops (a
-    BatchNorm's decomposition costs milliseconds), and a model repeats the same few calls many times. The
-    output of an op on meta tensors depends only on the op and its arguments' metadata (shapes, strides,
-    dtypes) and plain values, so it is worked out once per such signature (:func:`meta_op_signature`) for the
-    whole process and made again (fresh meta tensors of the same layout) for the next call with that
-    signature. Ops whose outputs alias an input (views, in-place ops) and calls with a tensor off meta run as
-    they are; an op that fails is never memoized.
-
-    >>> conv = nn.Conv2d(3, 8, 3, device="meta")
-    >>> with MetaOpMemo():
-    ...     first = conv(torch.empty(1, 3, 8, 8, device="meta"))
-    ...     again = conv(torch.empty(1, 3, 8, 8, device="meta"))
-    >>> again.shape, again is first, again.device
-    (torch.Size([1, 8, 6, 6]), False, device(type='meta'))
-    """
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        kwargs = kwargs or {}
-        signature = meta_op_signature(func, args, kwargs)
-        if signature is None:
-            return func(*args, **kwargs)
-        made = meta_output(signature)
-        if made is not None:
-            return made.make()
-        out = func(*args, **kwargs)
-        remember_meta_output(signature, out, args, kwargs)
-        return out
-
-
-class _MetaOutput:
-    """The metadata of what an op gave on meta, to make an equal output again."""
-
-    def __init__(self, out: Any) -> None:
-        leaves, self.spec = pytree.tree_flatten(out)
-        self.leaves = [_TensorLayout(leaf) if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
-
-    def make(self) -> Any:
-        leaves = [leaf.make() if isinstance(leaf, _TensorLayout) else leaf for leaf in self.leaves]
-        return pytree.tree_unflatten(leaves, self.spec)
-
-
-class _TensorLayout:
-    __slots__ = ("dtype", "shape", "stride")
-
-    def __init__(self, tensor: torch.Tensor) -> None:
-        self.shape, self.stride, self.dtype = tuple(tensor.shape), tensor.stride(), tensor.dtype
-
-    def make(self) -> torch.Tensor:
-        return torch.empty_strided(self.shape, self.stride, dtype=self.dtype, device="meta")
-
-
-# Every op's meta output per signature, for the whole process: a signature's output never changes. Bounded, so
-# that a long-lived process planning many different models does not grow without end.
-_META_OUTPUTS: dict[tuple, _MetaOutput] = {}
-_META_OUTPUTS_LIMIT = 200_000
-_MEMOIZABLE_OPS: dict[Any, bool] = {}
-
-
-def meta_op_signature(func: Any, args: tuple, kwargs: dict) -> tuple | None:
-    """What determines ``func(*args, **kwargs)``'s output on meta tensors: the op, and every argument's
-    metadata (tensors) or value (the rest); None when the call is not memoizable (see :class:`MetaOpMemo`).
-
-    >>> x = torch.empty(2, 3, device="meta")
-    >>> meta_op_signature(torch.ops.aten.add.Tensor, (x, x), {}) == meta_op_signature(
-    ...     torch.ops.aten.add.Tensor, (torch.empty(2, 3, device="meta"), x), {}
-    ... )
-    True
-    >>> meta_op_signature(torch.ops.aten.add_.Tensor, (x, x), {}) is None  # in place: returns its input
-    True
-    """
-    memoizable = _MEMOIZABLE_OPS.get(func)
-    if memoizable is None:
-        schema = getattr(func, "_schema", None)
-        memoizable = _MEMOIZABLE_OPS[func] = (
-            schema is not None
-            and all(value.alias_info is None for value in schema.returns)
-            and torch.Tag.inplace_view not in getattr(func, "tags", ())
-        )
-    if not memoizable:
-        return None
-    try:
-        # The default dtype too: a factory op without a dtype makes tensors of it.
-        return (func, _signature_of(args), _signature_of(kwargs), torch.get_default_dtype())
-    except _NotMemoizable:
-        return None
-
-
-def meta_output(signature: tuple) -> _MetaOutput | None:
-    """What the op of ``signature`` gave on meta, when it was remembered: ``.make()`` makes it again."""
-    return _META_OUTPUTS.get(signature)
-
-
-def remember_meta_output(signature: tuple, out: Any, args: tuple, kwargs: dict) -> bool:
-    """Keep ``out``, what the op of ``signature`` gave, unless it shares memory with its arguments or holds
-    something other than fresh meta tensors and plain values; whether it was kept."""
-    inputs = {id(t) for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-    for leaf in pytree.tree_leaves(out):
-        if isinstance(leaf, torch.Tensor):
-            fresh = type(leaf) is torch.Tensor and leaf.is_meta and leaf._base is None
-            if not fresh or leaf.storage_offset() or id(leaf) in inputs:
-                return False
-        elif not isinstance(leaf, _PLAIN_VALUES):
-            return False
-    if len(_META_OUTPUTS) >= _META_OUTPUTS_LIMIT:
-        _META_OUTPUTS.clear()
-    _META_OUTPUTS[signature] = _MetaOutput(out)
-    return True
-
-
-class _NotMemoizable(Exception):
-    pass
-
-
-_PLAIN_VALUES = (
-    bool,
-    int,
-    float,
-    complex,
-    str,
-    type(None),
-    torch.dtype,
-    torch.device,
-    torch.layout,
-    torch.memory_format,
-)
-
-
-def _signature_of(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        if type(value) not in (torch.Tensor, nn.Parameter) or not value.is_meta:
-            raise _NotMemoizable
-        if value.layout != torch.strided:
-            raise _NotMemoizable
-        layout = tuple(value.shape), value.stride(), value.storage_offset()
-        return (torch.Tensor, *layout, value.dtype, value.is_conj(), value.is_neg())
-    if isinstance(value, (tuple, list)):
-        return (type(value), tuple(_signature_of(item) for item in value))
-    if isinstance(value, dict):
-        return (dict, tuple((key, _signature_of(item)) for key, item in value.items()))
-    if isinstance(value, _PLAIN_VALUES):
-        return (type(value), value)  # the type too: 1, 1.0 and True are equal keys
-    raise _NotMemoizable
 
 
 def _dispatch_modes_active() -> bool:

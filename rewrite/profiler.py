@@ -39,16 +39,13 @@ from torch import nn
 from torch.utils import flop_counter
 
 from rewrite.errors import TraceError
-from rewrite.execution import (
-    RunFailed,
-    Runner,
+from rewrite.execution import RunFailed, Runner, model_lock, on_meta_else_real, working_copy
+from rewrite.meta_ops import (
+    BATCH_NORMS,
     UncompiledDispatchMode,
     meta_op_signature,
     meta_output,
-    model_lock,
-    on_meta_else_real,
     remember_meta_output,
-    working_copy,
 )
 from rewrite.paths import join_path, path_and_ancestors
 from rewrite.tracer import Leaf, held_path
@@ -177,7 +174,8 @@ class _CountingMode(UncompiledDispatchMode):
         self.registry = registry
         # FLOPs per module-call stack, the stack (a tuple) being the key: one cheap update per op.
         self.flops: defaultdict[tuple[str, ...], int] = defaultdict(int)
-        self.memo = _flops_memo(registry)  # FLOPs per meta op signature (rewrite.execution.meta_op_signature)
+        self.memo = _flops_memo(registry)  # FLOPs per meta op signature (rewrite.meta_ops.meta_op_signature)
+        self.uncounted = _uncounted_batch_norms(registry)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
@@ -187,7 +185,9 @@ class _CountingMode(UncompiledDispatchMode):
         signature = meta_op_signature(func, args, kwargs)
         if signature is None:
             return self._count(func, args, kwargs)
-        made, flops = meta_output(signature), self.memo.get(signature)
+        made, flops = meta_output(signature, args, kwargs), self.memo.get(signature)
+        if made is not None and flops is None and func in self.uncounted:
+            flops = self.memo[signature] = 0
         if made is not None and flops is not None:
             self.flops[self.calls.stack] += flops
             return made.make()
@@ -224,6 +224,15 @@ def _flops_memo(registry: dict[Any, Callable[..., int]]) -> dict[tuple, int]:
     if _FLOPS_MEMO[0] != formulas:
         _FLOPS_MEMO = (formulas, {})
     return _FLOPS_MEMO[1]
+
+
+def _uncounted_batch_norms(registry: dict[Any, Callable[..., int]]) -> frozenset:
+    """The BatchNorm ops, which count no FLOPs under ``registry`` when it has a formula for none of them (as
+    FlopCounterMode's has not): their meta outputs then follow from a rule (rewrite.meta_ops.BATCH_NORMS),
+    and their decomposition need not run to find ops with a formula."""
+    if any(op._overloadpacket in registry for op in BATCH_NORMS):
+        return frozenset()
+    return BATCH_NORMS
 
 
 def _flop_registry() -> dict[Any, Any]:
