@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import itertools
+import operator
 import os
 import threading
 import traceback
@@ -155,30 +155,46 @@ class Runner:
         region). What the call does to the attributes of the model's modules is undone; a ``module`` outside
         the model keeps what it recorded during the call.
         """
-        named_tensors = itertools.chain(
-            module.named_parameters(remove_duplicate=False), module.named_buffers(remove_duplicate=False)
-        )
-        state = {name: self._stand_ins[id(t)] for name, t in named_tensors if id(t) in self._stand_ins}
         args, kwargs = self._inputs(tuple(args)), self._inputs(kwargs or {})
         try:
             # Dropout draws from the global random generators: forked, so that a run leaves them as they were.
             # The stand-ins are swapped into the model's own modules: one run at a time per model.
             with (
                 model_lock(self.model),
-                attributes_restored(self.model),
+                attributes_restored(self.model) as attributes,
                 torch.no_grad(),
                 torch.random.fork_rng(self._cuda_devices),
+                self._stand_ins_swapped(module),
             ):
                 if self.on_meta:
-                    _cached_tensors_to_meta(self.model, keep_small_constants=self.keep_small_constants)
+                    _cached_tensors_to_meta(attributes, keep_small_constants=self.keep_small_constants)
                 # A caller's own dispatch mode (the profiler's) sees every op as it is: it memoizes itself.
                 memoized = self.on_meta and not _dispatch_modes_active()
                 with MetaOpMemo() if memoized else contextlib.nullcontext():
-                    return torch.func.functional_call(module, state, args, kwargs)
+                    return module(*args, **kwargs)
         except Exception as error:
             path = self._innermost_module_path(error)
             type_name = type(self.model.get_submodule(path)).__name__
             raise RunFailed(error, path=path, type_name=type_name, on_meta=self.on_meta) from error
+
+    @contextlib.contextmanager
+    def _stand_ins_swapped(self, module: nn.Module) -> Iterator[None]:
+        """The stand-ins in place of the model's parameters and buffers wherever ``module`` holds them, for the
+        call: what ``torch.func.functional_call`` does, without its walks of the module tree by name."""
+        swapped = [
+            (table, name, tensor)
+            for submodule in module.modules()
+            for table in (submodule._parameters, submodule._buffers)
+            for name, tensor in table.items()
+            if id(tensor) in self._stand_ins
+        ]
+        try:
+            for table, name, tensor in swapped:
+                table[name] = self._stand_ins[id(tensor)]
+            yield
+        finally:
+            for table, name, tensor in swapped:
+                table[name] = tensor
 
     def _inputs(self, value: Any) -> Any:
         if not self.on_meta:
@@ -219,27 +235,34 @@ def meta_empty_like(tensor: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(tensor, device="meta")
 
 
-def _cached_tensors_to_meta(model: nn.Module, *, keep_small_constants: bool) -> None:
+def _cached_tensors_to_meta(attributes: list[dict[str, Any]], *, keep_small_constants: bool) -> None:
     """Swap the tensors a forward cached outside parameters and buffers (plain attributes, and the items of
     lists and dicts held in them: anchor grids and the like) for meta ones, so that a meta run does not mix them
-    with meta weights. Only ever called inside :func:`attributes_restored`, which puts the originals back."""
-    for module in model.modules():
-        attributes = module.__dict__
-        for name, value in list(attributes.items()):
-            if name.startswith("_"):  # nn.Module's own tables: parameters and buffers have stand-ins already
-                continue
+    with meta weights. ``attributes``: the ``__dict__`` of each module, as :func:`attributes_restored` gives
+    them, which puts the originals back."""
 
-            def to_meta(value: Any) -> Any:
-                if not isinstance(value, torch.Tensor) or (keep_small_constants and is_small_constant(value)):
-                    return value
-                return meta_empty_like(value)
+    def to_meta(value: Any) -> Any:
+        if not isinstance(value, torch.Tensor) or (keep_small_constants and is_small_constant(value)):
+            return value
+        return meta_empty_like(value)
 
+    for bindings in attributes:
+        # nn.Module's own tables (underscored) are left alone: parameters and buffers have stand-ins already.
+        for name in [
+            name
+            for name, value in bindings.items()
+            if not name.startswith("_") and isinstance(value, _CACHES)
+        ]:
+            value = bindings[name]
             if isinstance(value, torch.Tensor):
-                attributes[name] = to_meta(value)
+                bindings[name] = to_meta(value)
             elif isinstance(value, list):
                 value[:] = [to_meta(item) for item in value]
-            elif isinstance(value, dict):
+            else:
                 value.update((key, to_meta(item)) for key, item in value.items())
+
+
+_CACHES = (torch.Tensor, list, dict)  # what a cached tensor is held in: itself, or a list or dict of them
 
 
 def is_small_constant(tensor: torch.Tensor) -> bool:
@@ -308,8 +331,9 @@ def real_data_device(model: nn.Module, inputs: Any) -> torch.device | None:
 
 
 @contextlib.contextmanager
-def attributes_restored(model: nn.Module) -> Iterator[None]:
-    """Undo what a forward or an fx trace does to the attributes of ``model``'s modules.
+def attributes_restored(model: nn.Module) -> Iterator[list[dict[str, Any]]]:
+    """Undo what a forward or an fx trace does to the attributes of ``model``'s modules; gives their
+    ``__dict__`` (each module's once).
 
     Models cache into their modules while running (YOLO's ``Detect`` keeps grids in a list attribute, which a
     meta run would leave holding meta tensors), and fx parks constants on the traced module. Attribute
@@ -324,28 +348,59 @@ def attributes_restored(model: nn.Module) -> Iterator[None]:
     >>> cache.grids[0].device, hasattr(cache, "scale")
     (device(type='cpu'), False)
     """
-    saved = []
-    for module in model.modules():
-        attributes = module.__dict__
-        # Most containers (the hook dicts) are empty: note those as None, to be cleared, rather than copied.
+    snapshot = _AttributeSnapshot(model)
+    try:
+        yield [attributes for attributes, _ in snapshot.bindings]
+    finally:
+        snapshot.restore()
+
+
+class _AttributeSnapshot:
+    """The attribute bindings of a model's modules, and the items of those attributes that are lists or dicts.
+
+    A model holds tens of attributes per module, nearly all of them unchanged by a run and most of them empty
+    hook dicts: the restore tells what changed with whole-container comparisons (by identity) and touches only
+    that, so that a run does not pay Python per attribute.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.bindings = [(module.__dict__, module.__dict__.copy()) for module in model.modules()]
         containers = [
-            (value, value.copy() if value else None)
-            for value in attributes.values()
+            value
+            for _, bindings in self.bindings
+            for value in bindings.values()
             if isinstance(value, (list, dict))
         ]
-        saved.append((attributes, attributes.copy(), containers))
-    try:
-        yield
-    finally:
+        self.filled = [(container, container.copy()) for container in containers if container]
+        self.empty = [container for container in containers if not container]
+
+    def restore(self) -> None:
         # Entry by entry, never emptied first: another thread reading the module meanwhile sees each entry
         # either before or after, never missing.
-        for attributes, bindings, containers in saved:
-            _restore_dict(attributes, bindings)
-            for container, items in containers:
+        for attributes, bindings in self.bindings:
+            if _changed(attributes, bindings):
+                _restore_dict(attributes, bindings)
+        for container, items in self.filled:
+            if isinstance(container, list):
+                if len(container) != len(items) or any(map(operator.is_not, container, items)):
+                    container[:] = items
+            elif _changed(container, items):
+                _restore_dict(container, items)
+        if any(self.empty):
+            for container in self.empty:
                 if isinstance(container, list):
-                    container[:] = items or []
-                else:
-                    _restore_dict(container, items or {})
+                    container.clear()
+                elif container:
+                    _restore_dict(container, {})
+
+
+def _changed(target: dict, saved: dict) -> bool:
+    """Whether ``target`` differs from ``saved``: other keys, or another object under one of them."""
+    return (
+        len(target) != len(saved)
+        or any(map(operator.is_not, target.values(), saved.values()))
+        or target.keys() != saved.keys()
+    )
 
 
 _WORKING_COPIES: weakref.WeakSet[nn.Module] = weakref.WeakSet()

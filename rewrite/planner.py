@@ -20,7 +20,7 @@ from rewrite.errors import BuildError, NoMatchError, NoMatchWarning, RewriteErro
 from rewrite.execution import RunFailed, is_small_constant, model_lock, run, working_copy
 from rewrite.graph import Scope, StageMap, resolve_scope, resolve_stages
 from rewrite.match import Kind, Match, MatchResult, Rejection, find_matches
-from rewrite.profiler import Cost, Profile, profile
+from rewrite.profiler import Cost, Profile, profile, profile_and_outputs
 from rewrite.rewriter import (
     BuiltSite,
     ShapeCheck,
@@ -307,7 +307,7 @@ def _plan(source: nn.Module, request: _Request, say: Callable[[str], None]) -> P
     matched = _match(model, request, say)
 
     say("measuring the original")
-    before = profile(model, request.inputs, stages=matched.stages)
+    before, ran_before = profile_and_outputs(model, request.inputs, stages=matched.stages)
     on_meta = not before.needed_real_data
 
     say(f"building {len(matched.found.matches)} site(s)")
@@ -318,8 +318,15 @@ def _plan(source: nn.Module, request: _Request, say: Callable[[str], None]) -> P
     rewritten = working_copy(
         rewrite_model(model, matched.traced, sites.built, on_meta=on_meta), handed_over=True
     )
-    after = profile(rewritten, _to_meta(request.inputs) if on_meta else request.inputs, stages=matched.stages)
-    check = check_outputs(model, rewritten, request.inputs, other_mode=_touches_forward_code(sites.built))
+    run_inputs = _to_meta(request.inputs) if on_meta else request.inputs
+    after, ran_after = profile_and_outputs(rewritten, run_inputs, stages=matched.stages)
+    check = check_outputs(
+        model,
+        rewritten,
+        request.inputs,
+        other_mode=_touches_forward_code(sites.built),
+        outcomes=(ran_before, ran_after),
+    )
 
     return Plan(
         model_name=request.model_name or type(model).__name__,

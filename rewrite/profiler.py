@@ -39,7 +39,7 @@ from torch import nn
 from torch.utils import flop_counter
 
 from rewrite.errors import TraceError
-from rewrite.execution import RunFailed, Runner, model_lock, on_meta_else_real, working_copy
+from rewrite.execution import Outcome, RunFailed, Runner, model_lock, on_meta_else_real, working_copy
 from rewrite.meta_ops import (
     BATCH_NORMS,
     UncompiledDispatchMode,
@@ -53,7 +53,7 @@ from rewrite.tracer import Leaf, held_path
 if TYPE_CHECKING:
     from rewrite.graph import StageMap
 
-__all__ = ["Cost", "Profile", "profile"]
+__all__ = ["Cost", "Profile", "profile", "profile_and_outputs"]
 
 OTHER = "other"
 _STAGE_ORDER = ("backbone", "neck", "head")
@@ -263,6 +263,14 @@ def profile(model: nn.Module, example_inputs: Any, *, stages: StageMap | None = 
     switched off while profiling, and the CPU flash-attention kernel, absent from the registry, is counted with
     the registry's own attention formula, as the meta and CUDA kernels are.
     """
+    return profile_and_outputs(model, example_inputs, stages=stages)[0]
+
+
+def profile_and_outputs(
+    model: nn.Module, example_inputs: Any, *, stages: StageMap | None = None
+) -> tuple[Profile, Outcome[Any]]:
+    """:func:`profile`, and what the model returned in the run that was counted (meta tensors when it ran on
+    meta): a caller that checks the outputs' shapes needs no run of its own."""
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     model = working_copy(model)  # run in place of the user's, which other threads may be running
     if stages is None:
@@ -273,11 +281,11 @@ def profile(model: nn.Module, example_inputs: Any, *, stages: StageMap | None = 
     calls = _CallStack(named)
     registry = _flop_registry()
 
-    def count(runner: Runner) -> _CountingMode:
+    def count(runner: Runner) -> tuple[_CountingMode, Any]:
         mode = _CountingMode(calls, registry)
         with _mha_fastpath_disabled(), calls.hooked(), mode:
-            runner.run(model, args)
-        return mode
+            outputs = runner.run(model, args)
+        return mode, outputs
 
     try:
         with model_lock(model):
@@ -293,7 +301,9 @@ def profile(model: nn.Module, example_inputs: Any, *, stages: StageMap | None = 
         ) from failure.error
     failure = counted.meta_failure
     needed = [] if failure is None else [Leaf(failure.path, failure.type_name, failure.reason)]
-    return _assemble(model, named, counted.value.flops, stages, str(counted.device), needed)
+    mode, outputs = counted.value
+    figures = _assemble(model, named, mode.flops, stages, str(counted.device), needed)
+    return figures, Outcome(outputs, counted.device, failure)
 
 
 @contextmanager
