@@ -50,7 +50,7 @@ PHASES = {
     "trace": ["trace", "resolve_stages", "resolve_scope"],
     "match": ["find_matches"],
     "build": ["build_sites", "_refuse_frozen", "absorb_into_graph_regions", "rewrite_model"],
-    "measure": ["profile", "_measure_site"],
+    "measure": ["profile", "profile_and_outputs", "_measure_site"],
     "shape check": ["check_outputs"],
 }
 

@@ -78,8 +78,14 @@ class _MetaOutput:
     def __init__(self, out: Any) -> None:
         leaves, self.spec = pytree.tree_flatten(out)
         self.leaves = [_TensorLayout.of(leaf) if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
+        # Most ops give one tensor: made without the tree.
+        self.tensor = (
+            self.leaves[0] if self.spec.is_leaf() and isinstance(self.leaves[0], _TensorLayout) else None
+        )
 
     def make(self) -> Any:
+        if self.tensor is not None:
+            return self.tensor.make()
         leaves = [leaf.make() if isinstance(leaf, _TensorLayout) else leaf for leaf in self.leaves]
         return pytree.tree_unflatten(leaves, self.spec)
 
@@ -255,18 +261,31 @@ _PLAIN_VALUES = (
 )
 
 
+_PLAIN_TYPES = frozenset(_PLAIN_VALUES)
+
+
 def _signature_of(value: Any) -> Any:
+    kind = type(value)  # exact types first: an op's arguments are nearly all plain tensors, numbers and lists
+    if kind in _PLAIN_TYPES:
+        return (kind, value)  # the type too: 1, 1.0 and True are equal keys
+    if kind is torch.Tensor or kind is nn.Parameter:
+        if not value.is_meta or value.layout != torch.strided:
+            raise _NotMemoizable
+        return (
+            torch.Tensor,
+            tuple(value.shape),
+            value.stride(),
+            value.storage_offset(),
+            value.dtype,
+            value.is_conj(),
+            value.is_neg(),
+        )
     if isinstance(value, torch.Tensor):
-        if type(value) not in (torch.Tensor, nn.Parameter) or not value.is_meta:
-            raise _NotMemoizable
-        if value.layout != torch.strided:
-            raise _NotMemoizable
-        layout = tuple(value.shape), value.stride(), value.storage_offset()
-        return (torch.Tensor, *layout, value.dtype, value.is_conj(), value.is_neg())
+        raise _NotMemoizable
     if isinstance(value, (tuple, list)):
-        return (type(value), tuple(_signature_of(item) for item in value))
+        return (kind, tuple([_signature_of(item) for item in value]))
     if isinstance(value, dict):
-        return (dict, tuple((key, _signature_of(item)) for key, item in value.items()))
+        return (dict, tuple([(key, _signature_of(item)) for key, item in value.items()]))
     if isinstance(value, _PLAIN_VALUES):
-        return (type(value), value)  # the type too: 1, 1.0 and True are equal keys
+        return (kind, value)
     raise _NotMemoizable

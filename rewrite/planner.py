@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import types
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -628,10 +629,18 @@ _PLAIN = (
 )
 
 
+_PLAIN_TYPES = frozenset(_PLAIN)
+
+
 def _signature_part(value: Any, seen: dict[int, int], *, weights: bool = False) -> Any:
     """``value``'s part of a signature; a module or tensor met before (shared, or a cycle) by its first place,
     as sharing changes what counts (a shared weight counts once). ``weights``: tensors that runs on meta
     always replace by stand-ins (parameters and buffers), whose values no run reads."""
+    kind = type(value)  # the commonest parts first: plain values, and a module's empty hook tables
+    if kind in _PLAIN_TYPES:
+        return (kind, value)
+    if (kind is dict or kind is OrderedDict) and not value:
+        return (kind, ())
     if isinstance(value, (nn.Module, torch.Tensor)):
         if id(value) in seen:
             return ("seen", seen[id(value)])

@@ -129,15 +129,32 @@ class _CallStack:
         # A tuple, so that the counting mode can use the current stack itself as a dictionary key.
         self.stack: tuple[str, ...] = ()
         self.thread = threading.get_ident()  # the thread whose calls are counted
+        self.children: dict[
+            str, dict[int, str]
+        ] = {}  # per holder path, the name of each direct child (by id)
 
     def enter(self, module: nn.Module, args: Any) -> None:
         path = self.paths.get(id(module))  # modules outside the model (built inside forward) are not charged
         if path is None or threading.get_ident() != self.thread:  # the hooks are global; the count is ours
             return
         if self.stack:  # credited to the path it is called through (see rewrite.tracer.held_path)
-            held = held_path(self.modules[self.stack[-1]], module)
+            held = self._held_path(self.stack[-1], module)
             path = join_path(self.stack[-1], held) if held is not None else path
         self.stack += (path,)
+
+    def _held_path(self, holder_path: str, module: nn.Module) -> str | None:
+        """``held_path(holder, module)``, a direct child's name looked up rather than searched for: a holder of
+        thousands of children (one ``nn.Sequential``) calls each of them."""
+        holder = self.modules[holder_path]
+        names = self.children.get(holder_path)
+        if names is None:
+            names = self.children[holder_path] = {}
+            for name, child in holder._modules.items():
+                names.setdefault(id(child), name)
+        name = names.get(id(module))
+        if name is not None and holder._modules.get(name) is module:
+            return name
+        return held_path(holder, module)
 
     def exit(self, module: nn.Module, args: Any, output: Any) -> None:
         if id(module) not in self.paths or threading.get_ident() != self.thread:
@@ -153,6 +170,7 @@ class _CallStack:
     def hooked(self) -> Iterator[None]:
         self.stack = ()
         self.thread = threading.get_ident()
+        self.children = {}
         handles = [
             nn.modules.module.register_module_forward_pre_hook(self.enter),
             nn.modules.module.register_module_forward_hook(self.exit),
@@ -331,7 +349,9 @@ def _assemble(
     # A parameter shared by two modules counts once in each common ancestor.
     credited: dict[int, set[str]] = {}
     for path, module in named.items():
-        for p in module.parameters(recurse=False):
+        for p in module._parameters.values():  # a parameter held twice is credited once: by ``seen``
+            if p is None:
+                continue
             seen = credited.setdefault(id(p), set())
             for ancestor in path_and_ancestors(path):
                 if ancestor not in seen:
