@@ -17,7 +17,12 @@ at most 3.5 s; 1 T parameters planned on meta in under 60 s and 2 GB.
 The machine is shared: times are CPU seconds of the planning process (``time.process_time``: what other
 users' load changes least), the wall time beside them, and each line carries the 1-minute load average.
 
+With ``--against CHECKOUT`` every configuration runs by turns under that checkout's ``.venv`` (before) and
+this one (after), ``--repeat`` times each, and the medians are printed side by side: on a busy machine, only
+figures measured together compare.
+
     python bench/plan_speed.py [--sizes 250 1000 2000 4000] [--skip-yolo] [--skip-large]
+                               [--against CHECKOUT] [--repeat K]
 """
 
 from __future__ import annotations
@@ -26,9 +31,11 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 RULES = """
@@ -133,9 +140,10 @@ def one(kind: str, blocks: int, channels: int) -> dict:
     return result
 
 
-def in_subprocess(kind: str, blocks: int = 0, channels: int = 0) -> dict:
+def in_subprocess(python: str, kind: str, blocks: int = 0, channels: int = 0) -> dict:
+    """One configuration in a fresh process of ``python`` (whose environment decides which ``rewrite`` runs)."""
     output = subprocess.run(
-        [sys.executable, __file__, "--one", kind, str(blocks), str(channels)],
+        [python, __file__, "--one", kind, str(blocks), str(channels)],
         check=True,
         capture_output=True,
         text=True,
@@ -143,16 +151,37 @@ def in_subprocess(kind: str, blocks: int = 0, channels: int = 0) -> dict:
     return json.loads(output.strip().splitlines()[-1])
 
 
-def cli_time() -> tuple[float, float, float]:
-    """The wall and CPU time of ``rewrite plan yolov5l --rules slim-neck`` as a user runs it, and the load
-    average."""
-    executable = str(Path(sys.executable).with_name("rewrite"))
+def cli_time(python: str) -> dict:
+    """The wall and CPU time of ``rewrite plan yolov5l --rules slim-neck`` as a user runs it (the ``rewrite``
+    command beside ``python``), and the load average."""
+    executable = str(Path(python).with_name("rewrite"))
     command = [executable, "plan", "yolov5l", "--rules", "slim-neck", "-q"]
     start, children = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     subprocess.run(command, check=True, capture_output=True)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime
-    return time.perf_counter() - start, cpu, os.getloadavg()[0]
+    return {"wall": time.perf_counter() - start, "cpu": cpu, "load": os.getloadavg()[0]}
+
+
+def medians(runs: list[dict]) -> dict:
+    """Each figure's median over repeated runs of one configuration (the phases' one by one)."""
+    result = dict(runs[-1])
+    for key, value in runs[0].items():
+        if isinstance(value, float):
+            result[key] = statistics.median(run[key] for run in runs)
+        elif isinstance(value, dict):
+            result[key] = {name: statistics.median(run[key][name] for run in runs) for name in value}
+    return result
+
+
+def alternating(trees: dict[str, str], repeat: int, measure: Callable[[str], dict]) -> dict[str, dict]:
+    """``measure(python)`` for each tree in turn, ``repeat`` rounds (so that a change in the machine's load
+    falls on every tree alike), and each tree's medians."""
+    runs: dict[str, list[dict]] = {name: [] for name in trees}
+    for _ in range(repeat):
+        for name, python in trees.items():
+            runs[name].append(measure(python))
+    return {name: medians(results) for name, results in runs.items()}
 
 
 def split(result: dict) -> str:
@@ -166,46 +195,65 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[250, 1000, 2000, 4000])
     parser.add_argument("--skip-yolo", action="store_true")
     parser.add_argument("--skip-large", action="store_true")
+    parser.add_argument(
+        "--against",
+        metavar="CHECKOUT",
+        help="a checkout of the code to compare with (its .venv runs it), measured by turns with this one",
+    )
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each configuration per tree (medians)")
     parser.add_argument("--one", nargs=3, metavar=("KIND", "BLOCKS", "CHANNELS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(one(args.one[0], int(args.one[1]), int(args.one[2]))))
         return
+    trees = {"this": sys.executable}
+    if args.against:
+        trees = {"before": str(Path(args.against, ".venv", "bin", "python")), "after": sys.executable}
 
-    print("| N | plan (CPU) | per site | wall | peak RSS | load | split (CPU s) |")
-    print("|---:|---:|---:|---:|---:|---:|---|")
-    times = {}
+    print("| N | tree | plan (CPU) | per site | wall | peak RSS | load | split (CPU s) |")
+    print("|---:|---|---:|---:|---:|---:|---:|---|")
+    times: dict[str, dict[int, float]] = {name: {} for name in trees}
     for size in args.sizes:
-        result = in_subprocess("chain", size, 64)
-        assert result["sites"] == size, result  # every block is a site, or the figures mean nothing
-        times[size] = result["plan"]
-        print(
-            f"| {size} | {result['plan']:.2f} s | {1000 * result['plan'] / size:.1f} ms "
-            f"| {result['wall']:.2f} s | {result['peak_rss_gb']:.2f} GB | {result['load']:.1f} "
-            f"| {split(result)} |",
-            flush=True,
+        results = alternating(
+            trees, args.repeat, lambda python, size=size: in_subprocess(python, "chain", size, 64)
         )
-    if 250 in times and 2000 in times:
-        print(f"time(2000) / time(250) = {times[2000] / times[250]:.2f} (linear: 8)")
+        for name, result in results.items():
+            assert result["sites"] == size, result  # every block is a site, or the figures mean nothing
+            times[name][size] = result["plan"]
+            print(
+                f"| {size} | {name} | {result['plan']:.2f} s | {1000 * result['plan'] / size:.1f} ms "
+                f"| {result['wall']:.2f} s | {result['peak_rss_gb']:.2f} GB | {result['load']:.1f} "
+                f"| {split(result)} |",
+                flush=True,
+            )
+    for name, by_size in times.items():
+        if 250 in by_size and 2000 in by_size:
+            print(f"{name}: time(2000) / time(250) = {by_size[2000] / by_size[250]:.2f} (linear: 8)")
 
     if not args.skip_yolo:
-        wall, cpu, load = cli_time()
-        result = in_subprocess("yolov5l")
-        print(
-            f"YOLOv5-L, rewrite plan yolov5l --rules slim-neck: {wall:.2f} s wall, {cpu:.2f} s CPU (load "
-            f"{load:.1f}); in one process: plan {result['plan']:.2f} s CPU, {result['sites']} sites; "
-            f"{split(result)}"
-        )
+        commands = alternating(trees, args.repeat, cli_time)
+        splits = alternating(trees, args.repeat, lambda python: in_subprocess(python, "yolov5l"))
+        for name in trees:
+            command, result = commands[name], splits[name]
+            print(
+                f"YOLOv5-L ({name}), rewrite plan yolov5l --rules slim-neck: {command['wall']:.2f} s wall, "
+                f"{command['cpu']:.2f} s CPU (load {command['load']:.1f}); in one process: plan "
+                f"{result['plan']:.2f} s CPU, {result['sites']} sites; {split(result)}",
+                flush=True,
+            )
 
     if not args.skip_large:
         for blocks, channels in LARGE:
-            result = in_subprocess("chain", blocks, channels)
-            print(
-                f"{result['params'] / 1e9:.1f} B parameters ({result['sites']} blocks of {channels} "
-                f"channels) on meta: plan {result['plan']:.1f} s CPU ({result['wall']:.1f} s wall), peak RSS "
-                f"{result['peak_rss_gb']:.2f} GB, load {result['load']:.1f}; {split(result)}",
-                flush=True,
+            results = alternating(
+                trees, args.repeat, lambda python, b=blocks, c=channels: in_subprocess(python, "chain", b, c)
             )
+            for name, result in results.items():
+                print(
+                    f"{result['params'] / 1e9:.1f} B parameters ({result['sites']} blocks of {channels} channels, "
+                    f"{name}) on meta: plan {result['plan']:.1f} s CPU ({result['wall']:.1f} s wall), peak RSS "
+                    f"{result['peak_rss_gb']:.2f} GB, load {result['load']:.1f}; {split(result)}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

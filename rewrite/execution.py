@@ -56,6 +56,7 @@ import os
 import threading
 import traceback
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -427,6 +428,7 @@ def working_copy(model: nn.Module, *, handed_over: bool = False) -> nn.Module:
     if model in _WORKING_COPIES:
         return model
     shared: dict[int, object] = {id(parameter): parameter for parameter in model.parameters()}
+    _seed_empty_containers(model, shared)
     try:
         work = copy.deepcopy(model, shared)
     except Exception:  # noqa: BLE001 -- whatever a module holds that cannot be copied: work on the model itself
@@ -468,6 +470,7 @@ def meta_memo(model: nn.Module) -> dict[int, object]:
     (anchor grids and the like), which would otherwise stay on the real device beside meta weights.
     """
     memo: dict[int, object] = {}
+    _seed_empty_containers(model, memo)
     for module in model.modules():
         for name, value in vars(module).items():
             weights = name in ("_parameters", "_buffers")
@@ -478,6 +481,20 @@ def meta_memo(model: nn.Module) -> dict[int, object]:
                 if weights or not is_small_constant(tensor):
                     memo[id(tensor)] = _meta_like(tensor)
     return memo
+
+
+def _seed_empty_containers(model: nn.Module, memo: dict[int, object]) -> None:
+    """Enter a new empty container into a ``copy.deepcopy`` memo for each empty one that the model's modules
+    hold, nearly all of them hook tables: what ``deepcopy`` makes of them, without its generic protocol (a
+    reduce and a rebuild each)."""
+    for module in model.modules():
+        for value in vars(module).values():
+            kind = type(value)
+            if kind in _PLAIN_CONTAINERS and not value and not (kind is OrderedDict and vars(value)):
+                memo[id(value)] = kind()
+
+
+_PLAIN_CONTAINERS = frozenset({dict, OrderedDict, list, set})
 
 
 def _held(value: object) -> Iterable[object]:

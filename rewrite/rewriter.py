@@ -140,9 +140,11 @@ def rewrite_model(
     its graph module takes the region's place.
     """
     memo = meta_memo(model) if on_meta else {}
-    graph_modules = [region.graph_module for region in traced.regions]
+    # Only the graphs that graph sites edit are copied (a copy recompiles its code).
+    edited = {o.region for built in sites if built.match.kind == "graph" for o in built.match.occurrences}
+    graph_modules = {index: traced.regions[index].graph_module for index in sorted(edited)}
     new_model, new_graph_modules = copy.deepcopy((model, graph_modules), memo)
-    holders = _Holders([new_model, *new_graph_modules])
+    holders = _Holders([new_model, *new_graph_modules.values()])
 
     graph_sites: dict[int, list[BuiltSite]] = {}
     for built in sites:
