@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import operator
 import os
 import threading
@@ -73,6 +74,7 @@ __all__ = [
     "Runner",
     "attributes_restored",
     "buffer_values_restored",
+    "full_collections_deferred",
     "is_small_constant",
     "meta_empty_like",
     "meta_memo",
@@ -449,6 +451,36 @@ def model_lock(model: nn.Module) -> threading.RLock:
         if lock is None:
             lock = _MODEL_LOCKS[model] = threading.RLock()
         return lock
+
+
+@contextlib.contextmanager
+def full_collections_deferred() -> Iterator[None]:
+    """Python's full garbage collections held off while the body runs; young objects are collected as usual.
+
+    Planning builds and copies hundreds of thousands of objects (modules, their tables, traced graphs) that live
+    as long as the plan, and each full collection walks every one of them: a quarter of a large plan's time.
+    The oldest generation's threshold is put back when the outermost of nested or concurrent bodies ends, and
+    whatever garbage it holds is collected at the next full collection after that.
+    """
+    global _DEFERRING, _THRESHOLDS
+    with _DEFERRAL_LOCK:
+        if _DEFERRING == 0:
+            _THRESHOLDS = gc.get_threshold()
+            gc.set_threshold(*_THRESHOLDS[:2], _NO_FULL_COLLECTION)
+        _DEFERRING += 1
+    try:
+        yield
+    finally:
+        with _DEFERRAL_LOCK:
+            _DEFERRING -= 1
+            if _DEFERRING == 0:
+                gc.set_threshold(*_THRESHOLDS)
+
+
+_DEFERRAL_LOCK = threading.Lock()
+_DEFERRING = 0  # bodies running under full_collections_deferred
+_THRESHOLDS: tuple[int, ...] = ()  # the thresholds before the first of them
+_NO_FULL_COLLECTION = 1 << 30  # young-generation collections between full ones: none in practice
 
 
 def _restore_dict(target: dict, saved: dict) -> None:

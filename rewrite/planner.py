@@ -18,7 +18,14 @@ import torch
 from torch import nn
 
 from rewrite.errors import BuildError, NoMatchError, NoMatchWarning, RewriteError, ShapeCheckError
-from rewrite.execution import RunFailed, is_small_constant, model_lock, run, working_copy
+from rewrite.execution import (
+    RunFailed,
+    full_collections_deferred,
+    is_small_constant,
+    model_lock,
+    run,
+    working_copy,
+)
 from rewrite.graph import Scope, StageMap, resolve_scope, resolve_stages
 from rewrite.match import Kind, Match, MatchResult, Rejection, find_matches
 from rewrite.profiler import Cost, Profile, profile, profile_and_outputs
@@ -257,7 +264,7 @@ def plan(
     """
     # Blocks built on a real device draw their initial weights: the caller's random numbers stay as they were.
     # One plan of a model at a time: its runs swap stand-ins into the model's modules.
-    with model_lock(model), torch.random.fork_rng(_cuda_devices(model)):
+    with model_lock(model), torch.random.fork_rng(_cuda_devices(model)), full_collections_deferred():
         request = _Request(
             load_rules(rules),
             example_inputs if isinstance(example_inputs, tuple) else (example_inputs,),
