@@ -17,9 +17,10 @@ at most 3.5 s; 1 T parameters planned on meta in under 60 s and 2 GB.
 The machine is shared: times are CPU seconds of the planning process (``time.process_time``: what other
 users' load changes least), the wall time beside them, and each line carries the 1-minute load average.
 
-With ``--against CHECKOUT`` every configuration runs by turns under that checkout's ``.venv`` (before) and
-this one (after), ``--repeat`` times each, and the medians are printed side by side: on a busy machine, only
-figures measured together compare.
+With ``--against CHECKOUT`` every configuration runs by turns with that checkout's code (before: first on
+``PYTHONPATH``, same interpreter and packages) and this one's (after), ``--repeat`` times each, and the medians
+are printed side by side: on a busy machine, only figures measured together compare. The main job then runs
+as ``python -m rewrite`` for both.
 
     python bench/plan_speed.py [--sizes 250 1000 2000 4000] [--skip-yolo] [--skip-large]
                                [--against CHECKOUT] [--repeat K]
@@ -140,24 +141,27 @@ def one(kind: str, blocks: int, channels: int) -> dict:
     return result
 
 
-def in_subprocess(python: str, kind: str, blocks: int = 0, channels: int = 0) -> dict:
-    """One configuration in a fresh process of ``python`` (whose environment decides which ``rewrite`` runs)."""
-    output = subprocess.run(
-        [python, __file__, "--one", kind, str(blocks), str(channels)],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
+REPO = Path(__file__).resolve().parents[1]
+
+
+def in_tree(tree: Path, command: list[str]) -> subprocess.CompletedProcess:
+    """``command`` run with ``tree``'s ``rewrite`` (first on the path, and the working directory)."""
+    environment = {**os.environ, "PYTHONPATH": str(tree)}
+    return subprocess.run(command, check=True, capture_output=True, text=True, cwd=tree, env=environment)
+
+
+def in_subprocess(tree: Path, kind: str, blocks: int = 0, channels: int = 0) -> dict:
+    """One configuration in a fresh process, with ``tree``'s code."""
+    output = in_tree(tree, [sys.executable, __file__, "--one", kind, str(blocks), str(channels)]).stdout
     return json.loads(output.strip().splitlines()[-1])
 
 
-def cli_time(python: str) -> dict:
-    """The wall and CPU time of ``rewrite plan yolov5l --rules slim-neck`` as a user runs it (the ``rewrite``
-    command beside ``python``), and the load average."""
-    executable = str(Path(python).with_name("rewrite"))
-    command = [executable, "plan", "yolov5l", "--rules", "slim-neck", "-q"]
+def cli_time(tree: Path) -> dict:
+    """The wall and CPU time of ``rewrite plan yolov5l --rules slim-neck`` as a user runs it (with ``tree``'s
+    code), and the load average."""
+    command = [sys.executable, "-m", "rewrite", "plan", "yolov5l", "--rules", "slim-neck", "-q"]
     start, children = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
-    subprocess.run(command, check=True, capture_output=True)
+    in_tree(tree, command)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime
     return {"wall": time.perf_counter() - start, "cpu": cpu, "load": os.getloadavg()[0]}
@@ -174,13 +178,13 @@ def medians(runs: list[dict]) -> dict:
     return result
 
 
-def alternating(trees: dict[str, str], repeat: int, measure: Callable[[str], dict]) -> dict[str, dict]:
-    """``measure(python)`` for each tree in turn, ``repeat`` rounds (so that a change in the machine's load
+def alternating(trees: dict[str, Path], repeat: int, measure: Callable[[Path], dict]) -> dict[str, dict]:
+    """``measure(tree)`` for each tree in turn, ``repeat`` rounds (so that a change in the machine's load
     falls on every tree alike), and each tree's medians."""
     runs: dict[str, list[dict]] = {name: [] for name in trees}
     for _ in range(repeat):
-        for name, python in trees.items():
-            runs[name].append(measure(python))
+        for name, tree in trees.items():
+            runs[name].append(measure(tree))
     return {name: medians(results) for name, results in runs.items()}
 
 
@@ -198,7 +202,7 @@ def main() -> None:
     parser.add_argument(
         "--against",
         metavar="CHECKOUT",
-        help="a checkout of the code to compare with (its .venv runs it), measured by turns with this one",
+        help="a checkout of the code to compare with (run by this interpreter), measured by turns with this one",
     )
     parser.add_argument("--repeat", type=int, default=1, help="runs of each configuration per tree (medians)")
     parser.add_argument("--one", nargs=3, metavar=("KIND", "BLOCKS", "CHANNELS"), help=argparse.SUPPRESS)
@@ -206,16 +210,16 @@ def main() -> None:
     if args.one:
         print(json.dumps(one(args.one[0], int(args.one[1]), int(args.one[2]))))
         return
-    trees = {"this": sys.executable}
+    trees = {"this": REPO}
     if args.against:
-        trees = {"before": str(Path(args.against, ".venv", "bin", "python")), "after": sys.executable}
+        trees = {"before": Path(args.against).resolve(), "after": REPO}
 
     print("| N | tree | plan (CPU) | per site | wall | peak RSS | load | split (CPU s) |")
     print("|---:|---|---:|---:|---:|---:|---:|---|")
     times: dict[str, dict[int, float]] = {name: {} for name in trees}
     for size in args.sizes:
         results = alternating(
-            trees, args.repeat, lambda python, size=size: in_subprocess(python, "chain", size, 64)
+            trees, args.repeat, lambda tree, size=size: in_subprocess(tree, "chain", size, 64)
         )
         for name, result in results.items():
             assert result["sites"] == size, result  # every block is a site, or the figures mean nothing
@@ -232,7 +236,7 @@ def main() -> None:
 
     if not args.skip_yolo:
         commands = alternating(trees, args.repeat, cli_time)
-        splits = alternating(trees, args.repeat, lambda python: in_subprocess(python, "yolov5l"))
+        splits = alternating(trees, args.repeat, lambda tree: in_subprocess(tree, "yolov5l"))
         for name in trees:
             command, result = commands[name], splits[name]
             print(
@@ -245,7 +249,7 @@ def main() -> None:
     if not args.skip_large:
         for blocks, channels in LARGE:
             results = alternating(
-                trees, args.repeat, lambda python, b=blocks, c=channels: in_subprocess(python, "chain", b, c)
+                trees, args.repeat, lambda tree, b=blocks, c=channels: in_subprocess(tree, "chain", b, c)
             )
             for name, result in results.items():
                 print(
