@@ -141,7 +141,7 @@ def rewrite_model(
     """
     memo = meta_memo(model) if on_meta else {}
     # Only the graphs that graph sites edit are copied (a copy recompiles its code).
-    edited = {o.region for built in sites if built.match.kind == "graph" for o in built.match.occurrences}
+    edited = {o.region for built in sites if built.match.kind is Kind.GRAPH for o in built.match.occurrences}
     graph_modules = {index: traced.regions[index].graph_module for index in sorted(edited)}
     new_model, new_graph_modules = copy.deepcopy((model, graph_modules), memo)
     holders = _Holders([new_model, *new_graph_modules.values()])
