@@ -3,8 +3,8 @@
 On the meta device an op costs only its output's metadata, but working that out runs Python for many ops, and
 a model repeats the same few calls many times. :class:`MetaOpMemo` (and the profiler's counting mode, through
 :func:`meta_op_signature`, :func:`meta_output` and :func:`remember_meta_output`) works each out once per
-signature for the whole process. BatchNorm's output follows from a rule (:func:`meta_output`), so that its meta
-kernel, a Python decomposition that imports ``torch._dynamo`` on first use, need not run at all.
+signature for the whole process. The outputs of a few common ops follow from rules (:mod:`rewrite.meta_rules`),
+so that their meta kernels, Python that imports ``torch._dynamo`` on first use, need not run at all.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from rewrite.meta_rules import RULED, Layout, output_by_rule
+
 __all__ = [
-    "BATCH_NORMS",
     "MetaOpMemo",
     "UncompiledDispatchMode",
     "meta_op_signature",
@@ -77,31 +78,15 @@ class _MetaOutput:
 
     def __init__(self, out: Any) -> None:
         leaves, self.spec = pytree.tree_flatten(out)
-        self.leaves = [_TensorLayout.of(leaf) if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
+        self.leaves = [Layout.of(leaf) if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
         # Most ops give one tensor: made without the tree.
-        self.tensor = (
-            self.leaves[0] if self.spec.is_leaf() and isinstance(self.leaves[0], _TensorLayout) else None
-        )
+        self.tensor = self.leaves[0] if self.spec.is_leaf() and isinstance(self.leaves[0], Layout) else None
 
     def make(self) -> Any:
         if self.tensor is not None:
             return self.tensor.make()
-        leaves = [leaf.make() if isinstance(leaf, _TensorLayout) else leaf for leaf in self.leaves]
+        leaves = [leaf.make() if isinstance(leaf, Layout) else leaf for leaf in self.leaves]
         return pytree.tree_unflatten(leaves, self.spec)
-
-
-class _TensorLayout:
-    __slots__ = ("dtype", "shape", "stride")
-
-    def __init__(self, shape: tuple[int, ...], stride: tuple[int, ...], dtype: torch.dtype) -> None:
-        self.shape, self.stride, self.dtype = shape, stride, dtype
-
-    @classmethod
-    def of(cls, tensor: torch.Tensor) -> _TensorLayout:
-        return cls(tuple(tensor.shape), tensor.stride(), tensor.dtype)
-
-    def make(self) -> torch.Tensor:
-        return torch.empty_strided(self.shape, self.stride, dtype=self.dtype, device="meta")
 
 
 # Every op's meta output per signature, for the whole process: a signature's output never changes. Bounded, so
@@ -142,7 +127,7 @@ def meta_op_signature(func: Any, args: tuple, kwargs: dict) -> tuple | None:
 
 def meta_output(signature: tuple, args: tuple, kwargs: dict) -> _MetaOutput | None:
     """What the op of ``signature`` (called with ``args`` and ``kwargs``) gives on meta, when it was remembered
-    or follows from a rule (BatchNorm's, :data:`BATCH_NORMS`): ``.make()`` makes it; None when the op must run.
+    or follows from a rule (:mod:`rewrite.meta_rules`): ``.make()`` makes it; None when the op must run.
 
     >>> x = torch.empty(2, 8, 4, 4, device="meta")
     >>> bn = (x, None, None, torch.empty(8, device="meta"), torch.empty(8, device="meta"), False, 0.1, 1e-5)
@@ -151,9 +136,10 @@ def meta_output(signature: tuple, args: tuple, kwargs: dict) -> _MetaOutput | No
     [torch.Size([2, 8, 4, 4]), torch.Size([8]), torch.Size([8])]
     """
     made = _META_OUTPUTS.get(signature)
-    if made is None and signature[0] in BATCH_NORMS:
-        made = _batch_norm_output(signature[0], args, kwargs)
-        if made is not None:
+    if made is None and signature[0] in RULED:
+        layouts = output_by_rule(signature[0], args, kwargs)
+        if layouts is not None:
+            made = _MetaOutput(layouts)
             _remember(signature, made)
     return made
 
@@ -177,70 +163,6 @@ def _remember(signature: tuple, made: _MetaOutput) -> None:
     if len(_META_OUTPUTS) >= _META_OUTPUTS_LIMIT:
         _META_OUTPUTS.clear()
     _META_OUTPUTS[signature] = made
-
-
-# The BatchNorm ops a forward reaches: F.batch_norm's, and those its decomposition calls.
-BATCH_NORMS = frozenset(
-    {
-        aten.native_batch_norm.default,
-        aten._native_batch_norm_legit.default,
-        aten._native_batch_norm_legit.no_stats,
-        aten._native_batch_norm_legit_no_training.default,
-    }
-)
-_HALF_PRECISION = (torch.float16, torch.bfloat16)
-_FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _batch_norm_output(func: Any, args: tuple, kwargs: dict) -> _MetaOutput | None:
-    """The outputs of a BatchNorm op (:data:`BATCH_NORMS`) on meta tensors, by rule rather than by its meta
-    kernel: torch's is a Python decomposition that costs milliseconds per call and imports ``torch._dynamo``
-    (seconds) on its first.
-
-    The normalised output takes the input's shape, strides and dtype; the saved mean and inverse standard
-    deviation are one value per channel in the computation dtype (float32 for half precision). The rule
-    covers a dense input in the standard or channels-last order, with one weight, bias and running statistic
-    per channel or none; anything else (where the decomposition would compute other strides, or raise) gives
-    None, and the kernel runs.
-    """
-    arguments = func._schema.arguments
-    if kwargs or len(args) != len(arguments):
-        return None
-    named = {argument.name: value for argument, value in zip(arguments, args, strict=True)}
-    x, training = named["input"], named.get("training", False)
-    if x.dim() < 2 or x.dtype not in _FLOATING or x.stride() not in _standard_strides(tuple(x.shape)):
-        return None
-    channels = x.shape[1]
-    per_channel = x.numel() // channels if channels else 0
-    # A training batch of one value per channel divides by zero for the unbiased variance: the kernel raises.
-    if per_channel < (2 if training else 1):
-        return None
-    statistics = named.get("running_mean"), named.get("running_var")
-    if statistics.count(None) == 1 or (not training and None in statistics):
-        return None
-    for tensor in (named["weight"], named["bias"], *statistics):
-        if tensor is not None and (
-            tuple(tensor.shape) != (channels,) or tensor.stride() != (1,) or tensor.dtype not in _FLOATING
-        ):
-            return None
-    computation = torch.float32 if x.dtype in _HALF_PRECISION else x.dtype
-    saved = _TensorLayout((channels,), (1,), computation)
-    return _MetaOutput((_TensorLayout(tuple(x.shape), x.stride(), x.dtype), saved, saved))
-
-
-def _standard_strides(shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
-    """The strides of a dense tensor of ``shape`` in the standard order, and in channels-last order (4-d)."""
-    orders = [tuple(reversed(range(len(shape))))]
-    if len(shape) == 4:
-        orders.append((1, 3, 2, 0))
-    layouts = []
-    for order in orders:  # innermost dimension first
-        strides, step = [0] * len(shape), 1
-        for dim in order:
-            strides[dim] = step
-            step *= max(shape[dim], 1)
-        layouts.append(tuple(strides))
-    return tuple(layouts)
 
 
 class _NotMemoizable(Exception):

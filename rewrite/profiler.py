@@ -40,13 +40,8 @@ from torch.utils import flop_counter
 
 from rewrite.errors import TraceError
 from rewrite.execution import Outcome, RunFailed, Runner, model_lock, on_meta_else_real, working_copy
-from rewrite.meta_ops import (
-    BATCH_NORMS,
-    UncompiledDispatchMode,
-    meta_op_signature,
-    meta_output,
-    remember_meta_output,
-)
+from rewrite.meta_ops import UncompiledDispatchMode, meta_op_signature, meta_output, remember_meta_output
+from rewrite.meta_rules import RULED
 from rewrite.paths import join_path, path_and_ancestors
 from rewrite.tracer import Leaf, held_path
 
@@ -193,7 +188,7 @@ class _CountingMode(UncompiledDispatchMode):
         # FLOPs per module-call stack, the stack (a tuple) being the key: one cheap update per op.
         self.flops: defaultdict[tuple[str, ...], int] = defaultdict(int)
         self.memo = _flops_memo(registry)  # FLOPs per meta op signature (rewrite.meta_ops.meta_op_signature)
-        self.uncounted = _uncounted_batch_norms(registry)
+        self.uncounted = _uncounted(registry)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
@@ -244,13 +239,13 @@ def _flops_memo(registry: dict[Any, Callable[..., int]]) -> dict[tuple, int]:
     return _FLOPS_MEMO[1]
 
 
-def _uncounted_batch_norms(registry: dict[Any, Callable[..., int]]) -> frozenset:
-    """The BatchNorm ops, which count no FLOPs under ``registry`` when it has a formula for none of them (as
-    FlopCounterMode's has not): their meta outputs then follow from a rule (rewrite.meta_ops.BATCH_NORMS),
-    and their decomposition need not run to find ops with a formula."""
-    if any(op._overloadpacket in registry for op in BATCH_NORMS):
+def _uncounted(registry: dict[Any, Callable[..., int]]) -> frozenset:
+    """The ops whose meta outputs follow from rules (rewrite.meta_rules.RULED), which count no FLOPs under
+    ``registry`` when it has a formula for none of them, as FlopCounterMode's has not (nor has any of them a
+    decomposition into ops with one): they need not run to be counted."""
+    if any(op._overloadpacket in registry for op in RULED):
         return frozenset()
-    return BATCH_NORMS
+    return RULED
 
 
 def _flop_registry() -> dict[Any, Any]:
