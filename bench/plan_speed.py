@@ -17,7 +17,13 @@ at most 3.5 s; 1 T parameters planned on meta in under 60 s and 2 GB.
 The machine is shared: times are CPU seconds of the planning process (``time.process_time``: what other
 users' load changes least), the wall time beside them, and each line carries the 1-minute load average.
 
+With ``--against CHECKOUT`` every configuration runs by turns with that checkout's code (before: first on
+``PYTHONPATH``, same interpreter and packages) and this one's (after), ``--repeat`` times each, and the medians
+are printed side by side: on a busy machine, only figures measured together compare. The main job then runs
+as ``python -m rewrite`` for both.
+
     python bench/plan_speed.py [--sizes 250 1000 2000 4000] [--skip-yolo] [--skip-large]
+                               [--against CHECKOUT] [--repeat K]
 """
 
 from __future__ import annotations
@@ -26,9 +32,11 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 RULES = """
@@ -50,7 +58,7 @@ PHASES = {
     "trace": ["trace", "resolve_stages", "resolve_scope"],
     "match": ["find_matches"],
     "build": ["build_sites", "_refuse_frozen", "absorb_into_graph_regions", "rewrite_model"],
-    "measure": ["profile", "_measure_site"],
+    "measure": ["profile", "profile_and_outputs", "_measure_site"],
     "shape check": ["check_outputs"],
 }
 
@@ -133,26 +141,51 @@ def one(kind: str, blocks: int, channels: int) -> dict:
     return result
 
 
-def in_subprocess(kind: str, blocks: int = 0, channels: int = 0) -> dict:
-    output = subprocess.run(
-        [sys.executable, __file__, "--one", kind, str(blocks), str(channels)],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
+REPO = Path(__file__).resolve().parents[1]
+
+
+def in_tree(tree: Path, command: list[str]) -> subprocess.CompletedProcess:
+    """``command`` run with ``tree``'s ``rewrite`` (first on the path, and the working directory)."""
+    environment = {**os.environ, "PYTHONPATH": str(tree)}
+    return subprocess.run(command, check=True, capture_output=True, text=True, cwd=tree, env=environment)
+
+
+def in_subprocess(tree: Path, kind: str, blocks: int = 0, channels: int = 0) -> dict:
+    """One configuration in a fresh process, with ``tree``'s code."""
+    output = in_tree(tree, [sys.executable, __file__, "--one", kind, str(blocks), str(channels)]).stdout
     return json.loads(output.strip().splitlines()[-1])
 
 
-def cli_time() -> tuple[float, float, float]:
-    """The wall and CPU time of ``rewrite plan yolov5l --rules slim-neck`` as a user runs it, and the load
-    average."""
-    executable = str(Path(sys.executable).with_name("rewrite"))
-    command = [executable, "plan", "yolov5l", "--rules", "slim-neck", "-q"]
+def cli_time(tree: Path) -> dict:
+    """The wall and CPU time of ``rewrite plan yolov5l --rules slim-neck`` as a user runs it (with ``tree``'s
+    code), and the load average."""
+    command = [sys.executable, "-m", "rewrite", "plan", "yolov5l", "--rules", "slim-neck", "-q"]
     start, children = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
-    subprocess.run(command, check=True, capture_output=True)
+    in_tree(tree, command)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime
-    return time.perf_counter() - start, cpu, os.getloadavg()[0]
+    return {"wall": time.perf_counter() - start, "cpu": cpu, "load": os.getloadavg()[0]}
+
+
+def medians(runs: list[dict]) -> dict:
+    """Each figure's median over repeated runs of one configuration (the phases' one by one)."""
+    result = dict(runs[-1])
+    for key, value in runs[0].items():
+        if isinstance(value, float):
+            result[key] = statistics.median(run[key] for run in runs)
+        elif isinstance(value, dict):
+            result[key] = {name: statistics.median(run[key][name] for run in runs) for name in value}
+    return result
+
+
+def alternating(trees: dict[str, Path], repeat: int, measure: Callable[[Path], dict]) -> dict[str, dict]:
+    """``measure(tree)`` for each tree in turn, ``repeat`` rounds (so that a change in the machine's load
+    falls on every tree alike), and each tree's medians."""
+    runs: dict[str, list[dict]] = {name: [] for name in trees}
+    for _ in range(repeat):
+        for name, tree in trees.items():
+            runs[name].append(measure(tree))
+    return {name: medians(results) for name, results in runs.items()}
 
 
 def split(result: dict) -> str:
@@ -166,46 +199,65 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[250, 1000, 2000, 4000])
     parser.add_argument("--skip-yolo", action="store_true")
     parser.add_argument("--skip-large", action="store_true")
+    parser.add_argument(
+        "--against",
+        metavar="CHECKOUT",
+        help="a checkout of the code to compare with (run by this interpreter), measured by turns with this one",
+    )
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each configuration per tree (medians)")
     parser.add_argument("--one", nargs=3, metavar=("KIND", "BLOCKS", "CHANNELS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(one(args.one[0], int(args.one[1]), int(args.one[2]))))
         return
+    trees = {"this": REPO}
+    if args.against:
+        trees = {"before": Path(args.against).resolve(), "after": REPO}
 
-    print("| N | plan (CPU) | per site | wall | peak RSS | load | split (CPU s) |")
-    print("|---:|---:|---:|---:|---:|---:|---|")
-    times = {}
+    print("| N | tree | plan (CPU) | per site | wall | peak RSS | load | split (CPU s) |")
+    print("|---:|---|---:|---:|---:|---:|---:|---|")
+    times: dict[str, dict[int, float]] = {name: {} for name in trees}
     for size in args.sizes:
-        result = in_subprocess("chain", size, 64)
-        assert result["sites"] == size, result  # every block is a site, or the figures mean nothing
-        times[size] = result["plan"]
-        print(
-            f"| {size} | {result['plan']:.2f} s | {1000 * result['plan'] / size:.1f} ms "
-            f"| {result['wall']:.2f} s | {result['peak_rss_gb']:.2f} GB | {result['load']:.1f} "
-            f"| {split(result)} |",
-            flush=True,
+        results = alternating(
+            trees, args.repeat, lambda tree, size=size: in_subprocess(tree, "chain", size, 64)
         )
-    if 250 in times and 2000 in times:
-        print(f"time(2000) / time(250) = {times[2000] / times[250]:.2f} (linear: 8)")
+        for name, result in results.items():
+            assert result["sites"] == size, result  # every block is a site, or the figures mean nothing
+            times[name][size] = result["plan"]
+            print(
+                f"| {size} | {name} | {result['plan']:.2f} s | {1000 * result['plan'] / size:.1f} ms "
+                f"| {result['wall']:.2f} s | {result['peak_rss_gb']:.2f} GB | {result['load']:.1f} "
+                f"| {split(result)} |",
+                flush=True,
+            )
+    for name, by_size in times.items():
+        if 250 in by_size and 2000 in by_size:
+            print(f"{name}: time(2000) / time(250) = {by_size[2000] / by_size[250]:.2f} (linear: 8)")
 
     if not args.skip_yolo:
-        wall, cpu, load = cli_time()
-        result = in_subprocess("yolov5l")
-        print(
-            f"YOLOv5-L, rewrite plan yolov5l --rules slim-neck: {wall:.2f} s wall, {cpu:.2f} s CPU (load "
-            f"{load:.1f}); in one process: plan {result['plan']:.2f} s CPU, {result['sites']} sites; "
-            f"{split(result)}"
-        )
+        commands = alternating(trees, args.repeat, cli_time)
+        splits = alternating(trees, args.repeat, lambda tree: in_subprocess(tree, "yolov5l"))
+        for name in trees:
+            command, result = commands[name], splits[name]
+            print(
+                f"YOLOv5-L ({name}), rewrite plan yolov5l --rules slim-neck: {command['wall']:.2f} s wall, "
+                f"{command['cpu']:.2f} s CPU (load {command['load']:.1f}); in one process: plan "
+                f"{result['plan']:.2f} s CPU, {result['sites']} sites; {split(result)}",
+                flush=True,
+            )
 
     if not args.skip_large:
         for blocks, channels in LARGE:
-            result = in_subprocess("chain", blocks, channels)
-            print(
-                f"{result['params'] / 1e9:.1f} B parameters ({result['sites']} blocks of {channels} "
-                f"channels) on meta: plan {result['plan']:.1f} s CPU ({result['wall']:.1f} s wall), peak RSS "
-                f"{result['peak_rss_gb']:.2f} GB, load {result['load']:.1f}; {split(result)}",
-                flush=True,
+            results = alternating(
+                trees, args.repeat, lambda tree, b=blocks, c=channels: in_subprocess(tree, "chain", b, c)
             )
+            for name, result in results.items():
+                print(
+                    f"{result['params'] / 1e9:.1f} B parameters ({result['sites']} blocks of {channels} channels, "
+                    f"{name}) on meta: plan {result['plan']:.1f} s CPU ({result['wall']:.1f} s wall), peak RSS "
+                    f"{result['peak_rss_gb']:.2f} GB, load {result['load']:.1f}; {split(result)}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -51,11 +51,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import itertools
+import gc
+import operator
 import os
 import threading
 import traceback
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -63,26 +65,23 @@ from typing import Any, Generic, TypeVar
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
+
+from rewrite.meta_ops import MetaOpMemo
 
 __all__ = [
-    "MetaOpMemo",
     "Outcome",
     "RunFailed",
     "Runner",
-    "UncompiledDispatchMode",
     "attributes_restored",
     "buffer_values_restored",
+    "full_collections_deferred",
     "is_small_constant",
     "meta_empty_like",
     "meta_memo",
-    "meta_op_signature",
-    "meta_output",
     "model_lock",
     "on_meta_else_real",
     "one_line",
     "physical_memory",
-    "remember_meta_output",
     "run",
     "working_copy",
 ]
@@ -98,7 +97,7 @@ _SMALL_CONSTANT = (
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
 _DRIVER_FILES = frozenset(
     os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-    for name in ("execution", "tracer", "profiler")
+    for name in ("execution", "meta_ops", "tracer", "profiler")
 )
 
 
@@ -159,30 +158,46 @@ class Runner:
         region). What the call does to the attributes of the model's modules is undone; a ``module`` outside
         the model keeps what it recorded during the call.
         """
-        named_tensors = itertools.chain(
-            module.named_parameters(remove_duplicate=False), module.named_buffers(remove_duplicate=False)
-        )
-        state = {name: self._stand_ins[id(t)] for name, t in named_tensors if id(t) in self._stand_ins}
         args, kwargs = self._inputs(tuple(args)), self._inputs(kwargs or {})
         try:
             # Dropout draws from the global random generators: forked, so that a run leaves them as they were.
             # The stand-ins are swapped into the model's own modules: one run at a time per model.
             with (
                 model_lock(self.model),
-                attributes_restored(self.model),
+                attributes_restored(self.model) as attributes,
                 torch.no_grad(),
                 torch.random.fork_rng(self._cuda_devices),
+                self._stand_ins_swapped(module),
             ):
                 if self.on_meta:
-                    _cached_tensors_to_meta(self.model, keep_small_constants=self.keep_small_constants)
+                    _cached_tensors_to_meta(attributes, keep_small_constants=self.keep_small_constants)
                 # A caller's own dispatch mode (the profiler's) sees every op as it is: it memoizes itself.
                 memoized = self.on_meta and not _dispatch_modes_active()
                 with MetaOpMemo() if memoized else contextlib.nullcontext():
-                    return torch.func.functional_call(module, state, args, kwargs)
+                    return module(*args, **kwargs)
         except Exception as error:
             path = self._innermost_module_path(error)
             type_name = type(self.model.get_submodule(path)).__name__
             raise RunFailed(error, path=path, type_name=type_name, on_meta=self.on_meta) from error
+
+    @contextlib.contextmanager
+    def _stand_ins_swapped(self, module: nn.Module) -> Iterator[None]:
+        """The stand-ins in place of the model's parameters and buffers wherever ``module`` holds them, for the
+        call: what ``torch.func.functional_call`` does, without its walks of the module tree by name."""
+        swapped = [
+            (table, name, tensor)
+            for submodule in module.modules()
+            for table in (submodule._parameters, submodule._buffers)
+            for name, tensor in table.items()
+            if id(tensor) in self._stand_ins
+        ]
+        try:
+            for table, name, tensor in swapped:
+                table[name] = self._stand_ins[id(tensor)]
+            yield
+        finally:
+            for table, name, tensor in swapped:
+                table[name] = tensor
 
     def _inputs(self, value: Any) -> Any:
         if not self.on_meta:
@@ -199,165 +214,6 @@ class Runner:
         for frame, _ in traceback.walk_tb(error.__traceback__):  # outermost first
             innermost = paths.get(id(frame.f_locals.get("self")), innermost)
         return innermost
-
-
-class UncompiledDispatchMode(TorchDispatchMode):
-    """A dispatch mode under which nothing is compiled: torch leaves its ``__torch_dispatch__`` as written.
-
-    torch wraps a mode's ``__torch_dispatch__`` so that ``torch.compile`` skips it; the wrapper imports
-    ``torch._dynamo`` (seconds) at the first op and costs a call per op after that.
-    """
-
-    @classmethod
-    def _should_skip_dynamo(cls) -> bool:
-        return False
-
-
-class MetaOpMemo(UncompiledDispatchMode):
-    """A dispatch mode that runs each op on meta tensors once per signature, then makes its output again.
-
-    On meta an op costs only its output's metadata, but working that out runs Python for many ops (a
-    BatchNorm's decomposition costs milliseconds), and a model repeats the same few calls many times. The
-    output of an op on meta tensors depends only on the op and its arguments' metadata (shapes, strides,
-    dtypes) and plain values, so it is worked out once per such signature (:func:`meta_op_signature`) for the
-    whole process and made again (fresh meta tensors of the same layout) for the next call with that
-    signature. Ops whose outputs alias an input (views, in-place ops) and calls with a tensor off meta run as
-    they are; an op that fails is never memoized.
-
-    >>> conv = nn.Conv2d(3, 8, 3, device="meta")
-    >>> with MetaOpMemo():
-    ...     first = conv(torch.empty(1, 3, 8, 8, device="meta"))
-    ...     again = conv(torch.empty(1, 3, 8, 8, device="meta"))
-    >>> again.shape, again is first, again.device
-    (torch.Size([1, 8, 6, 6]), False, device(type='meta'))
-    """
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        kwargs = kwargs or {}
-        signature = meta_op_signature(func, args, kwargs)
-        if signature is None:
-            return func(*args, **kwargs)
-        made = meta_output(signature)
-        if made is not None:
-            return made.make()
-        out = func(*args, **kwargs)
-        remember_meta_output(signature, out, args, kwargs)
-        return out
-
-
-class _MetaOutput:
-    """The metadata of what an op gave on meta, to make an equal output again."""
-
-    def __init__(self, out: Any) -> None:
-        leaves, self.spec = pytree.tree_flatten(out)
-        self.leaves = [_TensorLayout(leaf) if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
-
-    def make(self) -> Any:
-        leaves = [leaf.make() if isinstance(leaf, _TensorLayout) else leaf for leaf in self.leaves]
-        return pytree.tree_unflatten(leaves, self.spec)
-
-
-class _TensorLayout:
-    __slots__ = ("dtype", "shape", "stride")
-
-    def __init__(self, tensor: torch.Tensor) -> None:
-        self.shape, self.stride, self.dtype = tuple(tensor.shape), tensor.stride(), tensor.dtype
-
-    def make(self) -> torch.Tensor:
-        return torch.empty_strided(self.shape, self.stride, dtype=self.dtype, device="meta")
-
-
-# Every op's meta output per signature, for the whole process: a signature's output never changes. Bounded, so
-# that a long-lived process planning many different models does not grow without end.
-_META_OUTPUTS: dict[tuple, _MetaOutput] = {}
-_META_OUTPUTS_LIMIT = 200_000
-_MEMOIZABLE_OPS: dict[Any, bool] = {}
-
-
-def meta_op_signature(func: Any, args: tuple, kwargs: dict) -> tuple | None:
-    """What determines ``func(*args, **kwargs)``'s output on meta tensors: the op, and every argument's
-    metadata (tensors) or value (the rest); None when the call is not memoizable (see :class:`MetaOpMemo`).
-
-    >>> x = torch.empty(2, 3, device="meta")
-    >>> meta_op_signature(torch.ops.aten.add.Tensor, (x, x), {}) == meta_op_signature(
-    ...     torch.ops.aten.add.Tensor, (torch.empty(2, 3, device="meta"), x), {}
-    ... )
-    True
-    >>> meta_op_signature(torch.ops.aten.add_.Tensor, (x, x), {}) is None  # in place: returns its input
-    True
-    """
-    memoizable = _MEMOIZABLE_OPS.get(func)
-    if memoizable is None:
-        schema = getattr(func, "_schema", None)
-        memoizable = _MEMOIZABLE_OPS[func] = (
-            schema is not None
-            and all(value.alias_info is None for value in schema.returns)
-            and torch.Tag.inplace_view not in getattr(func, "tags", ())
-        )
-    if not memoizable:
-        return None
-    try:
-        # The default dtype too: a factory op without a dtype makes tensors of it.
-        return (func, _signature_of(args), _signature_of(kwargs), torch.get_default_dtype())
-    except _NotMemoizable:
-        return None
-
-
-def meta_output(signature: tuple) -> _MetaOutput | None:
-    """What the op of ``signature`` gave on meta, when it was remembered: ``.make()`` makes it again."""
-    return _META_OUTPUTS.get(signature)
-
-
-def remember_meta_output(signature: tuple, out: Any, args: tuple, kwargs: dict) -> bool:
-    """Keep ``out``, what the op of ``signature`` gave, unless it shares memory with its arguments or holds
-    something other than fresh meta tensors and plain values; whether it was kept."""
-    inputs = {id(t) for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-    for leaf in pytree.tree_leaves(out):
-        if isinstance(leaf, torch.Tensor):
-            fresh = type(leaf) is torch.Tensor and leaf.is_meta and leaf._base is None
-            if not fresh or leaf.storage_offset() or id(leaf) in inputs:
-                return False
-        elif not isinstance(leaf, _PLAIN_VALUES):
-            return False
-    if len(_META_OUTPUTS) >= _META_OUTPUTS_LIMIT:
-        _META_OUTPUTS.clear()
-    _META_OUTPUTS[signature] = _MetaOutput(out)
-    return True
-
-
-class _NotMemoizable(Exception):
-    pass
-
-
-_PLAIN_VALUES = (
-    bool,
-    int,
-    float,
-    complex,
-    str,
-    type(None),
-    torch.dtype,
-    torch.device,
-    torch.layout,
-    torch.memory_format,
-)
-
-
-def _signature_of(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        if type(value) not in (torch.Tensor, nn.Parameter) or not value.is_meta:
-            raise _NotMemoizable
-        if value.layout != torch.strided:
-            raise _NotMemoizable
-        layout = tuple(value.shape), value.stride(), value.storage_offset()
-        return (torch.Tensor, *layout, value.dtype, value.is_conj(), value.is_neg())
-    if isinstance(value, (tuple, list)):
-        return (type(value), tuple(_signature_of(item) for item in value))
-    if isinstance(value, dict):
-        return (dict, tuple((key, _signature_of(item)) for key, item in value.items()))
-    if isinstance(value, _PLAIN_VALUES):
-        return (type(value), value)  # the type too: 1, 1.0 and True are equal keys
-    raise _NotMemoizable
 
 
 def _dispatch_modes_active() -> bool:
@@ -382,27 +238,34 @@ def meta_empty_like(tensor: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(tensor, device="meta")
 
 
-def _cached_tensors_to_meta(model: nn.Module, *, keep_small_constants: bool) -> None:
+def _cached_tensors_to_meta(attributes: list[dict[str, Any]], *, keep_small_constants: bool) -> None:
     """Swap the tensors a forward cached outside parameters and buffers (plain attributes, and the items of
     lists and dicts held in them: anchor grids and the like) for meta ones, so that a meta run does not mix them
-    with meta weights. Only ever called inside :func:`attributes_restored`, which puts the originals back."""
-    for module in model.modules():
-        attributes = module.__dict__
-        for name, value in list(attributes.items()):
-            if name.startswith("_"):  # nn.Module's own tables: parameters and buffers have stand-ins already
-                continue
+    with meta weights. ``attributes``: the ``__dict__`` of each module, as :func:`attributes_restored` gives
+    them, which puts the originals back."""
 
-            def to_meta(value: Any) -> Any:
-                if not isinstance(value, torch.Tensor) or (keep_small_constants and is_small_constant(value)):
-                    return value
-                return meta_empty_like(value)
+    def to_meta(value: Any) -> Any:
+        if not isinstance(value, torch.Tensor) or (keep_small_constants and is_small_constant(value)):
+            return value
+        return meta_empty_like(value)
 
+    for bindings in attributes:
+        # nn.Module's own tables (underscored) are left alone: parameters and buffers have stand-ins already.
+        for name in [
+            name
+            for name, value in bindings.items()
+            if not name.startswith("_") and isinstance(value, _CACHES)
+        ]:
+            value = bindings[name]
             if isinstance(value, torch.Tensor):
-                attributes[name] = to_meta(value)
+                bindings[name] = to_meta(value)
             elif isinstance(value, list):
                 value[:] = [to_meta(item) for item in value]
-            elif isinstance(value, dict):
+            else:
                 value.update((key, to_meta(item)) for key, item in value.items())
+
+
+_CACHES = (torch.Tensor, list, dict)  # what a cached tensor is held in: itself, or a list or dict of them
 
 
 def is_small_constant(tensor: torch.Tensor) -> bool:
@@ -471,8 +334,9 @@ def real_data_device(model: nn.Module, inputs: Any) -> torch.device | None:
 
 
 @contextlib.contextmanager
-def attributes_restored(model: nn.Module) -> Iterator[None]:
-    """Undo what a forward or an fx trace does to the attributes of ``model``'s modules.
+def attributes_restored(model: nn.Module) -> Iterator[list[dict[str, Any]]]:
+    """Undo what a forward or an fx trace does to the attributes of ``model``'s modules; gives their
+    ``__dict__`` (each module's once).
 
     Models cache into their modules while running (YOLO's ``Detect`` keeps grids in a list attribute, which a
     meta run would leave holding meta tensors), and fx parks constants on the traced module. Attribute
@@ -487,28 +351,59 @@ def attributes_restored(model: nn.Module) -> Iterator[None]:
     >>> cache.grids[0].device, hasattr(cache, "scale")
     (device(type='cpu'), False)
     """
-    saved = []
-    for module in model.modules():
-        attributes = module.__dict__
-        # Most containers (the hook dicts) are empty: note those as None, to be cleared, rather than copied.
+    snapshot = _AttributeSnapshot(model)
+    try:
+        yield [attributes for attributes, _ in snapshot.bindings]
+    finally:
+        snapshot.restore()
+
+
+class _AttributeSnapshot:
+    """The attribute bindings of a model's modules, and the items of those attributes that are lists or dicts.
+
+    A model holds tens of attributes per module, nearly all of them unchanged by a run and most of them empty
+    hook dicts: the restore tells what changed with whole-container comparisons (by identity) and touches only
+    that, so that a run does not pay Python per attribute.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.bindings = [(module.__dict__, module.__dict__.copy()) for module in model.modules()]
         containers = [
-            (value, value.copy() if value else None)
-            for value in attributes.values()
+            value
+            for _, bindings in self.bindings
+            for value in bindings.values()
             if isinstance(value, (list, dict))
         ]
-        saved.append((attributes, attributes.copy(), containers))
-    try:
-        yield
-    finally:
+        self.filled = [(container, container.copy()) for container in containers if container]
+        self.empty = [container for container in containers if not container]
+
+    def restore(self) -> None:
         # Entry by entry, never emptied first: another thread reading the module meanwhile sees each entry
         # either before or after, never missing.
-        for attributes, bindings, containers in saved:
-            _restore_dict(attributes, bindings)
-            for container, items in containers:
+        for attributes, bindings in self.bindings:
+            if _changed(attributes, bindings):
+                _restore_dict(attributes, bindings)
+        for container, items in self.filled:
+            if isinstance(container, list):
+                if len(container) != len(items) or any(map(operator.is_not, container, items)):
+                    container[:] = items
+            elif _changed(container, items):
+                _restore_dict(container, items)
+        if any(self.empty):
+            for container in self.empty:
                 if isinstance(container, list):
-                    container[:] = items or []
-                else:
-                    _restore_dict(container, items or {})
+                    container.clear()
+                elif container:
+                    _restore_dict(container, {})
+
+
+def _changed(target: dict, saved: dict) -> bool:
+    """Whether ``target`` differs from ``saved``: other keys, or another object under one of them."""
+    return (
+        len(target) != len(saved)
+        or any(map(operator.is_not, target.values(), saved.values()))
+        or target.keys() != saved.keys()
+    )
 
 
 _WORKING_COPIES: weakref.WeakSet[nn.Module] = weakref.WeakSet()
@@ -535,6 +430,7 @@ def working_copy(model: nn.Module, *, handed_over: bool = False) -> nn.Module:
     if model in _WORKING_COPIES:
         return model
     shared: dict[int, object] = {id(parameter): parameter for parameter in model.parameters()}
+    _seed_empty_containers(model, shared)
     try:
         work = copy.deepcopy(model, shared)
     except Exception:  # noqa: BLE001 -- whatever a module holds that cannot be copied: work on the model itself
@@ -557,6 +453,36 @@ def model_lock(model: nn.Module) -> threading.RLock:
         return lock
 
 
+@contextlib.contextmanager
+def full_collections_deferred() -> Iterator[None]:
+    """Python's full garbage collections held off while the body runs; young objects are collected as usual.
+
+    Planning builds and copies hundreds of thousands of objects (modules, their tables, traced graphs) that live
+    as long as the plan, and each full collection walks every one of them: a quarter of a large plan's time.
+    The oldest generation's threshold is put back when the outermost of nested or concurrent bodies ends, and
+    whatever garbage it holds is collected at the next full collection after that.
+    """
+    global _DEFERRING, _THRESHOLDS
+    with _DEFERRAL_LOCK:
+        if _DEFERRING == 0:
+            _THRESHOLDS = gc.get_threshold()
+            gc.set_threshold(*_THRESHOLDS[:2], _NO_FULL_COLLECTION)
+        _DEFERRING += 1
+    try:
+        yield
+    finally:
+        with _DEFERRAL_LOCK:
+            _DEFERRING -= 1
+            if _DEFERRING == 0:
+                gc.set_threshold(*_THRESHOLDS)
+
+
+_DEFERRAL_LOCK = threading.Lock()
+_DEFERRING = 0  # bodies running under full_collections_deferred
+_THRESHOLDS: tuple[int, ...] = ()  # the thresholds before the first of them
+_NO_FULL_COLLECTION = 1 << 30  # young-generation collections between full ones: none in practice
+
+
 def _restore_dict(target: dict, saved: dict) -> None:
     for key in [key for key in target if key not in saved]:
         del target[key]
@@ -576,6 +502,7 @@ def meta_memo(model: nn.Module) -> dict[int, object]:
     (anchor grids and the like), which would otherwise stay on the real device beside meta weights.
     """
     memo: dict[int, object] = {}
+    _seed_empty_containers(model, memo)
     for module in model.modules():
         for name, value in vars(module).items():
             weights = name in ("_parameters", "_buffers")
@@ -586,6 +513,20 @@ def meta_memo(model: nn.Module) -> dict[int, object]:
                 if weights or not is_small_constant(tensor):
                     memo[id(tensor)] = _meta_like(tensor)
     return memo
+
+
+def _seed_empty_containers(model: nn.Module, memo: dict[int, object]) -> None:
+    """Enter a new empty container into a ``copy.deepcopy`` memo for each empty one that the model's modules
+    hold, nearly all of them hook tables: what ``deepcopy`` makes of them, without its generic protocol (a
+    reduce and a rebuild each)."""
+    for module in model.modules():
+        for value in vars(module).values():
+            kind = type(value)
+            if kind in _PLAIN_CONTAINERS and not value and not (kind is OrderedDict and vars(value)):
+                memo[id(value)] = kind()
+
+
+_PLAIN_CONTAINERS = frozenset({dict, OrderedDict, list, set})
 
 
 def _held(value: object) -> Iterable[object]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import types
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,10 +18,17 @@ import torch
 from torch import nn
 
 from rewrite.errors import BuildError, NoMatchError, NoMatchWarning, RewriteError, ShapeCheckError
-from rewrite.execution import RunFailed, is_small_constant, model_lock, run, working_copy
+from rewrite.execution import (
+    RunFailed,
+    full_collections_deferred,
+    is_small_constant,
+    model_lock,
+    run,
+    working_copy,
+)
 from rewrite.graph import Scope, StageMap, resolve_scope, resolve_stages
 from rewrite.match import Kind, Match, MatchResult, Rejection, find_matches
-from rewrite.profiler import Cost, Profile, profile
+from rewrite.profiler import Cost, Profile, profile, profile_and_outputs
 from rewrite.rewriter import (
     BuiltSite,
     ShapeCheck,
@@ -256,7 +264,7 @@ def plan(
     """
     # Blocks built on a real device draw their initial weights: the caller's random numbers stay as they were.
     # One plan of a model at a time: its runs swap stand-ins into the model's modules.
-    with model_lock(model), torch.random.fork_rng(_cuda_devices(model)):
+    with model_lock(model), torch.random.fork_rng(_cuda_devices(model)), full_collections_deferred():
         request = _Request(
             load_rules(rules),
             example_inputs if isinstance(example_inputs, tuple) else (example_inputs,),
@@ -307,7 +315,7 @@ def _plan(source: nn.Module, request: _Request, say: Callable[[str], None]) -> P
     matched = _match(model, request, say)
 
     say("measuring the original")
-    before = profile(model, request.inputs, stages=matched.stages)
+    before, ran_before = profile_and_outputs(model, request.inputs, stages=matched.stages)
     on_meta = not before.needed_real_data
 
     say(f"building {len(matched.found.matches)} site(s)")
@@ -318,8 +326,15 @@ def _plan(source: nn.Module, request: _Request, say: Callable[[str], None]) -> P
     rewritten = working_copy(
         rewrite_model(model, matched.traced, sites.built, on_meta=on_meta), handed_over=True
     )
-    after = profile(rewritten, _to_meta(request.inputs) if on_meta else request.inputs, stages=matched.stages)
-    check = check_outputs(model, rewritten, request.inputs, other_mode=_touches_forward_code(sites.built))
+    run_inputs = _to_meta(request.inputs) if on_meta else request.inputs
+    after, ran_after = profile_and_outputs(rewritten, run_inputs, stages=matched.stages)
+    check = check_outputs(
+        model,
+        rewritten,
+        request.inputs,
+        other_mode=_touches_forward_code(sites.built),
+        outcomes=(ran_before, ran_after),
+    )
 
     return Plan(
         model_name=request.model_name or type(model).__name__,
@@ -621,10 +636,18 @@ _PLAIN = (
 )
 
 
+_PLAIN_TYPES = frozenset(_PLAIN)
+
+
 def _signature_part(value: Any, seen: dict[int, int], *, weights: bool = False) -> Any:
     """``value``'s part of a signature; a module or tensor met before (shared, or a cycle) by its first place,
     as sharing changes what counts (a shared weight counts once). ``weights``: tensors that runs on meta
     always replace by stand-ins (parameters and buffers), whose values no run reads."""
+    kind = type(value)  # the commonest parts first: plain values, and a module's empty hook tables
+    if kind in _PLAIN_TYPES:
+        return (kind, value)
+    if (kind is dict or kind is OrderedDict) and not value:
+        return (kind, ())
     if isinstance(value, (nn.Module, torch.Tensor)):
         if id(value) in seen:
             return ("seen", seen[id(value)])

@@ -39,24 +39,16 @@ from torch import nn
 from torch.utils import flop_counter
 
 from rewrite.errors import TraceError
-from rewrite.execution import (
-    RunFailed,
-    Runner,
-    UncompiledDispatchMode,
-    meta_op_signature,
-    meta_output,
-    model_lock,
-    on_meta_else_real,
-    remember_meta_output,
-    working_copy,
-)
+from rewrite.execution import Outcome, RunFailed, Runner, model_lock, on_meta_else_real, working_copy
+from rewrite.meta_ops import UncompiledDispatchMode, meta_op_signature, meta_output, remember_meta_output
+from rewrite.meta_rules import RULED
 from rewrite.paths import join_path, path_and_ancestors
 from rewrite.tracer import Leaf, held_path
 
 if TYPE_CHECKING:
     from rewrite.graph import StageMap
 
-__all__ = ["Cost", "Profile", "profile"]
+__all__ = ["Cost", "Profile", "profile", "profile_and_outputs"]
 
 OTHER = "other"
 _STAGE_ORDER = ("backbone", "neck", "head")
@@ -132,15 +124,32 @@ class _CallStack:
         # A tuple, so that the counting mode can use the current stack itself as a dictionary key.
         self.stack: tuple[str, ...] = ()
         self.thread = threading.get_ident()  # the thread whose calls are counted
+        self.children: dict[
+            str, dict[int, str]
+        ] = {}  # per holder path, the name of each direct child (by id)
 
     def enter(self, module: nn.Module, args: Any) -> None:
         path = self.paths.get(id(module))  # modules outside the model (built inside forward) are not charged
         if path is None or threading.get_ident() != self.thread:  # the hooks are global; the count is ours
             return
         if self.stack:  # credited to the path it is called through (see rewrite.tracer.held_path)
-            held = held_path(self.modules[self.stack[-1]], module)
+            held = self._held_path(self.stack[-1], module)
             path = join_path(self.stack[-1], held) if held is not None else path
         self.stack += (path,)
+
+    def _held_path(self, holder_path: str, module: nn.Module) -> str | None:
+        """``held_path(holder, module)``, a direct child's name looked up rather than searched for: a holder of
+        thousands of children (one ``nn.Sequential``) calls each of them."""
+        holder = self.modules[holder_path]
+        names = self.children.get(holder_path)
+        if names is None:
+            names = self.children[holder_path] = {}
+            for name, child in holder._modules.items():
+                names.setdefault(id(child), name)
+        name = names.get(id(module))
+        if name is not None and holder._modules.get(name) is module:
+            return name
+        return held_path(holder, module)
 
     def exit(self, module: nn.Module, args: Any, output: Any) -> None:
         if id(module) not in self.paths or threading.get_ident() != self.thread:
@@ -156,6 +165,7 @@ class _CallStack:
     def hooked(self) -> Iterator[None]:
         self.stack = ()
         self.thread = threading.get_ident()
+        self.children = {}
         handles = [
             nn.modules.module.register_module_forward_pre_hook(self.enter),
             nn.modules.module.register_module_forward_hook(self.exit),
@@ -177,7 +187,8 @@ class _CountingMode(UncompiledDispatchMode):
         self.registry = registry
         # FLOPs per module-call stack, the stack (a tuple) being the key: one cheap update per op.
         self.flops: defaultdict[tuple[str, ...], int] = defaultdict(int)
-        self.memo = _flops_memo(registry)  # FLOPs per meta op signature (rewrite.execution.meta_op_signature)
+        self.memo = _flops_memo(registry)  # FLOPs per meta op signature (rewrite.meta_ops.meta_op_signature)
+        self.uncounted = _uncounted(registry)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
@@ -187,7 +198,9 @@ class _CountingMode(UncompiledDispatchMode):
         signature = meta_op_signature(func, args, kwargs)
         if signature is None:
             return self._count(func, args, kwargs)
-        made, flops = meta_output(signature), self.memo.get(signature)
+        made, flops = meta_output(signature, args, kwargs), self.memo.get(signature)
+        if made is not None and flops is None and func in self.uncounted:
+            flops = self.memo[signature] = 0
         if made is not None and flops is not None:
             self.flops[self.calls.stack] += flops
             return made.make()
@@ -226,6 +239,15 @@ def _flops_memo(registry: dict[Any, Callable[..., int]]) -> dict[tuple, int]:
     return _FLOPS_MEMO[1]
 
 
+def _uncounted(registry: dict[Any, Callable[..., int]]) -> frozenset:
+    """The ops whose meta outputs follow from rules (rewrite.meta_rules.RULED), which count no FLOPs under
+    ``registry`` when it has a formula for none of them, as FlopCounterMode's has not (nor has any of them a
+    decomposition into ops with one): they need not run to be counted."""
+    if any(op._overloadpacket in registry for op in RULED):
+        return frozenset()
+    return RULED
+
+
 def _flop_registry() -> dict[Any, Any]:
     """FlopCounterMode's registry (as it stands now, custom formulas included) plus the CPU attention kernel: the
     registry knows the meta and CUDA kernels but not this one, and without it the same attention would cost its
@@ -254,6 +276,14 @@ def profile(model: nn.Module, example_inputs: Any, *, stages: StageMap | None = 
     switched off while profiling, and the CPU flash-attention kernel, absent from the registry, is counted with
     the registry's own attention formula, as the meta and CUDA kernels are.
     """
+    return profile_and_outputs(model, example_inputs, stages=stages)[0]
+
+
+def profile_and_outputs(
+    model: nn.Module, example_inputs: Any, *, stages: StageMap | None = None
+) -> tuple[Profile, Outcome[Any]]:
+    """:func:`profile`, and what the model returned in the run that was counted (meta tensors when it ran on
+    meta): a caller that checks the outputs' shapes needs no run of its own."""
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     model = working_copy(model)  # run in place of the user's, which other threads may be running
     if stages is None:
@@ -264,11 +294,11 @@ def profile(model: nn.Module, example_inputs: Any, *, stages: StageMap | None = 
     calls = _CallStack(named)
     registry = _flop_registry()
 
-    def count(runner: Runner) -> _CountingMode:
+    def count(runner: Runner) -> tuple[_CountingMode, Any]:
         mode = _CountingMode(calls, registry)
         with _mha_fastpath_disabled(), calls.hooked(), mode:
-            runner.run(model, args)
-        return mode
+            outputs = runner.run(model, args)
+        return mode, outputs
 
     try:
         with model_lock(model):
@@ -284,7 +314,9 @@ def profile(model: nn.Module, example_inputs: Any, *, stages: StageMap | None = 
         ) from failure.error
     failure = counted.meta_failure
     needed = [] if failure is None else [Leaf(failure.path, failure.type_name, failure.reason)]
-    return _assemble(model, named, counted.value.flops, stages, str(counted.device), needed)
+    mode, outputs = counted.value
+    figures = _assemble(model, named, mode.flops, stages, str(counted.device), needed)
+    return figures, Outcome(outputs, counted.device, failure)
 
 
 @contextmanager
@@ -312,7 +344,9 @@ def _assemble(
     # A parameter shared by two modules counts once in each common ancestor.
     credited: dict[int, set[str]] = {}
     for path, module in named.items():
-        for p in module.parameters(recurse=False):
+        for p in module._parameters.values():  # a parameter held twice is credited once: by ``seen``
+            if p is None:
+                continue
             seen = credited.setdefault(id(p), set())
             for ancestor in path_and_ancestors(path):
                 if ancestor not in seen:

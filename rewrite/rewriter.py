@@ -29,7 +29,7 @@ from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
 from rewrite.builders import build
 from rewrite.errors import BuildError
-from rewrite.execution import RunFailed, meta_memo, one_line, run
+from rewrite.execution import Outcome, RunFailed, meta_memo, one_line, run
 from rewrite.facts import FACTS_KEY, TENSOR_META_KEY, CallId, Frame, NodeFacts, facts
 from rewrite.match import Kind, Match, Occurrence
 from rewrite.paths import join_path, parent_path, relative_path
@@ -140,9 +140,11 @@ def rewrite_model(
     its graph module takes the region's place.
     """
     memo = meta_memo(model) if on_meta else {}
-    graph_modules = [region.graph_module for region in traced.regions]
+    # Only the graphs that graph sites edit are copied (a copy recompiles its code).
+    edited = {o.region for built in sites if built.match.kind is Kind.GRAPH for o in built.match.occurrences}
+    graph_modules = {index: traced.regions[index].graph_module for index in sorted(edited)}
     new_model, new_graph_modules = copy.deepcopy((model, graph_modules), memo)
-    holders = _Holders([new_model, *new_graph_modules])
+    holders = _Holders([new_model, *new_graph_modules.values()])
 
     graph_sites: dict[int, list[BuiltSite]] = {}
     for built in sites:
@@ -375,10 +377,16 @@ def _replaced_module(model: nn.Module, path: str) -> nn.Module:
 
 
 def check_outputs(
-    original: nn.Module, rewritten: nn.Module, example_inputs: tuple, *, other_mode: bool = True
+    original: nn.Module,
+    rewritten: nn.Module,
+    example_inputs: tuple,
+    *,
+    other_mode: bool = True,
+    outcomes: tuple[Outcome, Outcome] | None = None,
 ) -> ShapeCheck:
     """Run both models on the example inputs and compare output structure and shapes, in the models' own
-    train/eval mode and, with ``other_mode``, then in the other one.
+    train/eval mode and, with ``other_mode``, then in the other one. ``outcomes``: the two models' runs in
+    their own mode, when the caller made them already (the planner's profiles).
 
     The other mode runs on weight-free copies (the models themselves stay in their mode), and only when the
     original runs in that mode on these inputs (a torchvision detector in training mode wants targets too).
@@ -389,7 +397,7 @@ def check_outputs(
     different weights; when the original needs real data to run, a tensor's leading size is left out.
     """
     mode, other = ("training", "eval") if original.training else ("eval", "training")
-    check = _compare(original, rewritten, example_inputs)
+    check = _compare(original, rewritten, example_inputs, outcomes)
     if not check.passed or not other_mode:
         return check
     original_copy = copy.deepcopy(original, meta_memo(original)).train(not original.training)
@@ -411,9 +419,19 @@ def check_outputs(
     return ShapeCheck(True, f"{check.detail}, in {mode} and {other} mode")
 
 
-def _compare(original: nn.Module, rewritten: nn.Module, example_inputs: tuple) -> ShapeCheck:
-    before, data_dependent = _outputs(original, example_inputs)
-    after, _ = _outputs(rewritten, example_inputs)
+def _compare(
+    original: nn.Module,
+    rewritten: nn.Module,
+    example_inputs: tuple,
+    outcomes: tuple[Outcome, Outcome] | None = None,
+) -> ShapeCheck:
+    if outcomes is None:
+        (before, data_dependent), (after, _) = (
+            _outputs(original, example_inputs),
+            _outputs(rewritten, example_inputs),
+        )
+    else:
+        (before, data_dependent), (after, _) = (_values(outcome) for outcome in outcomes)
     before_leaves, before_spec = torch.utils._pytree.tree_flatten(before)
     after_leaves, after_spec = torch.utils._pytree.tree_flatten(after)
     if before_spec != after_spec:
@@ -436,4 +454,8 @@ def _outputs(model: nn.Module, example_inputs: tuple) -> tuple[object, bool]:
         outcome = run(model, example_inputs)
     except RunFailed as failure:
         raise failure.error  # the model's own error, as calling the model would raise it
+    return _values(outcome)
+
+
+def _values(outcome: Outcome) -> tuple[object, bool]:
     return outcome.value, outcome.meta_failure is not None

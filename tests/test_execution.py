@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from rewrite.execution import (
-    MetaOpMemo,
     RunFailed,
     Runner,
     attributes_restored,
@@ -17,6 +16,7 @@ from rewrite.execution import (
     one_line,
     run,
 )
+from rewrite.meta_ops import MetaOpMemo
 
 
 class GridCache(nn.Module):
@@ -208,7 +208,7 @@ class Mixed(nn.Module):
 
 
 def test_a_memoized_meta_run_gives_what_an_unmemoized_one_gives() -> None:
-    """Each op of a meta run is worked out once per signature (rewrite.execution.MetaOpMemo); what the memo
+    """Each op of a meta run is worked out once per signature (rewrite.meta_ops.MetaOpMemo); what the memo
     makes again must match, layout included, and views and in-place results must still alias their input."""
 
     def layouts(outputs: tuple[torch.Tensor, ...]) -> list[tuple]:

@@ -1,5 +1,7 @@
 """The user's model is never touched by planning, and a failure at one site is a clean one (regressions)."""
 
+import gc
+
 import pytest
 import torch
 from models import CBA
@@ -7,6 +9,7 @@ from torch import nn
 
 import rewrite
 from rewrite.builders import register_builder
+from rewrite.execution import full_collections_deferred
 from rewrite.zoo import create_model
 
 CONV_RULE = """
@@ -99,6 +102,27 @@ def test_planning_leaves_the_global_random_state_as_it_was():
         after_plan = torch.rand(3)
         torch.manual_seed(1)
         assert torch.equal(after_plan, torch.rand(3))
+
+
+def test_planning_defers_full_garbage_collections_and_puts_the_thresholds_back():
+    """A plan holds off the full collections that walk its own objects (execution.full_collections_deferred),
+    and leaves the process's thresholds as they were: after a plan, after a failed one, and after nested uses."""
+    before = gc.get_threshold()
+    seen = []
+    model = nn.Sequential(CBA(3, 8), CBA(8, 8)).eval()
+
+    @register_builder("NotesTheThresholds")
+    def notes_the_thresholds(site: rewrite.Site) -> nn.Module:
+        seen.append(gc.get_threshold())
+        return nn.Conv2d(site.in_channels + 1, site.out_channels, 1)  # fails on the site's input
+
+    with pytest.raises(rewrite.BuildError):
+        rewrite.plan(model, conv_rules("NotesTheThresholds"), torch.randn(1, 3, 8, 8))
+    assert seen[0][:2] == before[:2] and seen[0][2] > before[2]
+    rewrite.plan(model, conv_rules(), torch.randn(1, 3, 8, 8))
+    with full_collections_deferred(), full_collections_deferred():
+        pass
+    assert gc.get_threshold() == before
 
 
 def test_a_block_that_fails_on_the_site_is_a_build_error_naming_site_and_rule():
