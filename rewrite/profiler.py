@@ -124,9 +124,8 @@ class _CallStack:
         # A tuple, so that the counting mode can use the current stack itself as a dictionary key.
         self.stack: tuple[str, ...] = ()
         self.thread = threading.get_ident()  # the thread whose calls are counted
-        self.children: dict[
-            str, dict[int, str]
-        ] = {}  # per holder path, the name of each direct child (by id)
+        # Per holder path, the name of each of its direct children, by identity (see _held_path).
+        self.children: dict[str, dict[int, str]] = {}
 
     def enter(self, module: nn.Module, args: Any) -> None:
         path = self.paths.get(id(module))  # modules outside the model (built inside forward) are not charged

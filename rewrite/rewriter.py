@@ -425,13 +425,8 @@ def _compare(
     example_inputs: tuple,
     outcomes: tuple[Outcome, Outcome] | None = None,
 ) -> ShapeCheck:
-    if outcomes is None:
-        (before, data_dependent), (after, _) = (
-            _outputs(original, example_inputs),
-            _outputs(rewritten, example_inputs),
-        )
-    else:
-        (before, data_dependent), (after, _) = (_values(outcome) for outcome in outcomes)
+    before, data_dependent = _outputs(original, example_inputs) if outcomes is None else _values(outcomes[0])
+    after, _ = _outputs(rewritten, example_inputs) if outcomes is None else _values(outcomes[1])
     before_leaves, before_spec = torch.utils._pytree.tree_flatten(before)
     after_leaves, after_spec = torch.utils._pytree.tree_flatten(after)
     if before_spec != after_spec:
