@@ -1,34 +1,8 @@
-"""The TOML rule format: load a rule file, check every key and value, and hand out frozen dataclasses.
+"""Reading the TOML rule format: every key and value checked, each problem one :class:`~rewrite.errors.RuleError`.
 
 A rule file is data: nothing in it is evaluated or imported, and builders are looked up by name in the
-registry of :mod:`rewrite.builders`. The full reference is ``docs/rules.md``.
-
->>> rules = parse_rules('''
-... [ruleset]
-... name = "demo"
-... scope = "neck"
-...
-... [[rule]]
-... name = "conv-to-gsconv"
-... match.chain = ["Conv2d", "BatchNorm2d?", "activation?"]
-... where.out_channels = { multiple_of = 2 }
-... replace.builder = "GSConv"
-... ''')
->>> rule = rules.rules[0]
->>> [(step.name, step.optional) for step in rule.match.chain]
-[('Conv2d', False), ('BatchNorm2d', True), ('activation', True)]
->>> rule.where[0].check(255)
-'out_channels 255 is not a multiple of 2'
->>> load_rules("slim-neck").scope, builtin_rule_sets()
-('neck', ['gsconv-only', 'slim-neck', 'slim-neck-v8', 'torchvision-fpn-gsconv'])
-
-Every problem raises :class:`~rewrite.errors.RuleError` with a one-line message naming the file, the rule, the
-key and what to do:
-
->>> parse_rules('[ruleset]\\nname = "x"\\n[[rule]]\\nname = "r"\\nmach.module = "C3"', "x.toml")
-Traceback (most recent call last):
-...
-rewrite.errors.RuleError: x.toml: rule 'r': unknown key 'mach' in rule; did you mean 'match'?
+registry of :mod:`rewrite.builders`, whose signatures type the ``replace`` options. Messages start with where
+the problem is (``file: rule 'name'``) and end with what to do.
 """
 
 from __future__ import annotations
@@ -41,30 +15,27 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, NoReturn, Union, get_args, get_origin
 
-from torch import nn
-
 from rewrite.builders import builder_options, check_option, list_builders
 from rewrite.errors import RuleError
+from rewrite.rules.model import (
+    ChainStep,
+    Derivation,
+    Pattern,
+    Predicate,
+    Replace,
+    Rule,
+    RuleSet,
+    as_toml,
+    is_number,
+)
 from rewrite.site import Site
-from rewrite.vocabulary import CATEGORIES, node_in_category
+from rewrite.vocabulary import CATEGORIES
 
-__all__ = [
-    "ChainStep",
-    "Derivation",
-    "Pattern",
-    "Predicate",
-    "Replace",
-    "Rule",
-    "RuleSet",
-    "builtin_rule_sets",
-    "load_rules",
-    "parse_rules",
-]
+__all__ = ["builtin_rule_sets", "load_rules", "parse_rules"]
 
 _CATEGORIES = tuple(sorted(CATEGORIES))
 
@@ -76,172 +47,11 @@ _PREDICATE_KINDS = ("eq", "one_of", "range", "multiple_of")
 _DERIVATION_KINDS = ("count", "len", "fact")
 
 # The package the built-in rule sets ship in (the repository's rules/ folder, mapped in pyproject.toml).
-# Not "rewrite.rules": that is this module, and a package of that name would shadow it once installed.
+# Not "rewrite.rules": that is the package that reads them.
 _BUILTINS_PACKAGE = "rewrite.rulesets"
 
 _CLASS_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _CHAIN_STEP = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(\?)?")
-
-
-@dataclass(frozen=True)
-class ChainStep:
-    """One step of ``match.chain``: a module class name (``"BatchNorm2d"``) or a category (``"activation"``).
-
-    A category step accepts what :mod:`rewrite.vocabulary` puts in that category (modules by class hierarchy,
-    functions, tensor methods); a class step accepts calls of modules of exactly that class.
-
-    >>> import torch
-    >>> step = ChainStep("activation", optional=True)
-    >>> step.accepts("call_module", "model.0.act", nn.SiLU()), step.accepts("call_function", torch.relu, None)
-    (True, True)
-    >>> ChainStep("Conv2d").accepts("call_module", "model.0.conv", nn.Conv2d(3, 8, 3))
-    True
-    """
-
-    name: str  # a category when lower-case (conv, norm, activation), else a class name
-    optional: bool = False
-
-    def accepts(self, op: str, target: object, module: nn.Module | None) -> bool:
-        """Whether an fx node (its ``op``, its ``target``, the module a ``call_module`` calls) fits."""
-        if self.name in CATEGORIES:
-            return node_in_category(self.name, op, target, module)
-        return op == "call_module" and type(module).__name__ == self.name
-
-
-@dataclass(frozen=True)
-class Pattern:
-    """A rule's ``match``: module classes by name, or an op chain; never both (the other one is empty)."""
-
-    module: tuple[str, ...] = ()
-    chain: tuple[ChainStep, ...] = ()
-    not_inside: tuple[str, ...] = ()  # skip candidates inside a module of one of these classes
-
-
-@dataclass(frozen=True)
-class Predicate:
-    """One ``where`` test of a site fact: ``kind`` is ``eq``, ``one_of``, ``range`` or ``multiple_of``.
-
-    Arrays are tuples; ``range`` is ``(lo, hi)``, inclusive. On a non-square spatial fact such as a
-    ``(3, 1)`` kernel, ``range`` and ``multiple_of`` must hold for every dimension.
-
-    >>> Predicate("kernel_size", "one_of", (1, 3)).check(5)
-    'kernel_size 5 is not one of [1, 3]'
-    >>> Predicate("stride", "range", (1, 2)).check(2) is None
-    True
-    >>> Predicate("kernel_size", "eq", 3).check(None, "C3")
-    'kernel_size unknown for C3'
-    """
-
-    key: str
-    kind: Literal["eq", "one_of", "range", "multiple_of"]
-    value: Any
-
-    def check(self, actual: Any, module_type: str | None = None) -> str | None:
-        """``None`` when ``actual`` satisfies the test, else a short reason; ``module_type`` names the site
-        in the reason when the fact is unknown (``None``)."""
-        if actual is None:
-            return f"{self.key} unknown for {module_type}" if module_type else f"{self.key} unknown"
-        if self.kind == "eq":
-            satisfied, wanted = _same(actual, self.value), f"is not {_show(self.value)}"
-        elif self.kind == "one_of":
-            satisfied = any(_same(actual, option) for option in self.value)
-            wanted = f"is not one of {_show(self.value)}"
-        elif self.kind == "range":
-            low, high = self.value
-            numbers = _numbers(actual)
-            satisfied = numbers is not None and all(low <= number <= high for number in numbers)
-            wanted = f"is not in range {_show(self.value)}"
-        else:
-            numbers = _numbers(actual)
-            satisfied = numbers is not None and all(
-                isinstance(number, int) and number % self.value == 0 for number in numbers
-            )
-            wanted = f"is not a multiple of {self.value}"
-        return None if satisfied else f"{self.key} {_show(actual)} {wanted}"
-
-
-@dataclass(frozen=True)
-class Derivation:
-    """An option value computed per site: ``{ count = "Bottleneck" }``, ``{ len = "m" }`` or
-    ``{ fact = "kernel_size" }``.
-
-    >>> Derivation("count", "Bottleneck").derive(Site("model.13", "csp", "C3", counts={"Bottleneck": 3}))
-    3
-    >>> Derivation("len", "m").derive(Site("model.12", "csp", "C2f", lengths={"m": 2, "cv1": 3}))
-    2
-    """
-
-    kind: Literal["count", "len", "fact"]
-    name: str  # a class name (count), an attribute of the matched module (len) or a fact name (fact)
-
-    def derive(self, site: Site) -> Any:
-        """The number of modules of class ``name`` inside the match, the number of modules directly inside the
-        matched module's attribute ``name`` (a ``Sequential`` / ``ModuleList``, whatever their class), or the
-        site's fact ``name``.
-
-        Raises ``ValueError`` when the fact is unknown for this site, when the matched module has no such
-        attribute, and when the count is zero: a class name cannot be checked when the file loads, and zero most
-        often means a misspelt one.
-        """
-        if self.kind == "count":
-            value = site.counts.get(self.name, 0)
-            if value == 0:
-                raise ValueError(
-                    f"{self} found no {self.name} inside {site.module_type}; check the class name"
-                )
-            return value
-        if self.kind == "len":
-            if not site.lengths.get(self.name):
-                held = ", ".join(name for name, n in site.lengths.items() if n) or "none"
-                raise ValueError(
-                    f"{self}: {site.module_type} holds no modules in an attribute {self.name!r}"
-                    f" (attributes holding modules: {held})"
-                )
-            return site.lengths[self.name]
-        value = site.facts()[self.name]
-        if value is None:
-            raise ValueError(f"{self}: {self.name} is unknown for {site.module_type}")
-        return value
-
-    def __str__(self) -> str:
-        return f'{{ {self.kind} = "{self.name}" }}'
-
-
-@dataclass(frozen=True)
-class Replace:
-    """A rule's ``replace``: a registered builder and its options, each a plain value or a :class:`Derivation`
-    that the caller derives per site before calling :func:`rewrite.builders.build`."""
-
-    builder: str
-    options: Mapping[str, Any] = field(default_factory=dict, hash=False)
-
-
-@dataclass(frozen=True)
-class Rule:
-    """One ``[[rule]]``: what to ``match``, the ``where`` tests a site must pass, and the ``replace``."""
-
-    name: str
-    match: Pattern
-    replace: Replace
-    where: tuple[Predicate, ...] = ()
-    source: str = "<string>"  # the file it came from, for messages
-
-
-@dataclass(frozen=True)
-class RuleSet:
-    """A rule file: its rules in file order (the matcher tries them in that order) and the default scope.
-
-    ``scope`` is what the ``[ruleset]`` says, for :func:`rewrite.graph.resolve_scope`: a stage name, a module
-    path, a glob, a tuple of those, or ``None`` (the whole model).
-    """
-
-    name: str
-    rules: tuple[Rule, ...]
-    description: str = ""
-    scope: str | tuple[str, ...] | None = None
-    source: str = "<string>"
-    # The TOML it was parsed from ("" when built in Python): a saved recipe keeps it, to redo the rewrite.
-    text: str = field(default="", repr=False, compare=False)
 
 
 def builtin_rule_sets() -> list[str]:
@@ -409,12 +219,13 @@ def _parse_predicate(key: str, value: Any, at: str) -> Predicate:
 
 
 def _range_bounds(argument: Any, key: str, label: str, at: str) -> tuple[float, float]:
-    if not (isinstance(argument, list) and len(argument) == 2 and all(map(_is_number, argument))):
+    if not (isinstance(argument, list) and len(argument) == 2 and all(map(is_number, argument))):
         _fail(at, f"{label}.range takes two numbers [lo, hi], got {_got(argument)}")
     low, high = argument
     if math.isnan(low) or math.isnan(high):
         _fail(
-            at, f"{label}.range [{_show(low)}, {_show(high)}] holds nan, which no value is in; write numbers"
+            at,
+            f"{label}.range [{as_toml(low)}, {as_toml(high)}] holds nan, which no value is in; write numbers",
         )
     if low > high:
         _fail(at, f"{label}.range [{low}, {high}] is empty; write [lo, hi] with lo <= hi")
@@ -422,7 +233,7 @@ def _range_bounds(argument: Any, key: str, label: str, at: str) -> tuple[float, 
     lowest = math.ceil(low) if math.isfinite(low) else low
     highest = math.floor(high) if math.isfinite(high) else high
     if lowest > highest or lowest == math.inf or highest == -math.inf:
-        _fail(at, f"{label}.range [{_show(low)}, {_show(high)}] holds no integer; {key} is an integer")
+        _fail(at, f"{label}.range [{as_toml(low)}, {as_toml(high)}] holds no integer; {key} is an integer")
     return low, high
 
 
@@ -564,7 +375,7 @@ def _describe(annotation: Any) -> str:
     if origin is Union or origin is UnionType:
         return " or ".join(_describe(arg) for arg in get_args(annotation) if arg is not type(None))
     if origin is Literal:
-        return "one of " + ", ".join(_show(arg) for arg in get_args(annotation))
+        return "one of " + ", ".join(as_toml(arg) for arg in get_args(annotation))
     return _TYPE_NAMES.get(annotation, getattr(annotation, "__name__", str(annotation)))
 
 
@@ -640,28 +451,5 @@ def _got(value: Any) -> str:
     if isinstance(value, (list, dict)):
         return _TYPE_NAMES[type(value)]
     if isinstance(value, (str, int, float, bool)):
-        return _show(value)
+        return as_toml(value)
     return type(value).__name__
-
-
-def _show(value: Any) -> str:
-    """A value spelt as in TOML: true/false, arrays in brackets, strings quoted."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (tuple, list)):
-        return "[" + ", ".join(_show(item) for item in value) + "]"
-    return repr(value)
-
-
-def _same(actual: Any, expected: Any) -> bool:
-    return type(actual) is type(expected) and actual == expected
-
-
-def _numbers(actual: Any) -> tuple[Any, ...] | None:
-    """The fact's numbers (one per dimension), or ``None`` for a fact that is not numeric (padding 'same')."""
-    values = actual if isinstance(actual, tuple) else (actual,)
-    return values if all(_is_number(value) for value in values) else None
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
