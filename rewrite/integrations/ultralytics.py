@@ -33,7 +33,6 @@ import copy
 import math
 import statistics
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +51,7 @@ from rewrite.errors import InputSpecError, NoMatchError, RewriteError
 from rewrite.fold import fold
 from rewrite.planner import plan
 from rewrite.profiler import profile
-from rewrite.report import render_comparison
+from rewrite.report.comparison import Comparison, Measurement
 from rewrite.rules import RuleSet, load_rules
 from rewrite.warm_start import WarmStartReport, changed_modules, warm_start
 
@@ -298,36 +297,6 @@ def rewrite_detection_model(
             f"{the_plan.params.before:,} → {the_plan.params.after:,}: {changes}"
         )
     return rewritten
-
-
-@dataclass(frozen=True)
-class Measurement:
-    """One detector as :func:`compare` measured it: its size and cost, its speed, and its accuracy."""
-
-    name: str  # the checkpoint's path, or the model's class name
-    params: int
-    flops: int  # per image of imgsz × imgsz, as rewrite.profile counts them
-    latency_ms: float  # median forward pass at batch 1, BatchNorm folded (rewrite.fold), eval mode
-    map50: float  # box mAP at IoU 0.5, on the data's validation split
-    map50_95: float  # box mAP averaged over IoU 0.5 to 0.95
-
-
-@dataclass(frozen=True)
-class Comparison:
-    """Two detectors measured side by side; ``str()`` is the text table, :meth:`render` any format."""
-
-    base: Measurement
-    slim: Measurement
-    data: str
-    imgsz: int
-    device: str
-
-    def render(self, fmt: str = "text") -> str:
-        """The table as ``fmt``: "text", "markdown" or "html" (one page), like a plan's report."""
-        return render_comparison(self, fmt)
-
-    def __str__(self) -> str:
-        return self.render("text")
 
 
 def compare(

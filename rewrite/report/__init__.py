@@ -32,9 +32,9 @@ from rewrite.report.reports import comparison_document, plan_document, profile_d
 from rewrite.report.text import render_text
 
 if TYPE_CHECKING:
-    from rewrite.integrations.ultralytics import Comparison
     from rewrite.planner import Plan
     from rewrite.profiler import Profile
+    from rewrite.report.comparison import Comparison
 
 __all__ = [
     "FORMATS",

@@ -29,9 +29,9 @@ from rewrite.report.document import (
 )
 
 if TYPE_CHECKING:  # rendering needs only the fields, so the pipeline is not imported to print a report
-    from rewrite.integrations.ultralytics import Comparison
     from rewrite.planner import BlockSummary, Delta, Plan, SiteChange
     from rewrite.profiler import Cost, Profile
+    from rewrite.report.comparison import Comparison
 
 # The plan report's JSON keys, in the order docs/report-schema.md lists them ("gates" ones only with gates).
 PLAN_KEYS = (
