@@ -15,17 +15,10 @@ within a rule candidates are visited in graph order; a node that an earlier matc
 >>> import torch, rewrite
 >>> from rewrite.tracer import trace
 >>> from rewrite.graph import resolve_stages, resolve_scope
->>> from rewrite.rules import parse_rules
+>>> from rewrite.rules import ChainStep, Pattern, Replace, Rule, RuleSet
 >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU())
->>> rules = parse_rules('''
-... [ruleset]
-... name = "demo"
-... [[rule]]
-... name = "conv"
-... match.chain = ["Conv2d", "BatchNorm2d?", "activation?"]
-... where.out_channels = { multiple_of = 2 }
-... replace.builder = "GSConv"
-... ''')
+>>> chain = (ChainStep("Conv2d"), ChainStep("BatchNorm2d", optional=True), ChainStep("activation", optional=True))
+>>> rules = RuleSet("demo", (Rule("conv", Pattern(chain=chain), Replace("GSConv")),))
 >>> traced = trace(net, (torch.zeros(1, 3, 16, 16),))
 >>> result = find_matches(traced, rules, resolve_scope(None, traced, resolve_stages(net, traced)))
 >>> [(m.rule.name, m.path, m.kind, [node.target for node in m.nodes]) for m in result.matches]

@@ -19,18 +19,6 @@ from torch import nn
 from rewrite.site import Site
 from rewrite.vocabulary import CATEGORIES, node_in_category
 
-__all__ = [
-    "ChainStep",
-    "Derivation",
-    "Pattern",
-    "Predicate",
-    "Replace",
-    "Rule",
-    "RuleSet",
-    "as_toml",
-    "is_number",
-]
-
 
 @dataclass(frozen=True)
 class ChainStep:

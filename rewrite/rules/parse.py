@@ -35,8 +35,6 @@ from rewrite.rules.model import (
 from rewrite.site import Site
 from rewrite.vocabulary import CATEGORIES
 
-__all__ = ["builtin_rule_sets", "load_rules", "parse_rules"]
-
 _CATEGORIES = tuple(sorted(CATEGORIES))
 
 _TOP_KEYS = ("ruleset", "rule")
