@@ -12,7 +12,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-__all__ = ["join_path", "parent_path", "path_and_ancestors", "relative_path", "split_path"]
+__all__ = [
+    "attribute_at",
+    "has_attribute",
+    "join_path",
+    "parent_path",
+    "path_and_ancestors",
+    "relative_path",
+    "split_path",
+]
 
 
 def join_path(*parts: str) -> str:
@@ -64,3 +72,30 @@ def relative_path(path: str, ancestor: str) -> str:
     if not ancestor:
         return path
     return path[len(ancestor) + 1 :] if path.startswith(ancestor + ".") else ""
+
+
+def attribute_at(owner: object, path: str) -> object:
+    """The attribute that ``path`` names, reached from ``owner`` name by name (``AttributeError`` when missing).
+
+    >>> from torch import nn
+    >>> attribute_at(nn.Sequential(nn.Conv2d(1, 2, 1)), "0.weight").shape
+    torch.Size([2, 1, 1, 1])
+    """
+    value = owner
+    for name in path.split("."):
+        value = getattr(value, name)
+    return value
+
+
+def has_attribute(owner: object, path: str) -> bool:
+    """Whether ``path`` names an attribute of ``owner`` (a free name for a new module is one it does not).
+
+    >>> from torch import nn
+    >>> has_attribute(nn.Sequential(nn.ReLU()), "0"), has_attribute(nn.Sequential(nn.ReLU()), "0.weight")
+    (True, False)
+    """
+    try:
+        attribute_at(owner, path)
+    except AttributeError:
+        return False
+    return True

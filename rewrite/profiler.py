@@ -42,7 +42,7 @@ from rewrite.errors import TraceError
 from rewrite.execution import Outcome, RunFailed, Runner, model_lock, on_meta_else_real, working_copy
 from rewrite.meta_ops import UncompiledDispatchMode, meta_op_signature, meta_output, remember_meta_output
 from rewrite.meta_rules import RULED
-from rewrite.paths import join_path, path_and_ancestors
+from rewrite.paths import join_path, parent_path, path_and_ancestors
 from rewrite.tracer import Leaf, held_path
 
 if TYPE_CHECKING:
@@ -366,7 +366,7 @@ def _assemble(
 
     stage_params: defaultdict[str, int] = defaultdict(int)
     for name, p in model.named_parameters():
-        stage_params[stages.stage_of(name.rpartition(".")[0]) or OTHER] += p.numel()
+        stage_params[stages.stage_of(parent_path(name)) or OTHER] += p.numel()
 
     # A stage occurs when something costs in it: a zero-cost "other" (a root that only flattens) is left out.
     occurring = {s for s in {*stage_flops, *stage_params} if stage_flops[s] or stage_params[s]}

@@ -32,7 +32,7 @@ from rewrite.errors import BuildError
 from rewrite.execution import Outcome, RunFailed, meta_memo, one_line, run
 from rewrite.facts import FACTS_KEY, TENSOR_META_KEY, CallId, Frame, NodeFacts, facts
 from rewrite.match import Kind, Match, Occurrence
-from rewrite.paths import join_path, parent_path, relative_path
+from rewrite.paths import has_attribute, join_path, parent_path, relative_path
 from rewrite.site import Site
 from rewrite.tracer import Traced
 from rewrite.vocabulary import Role, has_role
@@ -260,17 +260,9 @@ def _new_node_facts(site_nodes: list[fx.Node], path: str, block: nn.Module, numb
 def _new_module_name(gm: fx.GraphModule, owner: str, match: Match, number: int) -> str:
     """A free attribute name under ``owner`` for a site's new module, after its rule: ``conv_to_gsconv_0``."""
     stem = re.sub(r"\W", "_", match.rule.name)
-    while _has_attribute(gm, join_path(owner, f"{stem}_{number}")):
+    while has_attribute(gm, join_path(owner, f"{stem}_{number}")):
         number += 1
     return join_path(owner, f"{stem}_{number}")
-
-
-def _has_attribute(module: nn.Module, dotted: str) -> bool:
-    for part in dotted.split("."):
-        if not hasattr(module, part):
-            return False
-        module = getattr(module, part)
-    return True
 
 
 class _Holders:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from rewrite.paths import parent_path, path_and_ancestors
 from rewrite.warm_start.fitting import as_float32, autocast, fit
 from rewrite.warm_start.hooks import forward_hooks, modes_kept
 from rewrite.warm_start.measure import detached, relative_error, squared_norms, squared_relative
@@ -176,8 +177,7 @@ def _below(path: str, paths: set[str]) -> bool:
     >>> _below("neck.1.conv", {"neck"}), _below("neck", {"neck"}), _below("neck.1", {"ne"})
     (True, False, False)
     """
-    parts = path.split(".")
-    return any(".".join(parts[:i]) in paths for i in range(1, len(parts)))
+    return any(holder in paths for holder in path_and_ancestors(parent_path(path)) if holder)
 
 
 class _Replay:

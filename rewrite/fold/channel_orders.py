@@ -1,42 +1,16 @@
-"""Fold a model for inference: the same outputs from a leaner graph.
+"""Channel permutations folded into weights: the GSConv shuffle (or any other fixed reordering of channels) gone.
 
-:func:`fold` returns an eval-mode copy in which every ``BatchNorm`` that follows a convolution (whose output
-nothing else reads) is folded into that conv, ``Identity`` and ``Dropout`` modules are dropped, and every fixed
-permutation of channels (a GSConv channel shuffle: strided slices and a concatenation, an
-unflatten-transpose-flatten, an ``index_select``, …) is gone from the graph: the permutation travels with the
-values, through channel-wise ops and concatenations, into the weights of the convolutions that read it or, where
-two values meet in an elementwise sum, of the one that produces the other operand. Where nothing can take it (a
-model output, a reshape, an opaque module), it is applied once, as an ``index_select``, so the result stays exact.
-
-Nothing here knows a particular model: permutations are recognised by what a chain of pure data-movement ops
-does to a probe tensor whose entries are all different, so any spelling of a channel shuffle is found; what an op
-is (a conv, channel-wise, data movement, …) comes from the op table, :mod:`rewrite.vocabulary`.
-
-Each step is an fx pass over a graph module that :func:`rewrite.tracer.trace` made (its nodes carry their
-shapes): :func:`drop_no_ops`, :func:`fold_batch_norms`, :func:`fold_channel_orders` and
-:func:`lower_channel_orders`. A pass edits the graph in place and never changes a module it calls: new weights are
-a new module. :func:`fold` runs them on a copy of each traced region's graph and puts the result in place of the
-region's module, with that module's plain attributes and hooks; a region where nothing folds is left as it was,
-and what the tracer kept opaque runs as before, the modules it calls folded as regions of their own.
-
->>> import torch
->>> from torch import nn
->>> from rewrite.blocks import GSConv
->>> model = nn.Sequential(GSConv(8, 16), nn.Conv2d(16, 4, 1)).eval()
->>> x = torch.randn(2, 8, 12, 12)
->>> folded = fold(model, x)
->>> torch.allclose(folded(x), model(x), rtol=1e-5, atol=1e-6)
-True
->>> [node.target.__name__ for node in folded.graph.nodes if node.op == "call_function"]  # no shuffle left
-['cat']
->>> sorted(type(m).__name__ for m in folded.modules() if not list(m.children()))  # nor any BatchNorm
-['Conv2d', 'Conv2d', 'DepthwiseConv2d', 'SiLU', 'SiLU']
+:func:`fold_channel_orders` finds every chain of pure data-movement ops that permutes the channels (by running it
+on a probe tensor whose entries all differ, so any spelling of a shuffle is found), writes it as one
+:func:`channel_order` node, and moves each order into the ops after it: through channel-wise ops, BatchNorms,
+concatenations and elementwise ops with like-ordered operands, into the input weights of a conv, or into the
+producer of an elementwise sum's other operand. :func:`lower_channel_orders` writes what is left as one
+``index_select`` each.
 """
 
 from __future__ import annotations
 
 import copy
-import itertools
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -44,135 +18,29 @@ from typing import Any
 
 import torch
 from torch import Tensor, fx, nn
-from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torch.utils import _pytree as pytree
 
 from rewrite.facts import shapes
-from rewrite.rewriter import carry_hooks, carry_plain_attributes
-from rewrite.tracer import trace
+from rewrite.fold.nodes import (
+    called_module,
+    erase_if_unused,
+    free_name,
+    has_role_at,
+    is_foldable_batch_norm,
+    is_plain_conv,
+    reads_one_value,
+    set_called_module,
+)
+from rewrite.paths import attribute_at
 from rewrite.vocabulary import Role, has_role
 
-__all__ = [
-    "channel_order",
-    "drop_no_ops",
-    "fold",
-    "fold_batch_norms",
-    "fold_channel_orders",
-    "lower_channel_orders",
-]
+__all__ = ["Order", "channel_order", "fold_channel_orders", "lower_channel_orders"]
 
 # A permutation of the channels (dim 1): ``T[:, c] = V[:, order[c]]``.
 Order = tuple[int, ...]
 
 
-def fold(model: nn.Module, example_inputs: Any) -> nn.Module:
-    """An inference-only copy of ``model`` with BatchNorms, channel shuffles and identities folded away.
-
-    ``example_inputs`` is what the model's forward takes (a tensor, or a tuple of positional arguments); the
-    copy computes the same function for inputs of that structure (as :func:`~rewrite.tracer.trace` fixes
-    non-tensor arguments). ``model`` itself is never touched, and folding a folded model changes nothing.
-
-    >>> import torch
-    >>> from torch import nn
-    >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Identity(), nn.ReLU())
-    >>> folded = fold(model, torch.randn(1, 3, 8, 8))
-    >>> [node.target for node in folded.graph.nodes]
-    ['input', '0', '3', 'output']
-    >>> model.training   # untouched
-    True
-    """
-    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    result = copy.deepcopy(model).eval()
-    traced = trace(result, inputs)
-    # Deepest first, so that a region's new graph module is in place before anything above it is rebuilt.
-    for region in sorted(traced.regions, key=lambda r: r.path.count(".") + bool(r.path), reverse=True):
-        folded = _fold_graph_module(region.graph_module)
-        if folded is None:
-            continue
-        replaced = result.get_submodule(region.path)
-        carry_plain_attributes(replaced, folded)
-        carry_hooks(replaced, folded)
-        if not region.path:
-            result = folded
-        else:
-            parent, _, name = region.path.rpartition(".")
-            setattr(result.get_submodule(parent), name, folded)
-    return result
-
-
-def _fold_graph_module(traced: fx.GraphModule) -> fx.GraphModule | None:
-    """The passes in order, on a copy of ``traced``'s graph; ``None`` when none of them changes anything."""
-    work = fx.GraphModule(traced, copy.deepcopy(traced.graph))
-    changed = [fold_pass(work) for fold_pass in (drop_no_ops, fold_batch_norms, fold_channel_orders)]
-    if not any(changed):
-        return None
-    fold_batch_norms(work)  # those the shuffles had kept from their conv
-    work.graph.eliminate_dead_code()  # chains a shuffle made unneeded, folded BatchNorms
-    lowered = lower_channel_orders(work)
-    return fx.GraphModule(lowered, lowered.graph, class_name=type(traced).__name__)
-
-
-# Identities and BatchNorms
-
-
-def drop_no_ops(gm: fx.GraphModule) -> bool:
-    """Drop every call of a module that returns its input in eval mode (``Identity``, ``Dropout``)."""
-    dropped = [node for node in gm.graph.nodes if _has(Role.NO_OP, gm, node) and _reads_one_value(node)]
-    for node in dropped:
-        node.replace_all_uses_with(node.args[0])
-        gm.graph.erase_node(node)
-    return bool(dropped)
-
-
-def fold_batch_norms(gm: fx.GraphModule) -> bool:
-    """Fold every eval-mode BatchNorm whose input is a conv that nothing else reads into that conv."""
-    folded = False
-    for bn in list(gm.graph.nodes):  # in order: a BatchNorm after a folded one reads the conv next
-        if _is_foldable_batch_norm(gm, bn) and _is_plain_conv(gm, bn.args[0]) and len(bn.args[0].users) == 1:
-            conv = bn.args[0]
-            _set_module(gm, conv, _conv_with_batch_norm(_module(gm, conv), _module(gm, bn)))
-            bn.replace_all_uses_with(conv)
-            gm.graph.erase_node(bn)
-            folded = True
-    return folded
-
-
-def _conv_with_batch_norm(conv: nn.Module, bn: nn.Module) -> nn.Module:
-    """torch's :func:`~torch.nn.utils.fusion.fuse_conv_bn_weights` in float64, so that folding adds no rounding of
-    its own beyond the final cast."""
-    fused = copy.deepcopy(conv)
-    double = [
-        None if t is None else t.detach().double() for t in (conv.weight, conv.bias, bn.weight, bn.bias)
-    ]
-    weight, bias, scale, shift = double
-    with torch.no_grad():
-        weight, bias = fuse_conv_bn_weights(
-            weight, bias, bn.running_mean.double(), bn.running_var.double(), bn.eps, scale, shift
-        )
-    trainable = conv.weight.requires_grad
-    fused.weight = nn.Parameter(weight.to(conv.weight.dtype), requires_grad=trainable)
-    fused.bias = nn.Parameter(bias.to(conv.weight.dtype), requires_grad=trainable)
-    return fused
-
-
-def _is_foldable_batch_norm(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """An eval-mode BatchNorm with running statistics, called on one tensor, that computes only the norm (a
-    subclass with a forward of its own, such as timm's ``BatchNormAct2d``, computes more)."""
-    if not _has(Role.BATCH_NORM, gm, node) or not _reads_one_value(node):
-        return False
-    bn = _module(gm, node)
-    return not bn.training and bn.running_mean is not None and type(bn).forward is nn.BatchNorm2d.forward
-
-
-def _reads_one_value(node: fx.Node) -> bool:
-    return len(node.args) == 1 and isinstance(node.args[0], fx.Node) and not node.kwargs
-
-
-def _is_plain_conv(gm: fx.GraphModule, node: Any) -> bool:
-    """A call of a conv module (not a transposed one)."""
-    return _has(Role.CONV, gm, node) and node.op == "call_module" and not _module(gm, node).transposed
-
-
+# Finding shuffles
 # Channel orders: finding shuffles
 
 
@@ -252,7 +120,7 @@ def _probe(
             if node.op == "call_method":
                 env[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
             elif node.op == "get_attr":
-                env[node] = _attribute(gm, node.target)
+                env[node] = attribute_at(gm, node.target)
             else:
                 env[node] = node.target(*args, **kwargs)
     except Exception:  # noqa: BLE001 - not a permutation we can prove: the chain stays as it is
@@ -269,7 +137,7 @@ def _probe(
     return tuple(order)
 
 
-# Channel orders: moving them into the ops after them
+# Moving them into the ops after them
 
 
 def fold_channel_orders(gm: fx.GraphModule) -> bool:
@@ -291,7 +159,7 @@ def fold_channel_orders(gm: fx.GraphModule) -> bool:
     for node in sorted(
         {*written.values(), *(n for shuffle in shuffles for n in shuffle.inside)}, reverse=True
     ):
-        _erase_if_unused(node)
+        erase_if_unused(node)
     for node in list(gm.graph.nodes):
         if any(_is_order(arg) for arg in node.all_input_nodes):
             for take in _RULES:
@@ -309,22 +177,22 @@ def _compose(gm: fx.GraphModule, node: fx.Node) -> bool:
     order = tuple(first[c] for c in node.args[1])
     if order == tuple(range(len(order))):
         node.replace_all_uses_with(source)
-        _erase_if_unused(node)
+        erase_if_unused(node)
     else:
         node.args = (source, order)
-    _erase_if_unused(inner)
+    erase_if_unused(inner)
     return True
 
 
 def _into_conv(gm: fx.GraphModule, node: fx.Node) -> bool:
     """A conv reads the unpermuted input, its weights permuted to match."""
-    if not _is_plain_conv(gm, node) or not _reads_one_value(node) or not _is_order(node.args[0]):
+    if not is_plain_conv(gm, node) or not reads_one_value(node) or not _is_order(node.args[0]):
         return False
-    taken = _conv_reading(_module(gm, node), node.args[0].args[1])
+    taken = _conv_reading(called_module(gm, node), node.args[0].args[1])
     if taken is None:
         return False
     new, out_order = taken
-    _set_module(gm, node, new)
+    set_called_module(gm, node, new)
     _read_sources(node, [node.args[0]])
     if out_order is not None:
         _order_readers(node, out_order)
@@ -362,16 +230,16 @@ def _conv_reading(conv: nn.Module, order: Order) -> tuple[nn.Module, Order | Non
 
 def _through_batch_norm(gm: fx.GraphModule, node: fx.Node) -> bool:
     """A BatchNorm with its per-channel parameters and statistics permuted to match."""
-    if not _is_foldable_batch_norm(gm, node) or not _is_order(node.args[0]):
+    if not is_foldable_batch_norm(gm, node) or not _is_order(node.args[0]):
         return False
-    module, order = _module(gm, node), node.args[0].args[1]
+    module, order = called_module(gm, node), node.args[0].args[1]
     new = copy.deepcopy(module)
     rows = list(_inverse(order))
     with torch.no_grad():
         for name in ("weight", "bias", "running_mean", "running_var"):
             if getattr(new, name) is not None:
                 getattr(new, name).copy_(getattr(module, name)[rows])
-    _set_module(gm, node, new)
+    set_called_module(gm, node, new)
     _read_sources(node, [node.args[0]])
     _order_readers(node, order)
     return True
@@ -379,7 +247,7 @@ def _through_batch_norm(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 def _through_channelwise(gm: fx.GraphModule, node: fx.Node) -> bool:
     """An op whose first argument is its only tensor and that treats every channel alike."""
-    if not _has(Role.CHANNELWISE, gm, node) or not node.args or not _is_order(node.args[0]):
+    if not has_role_at(Role.CHANNELWISE, gm, node) or not node.args or not _is_order(node.args[0]):
         return False
     if any(isinstance(a, fx.Node) for a in pytree.tree_leaves((node.args[1:], node.kwargs))):
         return False
@@ -396,7 +264,7 @@ def _through_concatenation(gm: fx.GraphModule, node: fx.Node) -> bool:
     tensors = node.args[0] if node.args else node.kwargs.get("tensors")
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
     out = _shape(node)
-    if not _has(Role.CONCATENATION, gm, node) or out is None or not isinstance(tensors, (list, tuple)):
+    if not has_role_at(Role.CONCATENATION, gm, node) or out is None or not isinstance(tensors, (list, tuple)):
         return False
     if dim not in (1, 1 - len(out)) or not all(_shape(t) is not None for t in tensors):
         return False
@@ -415,7 +283,7 @@ def _through_elementwise(gm: fx.GraphModule, node: fx.Node) -> bool:
     """A sum or product: the operands that vary over channels hold the same order, or one of them comes from a
     conv (through channel-wise ops) whose output rows can be put in that order."""
     out = _shape(node)
-    if not _has(Role.ELEMENTWISE, gm, node) or out is None or len(out) < 2 or len(node.args) != 2:
+    if not has_role_at(Role.ELEMENTWISE, gm, node) or out is None or len(out) < 2 or len(node.args) != 2:
         return False
     full = []
     for operand in (a for a in node.args if isinstance(a, fx.Node)):
@@ -454,8 +322,8 @@ def _producer_chain(gm: fx.GraphModule, operand: fx.Node, reader: fx.Node) -> li
         if any(user < reader and user is not next_link for user in node.users):
             return None
         chain.append(node)
-        if _is_plain_conv(gm, node):
-            return chain if _module(gm, node).groups == 1 else None
+        if is_plain_conv(gm, node):
+            return chain if called_module(gm, node).groups == 1 else None
         if not _is_channelwise_on_one_tensor(gm, node):
             return None
         node = node.args[0]
@@ -465,19 +333,19 @@ def _producer_chain(gm: fx.GraphModule, operand: fx.Node, reader: fx.Node) -> li
 def _put_producer_in_order(gm: fx.GraphModule, chain: list[fx.Node], order: Order, reader: fx.Node) -> None:
     """Permute the output rows of the conv ending ``chain``; every other reader of the chain reads the order."""
     conv = chain[-1]
-    module, rows = _module(gm, conv), list(_inverse(order))
+    module, rows = called_module(gm, conv), list(_inverse(order))
     new = copy.deepcopy(module)
     with torch.no_grad():
         new.weight.copy_(module.weight[rows])
         if module.bias is not None:
             new.bias.copy_(module.bias[rows])
-    _set_module(gm, conv, new)
+    set_called_module(gm, conv, new)
     for node, next_link in zip(chain, [reader, *chain], strict=False):
         _order_readers(node, order, keep=next_link)
 
 
 def _is_channelwise_on_one_tensor(gm: fx.GraphModule, node: fx.Node) -> bool:
-    if not _has(Role.CHANNELWISE, gm, node) or not node.args or not isinstance(node.args[0], fx.Node):
+    if not has_role_at(Role.CHANNELWISE, gm, node) or not node.args or not isinstance(node.args[0], fx.Node):
         return False
     if node.op == "call_module":
         return len(node.args) == 1
@@ -499,7 +367,7 @@ def _read_sources(node: fx.Node, orders: Iterable[fx.Node]) -> None:
     """``node`` reads the sources of these channel orders instead (an order nothing reads any more goes)."""
     for order in dict.fromkeys(orders):
         node.replace_input_with(order, order.args[0])
-        _erase_if_unused(order)
+        erase_if_unused(order)
 
 
 def _order_readers(node: fx.Node, order: Order, keep: fx.Node | None = None) -> None:
@@ -513,7 +381,7 @@ def _order_readers(node: fx.Node, order: Order, keep: fx.Node | None = None) -> 
         reader.replace_input_with(node, ordered)
 
 
-# Channel orders left: one index_select each
+# Orders left: one index_select each
 
 
 def lower_channel_orders(gm: fx.GraphModule) -> fx.GraphModule:
@@ -535,7 +403,7 @@ class _ChannelOrderLowering(fx.Transformer):
             return super().call_function(target, args, kwargs)
         value, order = args
         if (value.node, order) not in self.lowered:
-            name = _free_name(self.module, "_fold_channel_order")
+            name = free_name(self.module, "_fold_channel_order")
             self.module.register_buffer(name, torch.tensor(order, dtype=torch.int64, device=self.device))
             index = self.tracer.create_proxy("get_attr", name, (), {})
             self.lowered[value.node, order] = self.tracer.create_proxy(
@@ -563,57 +431,12 @@ def _is_order(node: object) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_function" and node.target is channel_order
 
 
-def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
-    return gm.get_submodule(node.target) if node.op == "call_module" else None
-
-
-def _has(role: Role, gm: fx.GraphModule, node: Any) -> bool:
-    return isinstance(node, fx.Node) and has_role(role, node.op, node.target, _module(gm, node))
-
-
 def _is_movement(node: fx.Node) -> bool:
     return has_role(Role.MOVEMENT, node.op, node.target)
 
 
 def _is_size_op(node: fx.Node) -> bool:
     return has_role(Role.SIZE, node.op, node.target) and _shape(node) is None
-
-
-def _set_module(gm: fx.GraphModule, node: fx.Node, module: nn.Module) -> None:
-    """``node`` calls ``module``: in place of the module it called, or under a new name where other nodes call or
-    read that one."""
-    target, uses = node.target, ("call_module", "get_attr")
-    if any(
-        n is not node and n.op in uses and f"{n.target}.".startswith(f"{target}.") for n in gm.graph.nodes
-    ):
-        node.target = _free_name(gm, target)
-    gm.add_submodule(node.target, module)
-
-
-def _free_name(gm: nn.Module, base: str) -> str:
-    """``base``, else the first of ``base_1``, ``base_2``, … that ``gm`` has no attribute under."""
-    numbered = (f"{base}_{number}" for number in itertools.count(1))
-    return next(name for name in itertools.chain([base], numbered) if not _has_attribute(gm, name))
-
-
-def _has_attribute(gm: nn.Module, target: str) -> bool:
-    owner, _, name = target.rpartition(".")
-    try:
-        return hasattr(gm.get_submodule(owner), name)
-    except AttributeError:
-        return False
-
-
-def _attribute(gm: nn.Module, target: str) -> Any:
-    value: Any = gm
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
-
-
-def _erase_if_unused(node: fx.Node) -> None:
-    if not node.users:
-        node.graph.erase_node(node)
 
 
 def _inverse(order: Order) -> Order:
