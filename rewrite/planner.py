@@ -158,7 +158,7 @@ class Plan:
     flops: Delta
     stages: dict[str, StageChange]
     shape_check: ShapeCheck
-    needed_real_data: list = field(default_factory=list)  # rewrite.tracer.Leaf
+    needed_real_data: list[Leaf] = field(default_factory=list)
     unmatched_rules: list[str] = field(default_factory=list)  # rules whose match caught nothing in scope
     _prepared: _Prepared | None = field(default=None, repr=False, compare=False)
 
