@@ -35,6 +35,7 @@ from enum import StrEnum
 import torch
 from torch import fx, nn
 
+from rewrite.calls import STRUCTURAL_OPS, CallIndex, module_at
 from rewrite.facts import CallId, dtypes, facts, shapes
 from rewrite.graph import Scope
 from rewrite.rules import ChainStep, Rule, RuleSet
@@ -50,9 +51,6 @@ from rewrite.vocabulary import (
 )
 
 __all__ = ["Kind", "Match", "MatchResult", "Occurrence", "Rejection", "find_matches"]
-
-# Nodes that carry no computation of their own; a site may contain or drop them freely.
-_STRUCTURAL_OPS = ("get_attr",)
 
 
 class Kind(StrEnum):
@@ -169,7 +167,7 @@ class _Found:
 
 def find_matches(traced: Traced, rules: RuleSet, scope: Scope) -> MatchResult:
     """Apply ``rules`` in order to the graphs of ``traced`` within ``scope``."""
-    calls = _CallIndex(traced)
+    calls = CallIndex(traced)
     taken: set[fx.Node] = set()
     result = MatchResult()
     for rule in rules.rules:
@@ -196,7 +194,7 @@ def find_matches(traced: Traced, rules: RuleSet, scope: Scope) -> MatchResult:
     return result
 
 
-def _examine(calls: _CallIndex, candidate: _Candidate, rule: Rule) -> _Found | Rejection:
+def _examine(calls: CallIndex, candidate: _Candidate, rule: Rule) -> _Found | Rejection:
     """The candidate with its site facts when it passes the rule's ``where`` tests, else why not."""
     found = _site(calls, candidate, rule)
     if isinstance(found, Rejection):
@@ -207,7 +205,7 @@ def _examine(calls: _CallIndex, candidate: _Candidate, rule: Rule) -> _Found | R
         for reason in (p.check(facts_by_name.get(p.key), found.site.module_type) for p in rule.where)
         if reason
     ]
-    hidden = calls.hidden_calls(candidate)
+    hidden = calls.hidden_calls(candidate.nodes)
     if hidden:
         reasons.append(hidden)
     if reasons:
@@ -215,7 +213,7 @@ def _examine(calls: _CallIndex, candidate: _Candidate, rule: Rule) -> _Found | R
     return found
 
 
-def _settle_identity(calls: _CallIndex, rule: Rule, passed: list[_Found]) -> list[Match]:
+def _settle_identity(calls: CallIndex, rule: Rule, passed: list[_Found]) -> list[Match]:
     """Group one rule's sites by the module objects they call, so that a rewrite keeps what was shared.
 
     Sites that call the same stateful modules (a block called in a loop, one conv used twice) become one
@@ -224,11 +222,11 @@ def _settle_identity(calls: _CallIndex, rule: Rule, passed: list[_Found]) -> lis
     """
     groups: dict[frozenset[int], list[_Found]] = {}
     for found in passed:
-        groups.setdefault(calls.identity(found.candidate), []).append(found)
+        groups.setdefault(calls.identity(found.candidate.nodes, _swapped(found.candidate)), []).append(found)
     matches = []
     for identity, members in groups.items():
         all_calls = set().union(*(calls.calls_of_object[key] for key in identity))
-        covered = set().union(*(calls.calls_within(found.candidate) for found in members))
+        covered = set().union(*(calls.calls_within(found.candidate.nodes) for found in members))
         first = members[0]
         same = all(
             found.site.facts() == first.site.facts() and found.site.counts == first.site.counts
@@ -260,7 +258,7 @@ def _settle_identity(calls: _CallIndex, rule: Rule, passed: list[_Found]) -> lis
     return matches
 
 
-def _match_serving_all(calls: _CallIndex, rule: Rule, members: list[_Found]) -> Match:
+def _match_serving_all(calls: CallIndex, rule: Rule, members: list[_Found]) -> Match:
     """One match for sites that are together every call of the modules they call, with the same facts."""
     first = members[0]
     swappable = all(found.candidate.covering_call is not None for found in members) and bool(
@@ -288,7 +286,7 @@ def _match_serving_all(calls: _CallIndex, rule: Rule, members: list[_Found]) -> 
     )
 
 
-def _editable(calls: _CallIndex, found: _Found) -> tuple[bool, str]:
+def _editable(calls: CallIndex, found: _Found) -> tuple[bool, str]:
     """Whether the site can be rewritten on its modules, keeping the forward that calls them, and the path of a
     trailing activation to keep in place.
 
@@ -314,117 +312,25 @@ def _editable(calls: _CallIndex, found: _Found) -> tuple[bool, str]:
     return True, kept
 
 
-class _CallIndex:
-    """The traced graphs' nodes in order, and their module calls: which nodes each call made, which module object
-    made it."""
-
-    def __init__(self, traced: Traced) -> None:
-        self.model = traced.model
-        self.opaque_calls = traced.opaque_calls
-        self.ordered: list[fx.Node] = []
-        self.region_of: dict[fx.Node, int] = {}
-        self.module_of: dict[fx.Node, nn.Module] = {}  # what each call_module node calls
-        for index, region in enumerate(traced.regions):
-            for node in region.graph_module.graph.nodes:
-                self.ordered.append(node)
-                self.region_of[node] = index
-                if node.op == "call_module":
-                    self.module_of[node] = region.graph_module.get_submodule(node.target)
-        self.order = {node: position for position, node in enumerate(self.ordered)}
-        self.nodes_of_call: dict[CallId, list[fx.Node]] = {}
-        self.path_of_call: dict[CallId, str] = {}
-        self.type_of_call: dict[CallId, str] = {}
-        self.boundary_of_call: dict[CallId, fx.Node] = {}  # a leaf call's own call_module node
-        self.object_of_call: dict[CallId, int] = {}  # id() of the module object that made the call
-        self.calls_of_object: dict[int, set[CallId]] = {}
-        self.path_of_object: dict[int, str] = {}
-        self.stateful: set[int] = set()  # objects holding parameters or buffers
-        for node in self.ordered:
-            if node.op not in ("placeholder", "output"):
-                self._add(node)
-        self.distinct_nodes_of_call = {call: len(set(nodes)) for call, nodes in self.nodes_of_call.items()}
-        self.size_of_call = {
-            call: sum(node.op not in _STRUCTURAL_OPS for node in nodes)
-            for call, nodes in self.nodes_of_call.items()
-        }
-
-    def _add(self, node: fx.Node) -> None:
-        node_facts = facts(node)
-        if node.op == "call_module":
-            self.boundary_of_call.setdefault(node_facts.call, node)
-        for frame in node_facts.frames:
-            self.nodes_of_call.setdefault(frame.call, []).append(node)
-            if frame.call in self.path_of_call:
-                continue
-            self.path_of_call[frame.call] = frame.path
-            self.type_of_call[frame.call] = frame.type_name
-            module = _module_at(self.model, frame.path)
-            self.object_of_call[frame.call] = id(module)
-            self.calls_of_object.setdefault(id(module), set()).add(frame.call)
-            self.path_of_object.setdefault(id(module), frame.path)
-            if next(module.parameters(), None) is not None or next(module.buffers(), None) is not None:
-                self.stateful.add(id(module))
-
-    def made_within(self, call: CallId, own: set[fx.Node]) -> bool:
-        """Whether every node of ``call`` is in ``own``; the size first, so that a site's enclosing calls (the
-        root's: every node) cost nothing to rule out."""
-        return self.distinct_nodes_of_call[call] <= len(own) and own.issuperset(self.nodes_of_call[call])
-
-    def computing_nodes(self, call: CallId) -> list[fx.Node]:
-        return [node for node in self.nodes_of_call[call] if node.op not in _STRUCTURAL_OPS]
-
-    def calls_within(self, candidate: _Candidate) -> set[CallId]:
-        """The module calls all of whose nodes belong to the candidate."""
-        own = set(candidate.nodes)
-        stacks = {call for node in candidate.nodes for call in facts(node).calls}
-        return {call for call in stacks if self.made_within(call, own)}
-
-    def identity(self, candidate: _Candidate) -> frozenset[int]:
-        """The module objects whose sharing a rewrite of the candidate must respect: the stateful ones it calls,
-        and the module it swaps."""
-        objects = {self.object_of_call[call] for call in self.calls_within(candidate)}
-        identity = {obj for obj in objects if obj in self.stateful}
-        if candidate.covering_call is not None and candidate.covering_path:
-            identity.add(self.object_of_call[candidate.covering_call])
-        return frozenset(identity)
-
-    def hidden_calls(self, candidate: _Candidate) -> str | None:
-        """Why the candidate cannot be rewritten safely when an opaque module calls one of its modules (or
-        their region) more often than the graph shows, else None."""
-        paths = {facts(node).path for node in candidate.nodes} | {
-            frame.path for frame in facts(candidate.nodes[0]).frames
-        }
-        repeated = sorted(path for path in paths if self.opaque_calls.get(path, 0) > 1)
-        if not repeated:
-            return None
-        return (
-            f"{repeated[0]} is called {self.opaque_calls[repeated[0]]} times by a module fx cannot trace, and only"
-            " its first call could be seen; a rewrite would change the others unchecked"
-        )
+def _swapped(candidate: _Candidate) -> CallId | None:
+    """The module call whose module a rewrite of the candidate swaps (none for the root's own call)."""
+    return candidate.covering_call if candidate.covering_path else None
 
 
-def _module_at(model: nn.Module, path: str) -> nn.Module:
-    """The module a call path names; a module the model does not hold (made in a forward) stands for itself."""
-    try:
-        return model.get_submodule(path)
-    except AttributeError:
-        return nn.Module()
-
-
-def _candidates(calls: _CallIndex, rule: Rule) -> Iterator[_Candidate]:
+def _candidates(calls: CallIndex, rule: Rule) -> Iterator[_Candidate]:
     if rule.match.module:
         yield from _module_candidates(calls, set(rule.match.module))
     else:
         yield from _chain_candidates(calls, rule)
 
 
-def _module_candidates(calls: _CallIndex, class_names: set[str]) -> Iterator[_Candidate]:
+def _module_candidates(calls: CallIndex, class_names: set[str]) -> Iterator[_Candidate]:
     for call, nodes in calls.nodes_of_call.items():  # insertion order = graph order of each call's first node
         if calls.type_of_call[call] in class_names:
             yield _Candidate(tuple(nodes), call, calls.path_of_call[call], calls.boundary_of_call.get(call))
 
 
-def _chain_candidates(calls: _CallIndex, rule: Rule) -> Iterator[_Candidate]:
+def _chain_candidates(calls: CallIndex, rule: Rule) -> Iterator[_Candidate]:
     steps = rule.match.chain
     for node in calls.ordered:
         chain = _follow_chain(calls, node, steps)
@@ -432,7 +338,7 @@ def _chain_candidates(calls: _CallIndex, rule: Rule) -> Iterator[_Candidate]:
             yield _covering(calls, tuple(chain))
 
 
-def _follow_chain(calls: _CallIndex, start: fx.Node, steps: tuple[ChainStep, ...]) -> list[fx.Node] | None:
+def _follow_chain(calls: CallIndex, start: fx.Node, steps: tuple[ChainStep, ...]) -> list[fx.Node] | None:
     """The longest node chain from ``start`` that the steps accept, each link being its predecessor's sole user."""
     if not _accepts(calls, start, steps[0]):
         return None
@@ -457,11 +363,11 @@ def _follow_chain(calls: _CallIndex, start: fx.Node, steps: tuple[ChainStep, ...
     return best
 
 
-def _accepts(calls: _CallIndex, node: fx.Node, step: ChainStep) -> bool:
+def _accepts(calls: CallIndex, node: fx.Node, step: ChainStep) -> bool:
     return step.accepts(node.op, node.target, calls.module_of.get(node))
 
 
-def _covering(calls: _CallIndex, nodes: tuple[fx.Node, ...]) -> _Candidate:
+def _covering(calls: CallIndex, nodes: tuple[fx.Node, ...]) -> _Candidate:
     """The outermost module call whose nodes are exactly ``nodes`` (plus structural ones), if there is one."""
     stacks = [facts(node).calls for node in nodes]
     common = []
@@ -482,7 +388,7 @@ def _covering(calls: _CallIndex, nodes: tuple[fx.Node, ...]) -> _Candidate:
     return _Candidate(nodes, covering, calls.path_of_call[covering], calls.boundary_of_call.get(covering))
 
 
-def _inside_excluded(calls: _CallIndex, candidate: _Candidate, rule: Rule) -> bool:
+def _inside_excluded(calls: CallIndex, candidate: _Candidate, rule: Rule) -> bool:
     excluded = set(rule.match.not_inside)
     if not excluded:
         return False
@@ -493,7 +399,7 @@ def _inside_excluded(calls: _CallIndex, candidate: _Candidate, rule: Rule) -> bo
     )
 
 
-def _site(calls: _CallIndex, candidate: _Candidate, rule: Rule) -> _Found | Rejection:
+def _site(calls: CallIndex, candidate: _Candidate, rule: Rule) -> _Found | Rejection:
     """The facts builders and ``where`` predicates see, or why the candidate cannot be a site."""
     ends = _ends(candidate)
     if isinstance(ends, str):
@@ -540,7 +446,7 @@ def _site(calls: _CallIndex, candidate: _Candidate, rule: Rule) -> _Found | Reje
         bias=conv.bias is not None if conv is not None else None,
         activation=activation,
         norm=norm,
-        counts=dict(Counter(calls.type_of_call[call] for call in calls.calls_within(candidate))),
+        counts=dict(Counter(calls.type_of_call[call] for call in calls.calls_within(candidate.nodes))),
         lengths=_lengths(calls, candidate),
         # New blocks go where the replaced weights are; a site without weights follows its input.
         device=weight.device if weight is not None else torch.device("cpu"),
@@ -558,7 +464,7 @@ def _ends(candidate: _Candidate) -> tuple[fx.Node, fx.Node] | str:
     inputs = []
     for node in boundary:
         for source in node.all_input_nodes:
-            if source not in own and source.op not in _STRUCTURAL_OPS and source not in inputs:
+            if source not in own and source.op not in STRUCTURAL_OPS and source not in inputs:
                 inputs.append(source)
     outputs = [node for node in boundary if any(user not in own for user in node.users)]
     if len(inputs) != 1 or len(outputs) != 1:
@@ -566,22 +472,22 @@ def _ends(candidate: _Candidate) -> tuple[fx.Node, fx.Node] | str:
     return inputs[0], outputs[0]
 
 
-def _lengths(calls: _CallIndex, candidate: _Candidate) -> dict[str, int]:
+def _lengths(calls: CallIndex, candidate: _Candidate) -> dict[str, int]:
     """For a site that is one module's call: how many modules each of its direct children holds directly."""
     if candidate.covering_call is None:
         return {}
-    module = _module_at(calls.model, calls.path_of_call[candidate.covering_call])
+    module = module_at(calls.model, calls.path_of_call[candidate.covering_call])
     return {name: len(child._modules) for name, child in module.named_children()}
 
 
-def _modules_under(calls: _CallIndex, candidate: _Candidate) -> Iterator[nn.Module]:
+def _modules_under(calls: CallIndex, candidate: _Candidate) -> Iterator[nn.Module]:
     for node in candidate.nodes:
         module = calls.module_of.get(node)
         if module is not None:
             yield from module.modules()
 
 
-def _activation(calls: _CallIndex, candidate: _Candidate) -> nn.Module | None:
+def _activation(calls: CallIndex, candidate: _Candidate) -> nn.Module | None:
     """A new module computing the site's last activation (a module, function or tensor method, with its
     arguments, or the activation a norm applies itself), or ``None`` when the site has none.
 
