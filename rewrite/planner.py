@@ -32,6 +32,7 @@ from rewrite.rewriter import (
     absorb_into_graph_regions,
     build_sites,
     check_outputs,
+    refuse_frozen,
     rewrite_model,
     site_module,
     site_module_paths,
@@ -39,7 +40,7 @@ from rewrite.rewriter import (
 from rewrite.rules import RuleSet, load_rules
 from rewrite.signature import module_signature
 from rewrite.site import Site
-from rewrite.tracer import Leaf, Traced, mode_dependent_regions, trace
+from rewrite.tracer import Leaf, Traced, trace
 
 __all__ = [
     "BlockSummary",
@@ -395,7 +396,7 @@ def _build_sites(model: nn.Module, matched: _Matched, allow_frozen: bool, on_met
     """Build every match's block (on meta when the model runs there), refuse the sites that would freeze a
     mode-dependent forward, and measure the rest; a site whose block cannot stand in for it is rejected."""
     candidates = build_sites(model, matched.found.matches, device=torch.device("meta") if on_meta else None)
-    kept, rejected, messages = _refuse_frozen(matched.traced, candidates, allow_frozen)
+    kept, rejected, messages = refuse_frozen(matched.traced, candidates, allow_frozen)
     built, changes = [], []
     measured_alike: dict[tuple, tuple] = {}  # see _measure_site
     for candidate in absorb_into_graph_regions(kept):
@@ -488,46 +489,6 @@ def _structure_change(planned: dict[str, tuple], now: dict[str, tuple]) -> str |
             return f"{where} is now {after[0]}, was {before[0]}"
         return f"the weights of {where} changed shape"
     return None
-
-
-def _refuse_frozen(
-    traced: Traced, sites: list[BuiltSite], allow_frozen: bool
-) -> tuple[list[BuiltSite], list[Rejection], list[str]]:
-    """The sites whose rewrite does not freeze a mode-dependent forward; the others as rejections, or, with
-    ``allow_frozen``, kept with a warning that says which code paths were frozen."""
-    regions = {
-        occurrence.region
-        for site in sites
-        if site.match.kind is Kind.GRAPH
-        for occurrence in site.match.occurrences
-    }
-    dependent = mode_dependent_regions(traced, sorted(regions))
-    kept, rejected, messages = [], [], []
-    for site in sites:
-        match = site.match
-        reasons = [
-            dependent[o.region]
-            for o in match.occurrences
-            if match.kind is Kind.GRAPH and o.region in dependent
-        ]
-        if not reasons:
-            kept.append(site)
-        elif allow_frozen:
-            mode = "training" if traced.model.training else "eval"
-            messages.append(
-                f"{match.path}: frozen: {reasons[0]}; the rewritten copy runs its {mode}-mode code in both modes"
-            )
-            kept.append(site)
-        else:
-            rejected.append(
-                Rejection(
-                    match.path,
-                    match.rule.name,
-                    f"{reasons[0]}, and only a rewrite of its traced graph can express this site, which would fix"
-                    " that code for both modes (allow_frozen=True, or --allow-frozen, rewrites it anyway)",
-                )
-            )
-    return kept, rejected, messages
 
 
 def _measure_site(

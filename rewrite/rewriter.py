@@ -11,6 +11,9 @@ Two ways to rewrite a site, chosen per traced region:
   *is* the GraphModule). A region with any graph rewrite takes all of its sites as graph rewrites, so one
   region never mixes a swapped module tree with a graph that still calls the old modules.
 
+A graph rewrite fixes the code the region traced to in the model's current mode; :func:`refuse_frozen` turns
+away the graph sites of regions that run other code in the other train/eval mode, unless the caller allows it.
+
 The user's model is only ever read: everything happens on a deep copy (a weight-free copy on the meta device
 when planning), so an error at any step leaves the input untouched.
 """
@@ -31,10 +34,10 @@ from rewrite.builders import build
 from rewrite.errors import BuildError
 from rewrite.execution import Outcome, RunFailed, meta_memo, one_line, run
 from rewrite.facts import FACTS_KEY, TENSOR_META_KEY, CallId, Frame, NodeFacts, facts
-from rewrite.match import Kind, Match, Occurrence
+from rewrite.match import Kind, Match, Occurrence, Rejection
 from rewrite.paths import has_attribute, join_path, parent_path, relative_path
 from rewrite.site import Site
-from rewrite.tracer import Traced
+from rewrite.tracer import Traced, mode_dependent_regions
 from rewrite.vocabulary import Role, has_role
 
 __all__ = [
@@ -43,6 +46,7 @@ __all__ = [
     "absorb_into_graph_regions",
     "build_sites",
     "check_outputs",
+    "refuse_frozen",
     "rewrite_model",
     "site_module",
     "site_module_paths",
@@ -128,6 +132,46 @@ def _ends_in(block: nn.Module, activation: type[nn.Module]) -> bool:
         else:
             return False
     return bool(seen)
+
+
+def refuse_frozen(
+    traced: Traced, sites: list[BuiltSite], allow_frozen: bool
+) -> tuple[list[BuiltSite], list[Rejection], list[str]]:
+    """The sites whose rewrite does not freeze a mode-dependent forward; the others as rejections, or, with
+    ``allow_frozen``, kept with a warning that says which code paths were frozen."""
+    regions = {
+        occurrence.region
+        for site in sites
+        if site.match.kind is Kind.GRAPH
+        for occurrence in site.match.occurrences
+    }
+    dependent = mode_dependent_regions(traced, sorted(regions))
+    kept, rejected, messages = [], [], []
+    for site in sites:
+        match = site.match
+        reasons = [
+            dependent[o.region]
+            for o in match.occurrences
+            if match.kind is Kind.GRAPH and o.region in dependent
+        ]
+        if not reasons:
+            kept.append(site)
+        elif allow_frozen:
+            mode = "training" if traced.model.training else "eval"
+            messages.append(
+                f"{match.path}: frozen: {reasons[0]}; the rewritten copy runs its {mode}-mode code in both modes"
+            )
+            kept.append(site)
+        else:
+            rejected.append(
+                Rejection(
+                    match.path,
+                    match.rule.name,
+                    f"{reasons[0]}, and only a rewrite of its traced graph can express this site, which would fix"
+                    " that code for both modes (allow_frozen=True, or --allow-frozen, rewrites it anyway)",
+                )
+            )
+    return kept, rejected, messages
 
 
 def rewrite_model(
