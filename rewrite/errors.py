@@ -6,6 +6,10 @@ about it, so the CLI can print ``str(error)`` and nothing else.
 
 from __future__ import annotations
 
+import functools
+import os
+import traceback
+
 __all__ = [
     "BuildError",
     "ExportError",
@@ -19,6 +23,7 @@ __all__ = [
     "ScopeError",
     "ShapeCheckError",
     "TraceError",
+    "one_line",
 ]
 
 
@@ -68,3 +73,44 @@ class RecipeError(RewriteError):
 
 class ExportError(RewriteError):
     """A model cannot be exported to ONNX, or the exported file does not compute what the model does."""
+
+
+def one_line(error: BaseException) -> str:
+    """``Type: first sentence of the message (file:line)``, the line being the model's own innermost one.
+
+    torch's messages go on with advice and context that do not fit on one line (nor apply to meta stand-ins).
+    The line is that of the innermost frame outside torch and outside this library's tracing and running code.
+
+    >>> def forward(x):
+    ...     raise ValueError("expected 3 channels. Got 4.")
+    >>> try:
+    ...     forward(None)
+    ... except ValueError as error:
+    ...     print(one_line(error))  # doctest: +ELLIPSIS
+    ValueError: expected 3 channels (<doctest ...one_line[0]>:2)
+    """
+    lines = str(error).strip().splitlines()
+    message = lines[0].split(". ")[0].rstrip(".") if lines else ""
+    if len(message) > 160:
+        message = message[:157] + "..."
+    where = ""
+    for frame, line in traceback.walk_tb(error.__traceback__):  # outermost first: the last kept is innermost
+        filename = os.path.abspath(frame.f_code.co_filename)
+        if not filename.startswith(_torch_dir()) and filename not in _DRIVER_FILES:
+            where = f" ({os.path.basename(filename)}:{line})"
+    return f"{type(error).__name__}: {message}{where}" if message else f"{type(error).__name__}{where}"
+
+
+# The frames one_line looks past to find the model's own line: torch's, and those of this library's modules
+# that trace, run or count a model (errors pass through them on their way up).
+_DRIVER_FILES = frozenset(
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
+    for name in ("execution", "meta_ops", "tracer", "profiler")
+)
+
+
+@functools.cache
+def _torch_dir() -> str:
+    import torch  # an error from torch's frames means torch is loaded; this module itself needs none of it
+
+    return os.path.dirname(os.path.abspath(torch.__file__)) + os.sep

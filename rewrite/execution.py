@@ -66,6 +66,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from rewrite.errors import one_line
 from rewrite.meta_ops import MetaOpMemo
 
 __all__ = [
@@ -80,7 +81,6 @@ __all__ = [
     "meta_memo",
     "model_lock",
     "on_meta_else_real",
-    "one_line",
     "physical_memory",
     "run",
     "working_copy",
@@ -90,14 +90,6 @@ T = TypeVar("T")
 
 _SMALL_CONSTANT = (
     16  # elements: cached CPU tensors this small are constants read as numbers, kept on meta runs
-)
-
-# The frames one_line looks past to find the model's own line: torch's, and those of this library's modules
-# that trace, run or count a model (errors pass through them on their way up).
-_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
-_DRIVER_FILES = frozenset(
-    os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-    for name in ("execution", "meta_ops", "tracer", "profiler")
 )
 
 
@@ -568,32 +560,6 @@ def buffer_values_restored(model: nn.Module) -> Iterator[None]:
             for buffer, version, value in saved:
                 if buffer._version != version:
                     buffer.copy_(value)
-
-
-def one_line(error: BaseException) -> str:
-    """``Type: first sentence of the message (file:line)``, the line being the model's own innermost one.
-
-    torch's messages go on with advice and context that do not fit on one line (nor apply to meta stand-ins).
-    The line is that of the innermost frame outside torch and outside this library's tracing and running code.
-
-    >>> def forward(x):
-    ...     raise ValueError("expected 3 channels. Got 4.")
-    >>> try:
-    ...     forward(None)
-    ... except ValueError as error:
-    ...     print(one_line(error))  # doctest: +ELLIPSIS
-    ValueError: expected 3 channels (<doctest ...one_line[0]>:2)
-    """
-    lines = str(error).strip().splitlines()
-    message = lines[0].split(". ")[0].rstrip(".") if lines else ""
-    if len(message) > 160:
-        message = message[:157] + "..."
-    where = ""
-    for frame, line in traceback.walk_tb(error.__traceback__):  # outermost first: the last kept is innermost
-        filename = os.path.abspath(frame.f_code.co_filename)
-        if not filename.startswith(_TORCH_DIR) and filename not in _DRIVER_FILES:
-            where = f" ({os.path.basename(filename)}:{line})"
-    return f"{type(error).__name__}: {message}{where}" if message else f"{type(error).__name__}{where}"
 
 
 def physical_memory() -> int | None:

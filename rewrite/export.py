@@ -27,8 +27,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from rewrite.errors import ExportError
-from rewrite.execution import one_line
+from rewrite.errors import ExportError, one_line
 from rewrite.files import write_atomically
 from rewrite.fold import fold
 

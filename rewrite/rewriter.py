@@ -31,8 +31,8 @@ from torch import fx, nn
 from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
 from rewrite.builders import build
-from rewrite.errors import BuildError
-from rewrite.execution import Outcome, RunFailed, meta_memo, one_line, run
+from rewrite.errors import BuildError, one_line
+from rewrite.execution import Outcome, RunFailed, meta_memo, run
 from rewrite.facts import FACTS_KEY, TENSOR_META_KEY, CallId, Frame, NodeFacts, facts
 from rewrite.match import Kind, Match, Occurrence, Rejection
 from rewrite.paths import has_attribute, join_path, parent_path, relative_path

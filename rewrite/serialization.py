@@ -53,8 +53,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from rewrite.errors import RecipeError, RewriteError
-from rewrite.execution import one_line, physical_memory
+from rewrite.errors import RecipeError, RewriteError, one_line
+from rewrite.execution import physical_memory
 from rewrite.files import write_atomically
 
 __all__ = ["FORMAT_VERSION", "RECIPE_FILE", "WEIGHTS_FILE", "load", "recipe_files", "save"]

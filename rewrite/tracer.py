@@ -95,7 +95,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from rewrite.errors import TraceError
+from rewrite.errors import TraceError, one_line
 from rewrite.execution import (
     RunFailed,
     Runner,
@@ -105,7 +105,6 @@ from rewrite.execution import (
     meta_memo,
     model_lock,
     on_meta_else_real,
-    one_line,
     real_data_device,
     working_copy,
 )

@@ -13,7 +13,6 @@ from rewrite.execution import (
     Runner,
     attributes_restored,
     on_meta_else_real,
-    one_line,
     run,
 )
 from rewrite.meta_ops import MetaOpMemo
@@ -175,19 +174,6 @@ def test_attributes_are_restored_in_place_and_new_ones_removed() -> None:
         model.append(nn.ReLU())
     assert model[0].cache is cache and torch.equal(cache["anchors"], torch.ones(1))
     assert model[0].weight is weight and not hasattr(model[0], "scratch") and len(model) == 1
-
-
-def test_one_line_keeps_the_first_sentence_and_the_models_own_line() -> None:
-    def forward() -> None:
-        raise RuntimeError("shapes cannot be multiplied. Check the inputs.\nMore detail.")
-
-    try:
-        forward()
-    except RuntimeError as error:
-        reason = one_line(error)
-    assert reason.startswith("RuntimeError: shapes cannot be multiplied (test_execution.py:")
-    assert one_line(ValueError("x" * 200)) == f"ValueError: {'x' * 157}..."
-    assert one_line(KeyError()) == "KeyError"
 
 
 class Mixed(nn.Module):
