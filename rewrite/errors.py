@@ -105,7 +105,7 @@ def one_line(error: BaseException) -> str:
 # that trace, run or count a model (errors pass through them on their way up).
 _DRIVER_FILES = frozenset(
     os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-    for name in ("execution", "meta_ops", "tracer", "profiler")
+    for name in ("execution", "meta_ops", "region", "tracer", "profiler")
 )
 
 

@@ -62,7 +62,7 @@ class Frame:
 
     @property
     def path(self) -> str:
-        """The path the module was called through (see ``rewrite.tracer.held_path``)."""
+        """The path the module was called through (see ``rewrite.region.held_path``)."""
         return self.call.path
 
 

@@ -43,7 +43,8 @@ from rewrite.execution import Outcome, RunFailed, Runner, model_lock, on_meta_el
 from rewrite.meta_ops import UncompiledDispatchMode, meta_op_signature, meta_output, remember_meta_output
 from rewrite.meta_rules import RULED
 from rewrite.paths import join_path, parent_path, path_and_ancestors
-from rewrite.tracer import Leaf, held_path
+from rewrite.region import held_path
+from rewrite.tracer import Leaf
 
 if TYPE_CHECKING:
     from rewrite.graph import StageMap
@@ -131,7 +132,7 @@ class _CallStack:
         path = self.paths.get(id(module))  # modules outside the model (built inside forward) are not charged
         if path is None or threading.get_ident() != self.thread:  # the hooks are global; the count is ours
             return
-        if self.stack:  # credited to the path it is called through (see rewrite.tracer.held_path)
+        if self.stack:  # credited to the path it is called through (see rewrite.region.held_path)
             held = self._held_path(self.stack[-1], module)
             path = join_path(self.stack[-1], held) if held is not None else path
         self.stack += (path,)

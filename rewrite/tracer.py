@@ -34,8 +34,8 @@ Every node carries a :class:`~rewrite.facts.NodeFacts` (read with :func:`~rewrit
 calls that enclosed it, each a path, a class name and a call id; and, once its region ran, fx's
 ``tensor_meta`` (read flattened with :func:`~rewrite.facts.shapes` and :func:`~rewrite.facts.dtypes`; see
 ``docs/design.md``). A module's path is the one *it was called through*: its caller's path joined with the name
-under which the caller holds it (see :func:`held_path`), so an activation object that every block shares is
-``model.10.act`` in ``model.10``, not the path it was first registered under. A call id is a
+under which the caller holds it (see :func:`~rewrite.region.held_path`), so an activation object that every
+block shares is ``model.10.act`` in ``model.10``, not the path it was first registered under. A call id is a
 :class:`~rewrite.facts.CallId` ``(path, n)``: the ``n``-th call of the module at ``path`` (the root's call is
 ``("", 0)``, printed ``@0``), so two calls of a shared module differ.
 
@@ -84,8 +84,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import threading
-import warnings
 from collections import Counter, deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -99,7 +97,6 @@ from rewrite.errors import TraceError, one_line
 from rewrite.execution import (
     RunFailed,
     Runner,
-    attributes_restored,
     buffer_values_restored,
     meta_empty_like,
     meta_memo,
@@ -108,18 +105,23 @@ from rewrite.execution import (
     real_data_device,
     working_copy,
 )
-from rewrite.facts import FACTS_KEY, CallId, Frame, NodeFacts, facts, record_tensor_meta
-from rewrite.paths import join_path, relative_path, split_path
+from rewrite.facts import CallId, Frame, facts
+from rewrite.paths import join_path
+from rewrite.region import (
+    ModuleCall,
+    Region,
+    RegionRun,
+    RegionTracer,
+    fx_concrete_args,
+    held_path,
+    one_node_region,
+    placeholder_inputs,
+)
 from rewrite.vocabulary import is_vocabulary_module
 
 __all__ = ["Leaf", "Region", "Traced", "held_path", "trace"]
 
 _USER_REASON = "user"
-# While it traces, fx patches nn.Module.__call__ and __getattr__ for the whole process, and restores them when it
-# is done: two traces at once, in two threads, would restore each other's patches. One at a time; and the
-# tracer lets other threads' module calls pass by (_Tracer.call_module, _Tracer.getattr).
-_FX_PATCHES = threading.RLock()
-_VARIADIC = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
 # fx's own notion of a leaf (torch.nn built-ins except containers); the method only looks at the module.
 _FX_DEFAULTS = fx.Tracer()
 
@@ -131,21 +133,6 @@ class Leaf:
     path: str  # module path from the model root ("" is the root itself)
     type_name: str  # class name of that module, e.g. "Detect"
     reason: str  # the fx error that made it a leaf, one line ("user" when the caller asked for it)
-
-
-@dataclass
-class Region:
-    """One traced graph: ``graph_module`` computes what the module at ``path`` computes.
-
-    It does so for inputs of the structure it was traced with (the same containers, and the same values for
-    the non-tensor inputs, which the trace fixed). The graph module shares its submodules with the model by
-    reference, and ``call_module`` targets are relative to it; the node's facts (``rewrite.facts.facts``) hold
-    the absolute path. In a one-node region (a leaf called by an opaque module) the target is the leaf's own
-    attribute name.
-    """
-
-    path: str  # module path of the module this graph was traced from ("" = root)
-    graph_module: fx.GraphModule
 
 
 @dataclass
@@ -252,17 +239,6 @@ def _traced_in_other_mode(model: nn.Module, example_inputs: tuple) -> Traced:
     return trace(copy.deepcopy(model).train(not model.training), example_inputs, propagate_shapes=False)
 
 
-@dataclass
-class _Call:
-    """A module call to trace as a region, with the inputs it was (or will be) called with."""
-
-    path: str
-    module: nn.Module
-    args: tuple
-    kwargs: dict[str, Any]
-    stack: tuple[Frame, ...]  # outermost call first, this call last
-
-
 class _Session:
     """One attempt at tracing a model, with every run through one runner: all on meta, or all on real data."""
 
@@ -290,10 +266,11 @@ class _Session:
 
     def build(self, propagate_shapes: bool) -> Traced:
         queue = deque(
-            [_Call("", self.model, self.args, {}, (Frame(CallId("", 0), type(self.model).__name__),))]
+            [ModuleCall("", self.model, self.args, {}, (Frame(CallId("", 0), type(self.model).__name__),))]
         )
         visited: set[str] = set()
-        captured: dict[str, _Call] = {}  # first call of every module below an opened one, in execution order
+        # The first call of every module below an opened one, in execution order.
+        captured: dict[str, ModuleCall] = {}
         while queue:
             call = queue.popleft()
             if call.path in visited:
@@ -318,7 +295,7 @@ class _Session:
     def is_user_leaf(self, module: nn.Module, path: str) -> bool:
         return path in self.leaf_paths or isinstance(module, self.leaf_types)
 
-    def visit(self, call: _Call, propagate_shapes: bool) -> list[_Call]:
+    def visit(self, call: ModuleCall, propagate_shapes: bool) -> list[ModuleCall]:
         """Trace one call into a region, or find it opaque; return the calls of opaque modules to open.
 
         The region runs on its inputs when shapes are wanted, or when opaque leaves in it are to be opened
@@ -326,7 +303,7 @@ class _Session:
         """
         bound = _bind(call.module, call.args, call.kwargs, model=self.model)
         if call.path not in self.failures and self.is_leaf(call.module, call.path):
-            region = _one_node_region(call, bound)
+            region = one_node_region(call, bound)
         else:
             region = self.trace_region(call, bound)
         opened = []
@@ -337,7 +314,7 @@ class _Session:
                 return opened
             # Its call as one node as well, beside the regions of what it calls: a match of the whole module
             # takes its input and output from this call, not from the pieces fx made of its inside.
-            region = _one_node_region(call, bound)
+            region = one_node_region(call, bound)
         self.regions.append(region)
         to_open = set()
         for node in region.graph_module.graph.nodes:
@@ -353,28 +330,17 @@ class _Session:
                 self.leaves[path] = Leaf(path, type(module).__name__, _USER_REASON)
         if not (propagate_shapes or to_open):
             return opened
-        recorder = _RegionRun(region.graph_module, record_shapes=propagate_shapes, keep_calls_of=to_open)
-        self.runner.run(recorder, _positional(bound))
+        recorder = RegionRun(region.graph_module, record_shapes=propagate_shapes, keep_calls_of=to_open)
+        self.runner.run(recorder, placeholder_inputs(bound))
         return opened + list(recorder.kept_calls.values())
 
-    def trace_region(self, call: _Call, bound: inspect.BoundArguments) -> Region | None:
+    def trace_region(self, call: ModuleCall, bound: inspect.BoundArguments) -> Region | None:
         """Trace ``call.module``, making failing submodules leaves; None when its own forward fails."""
-        concrete_args = _concrete_args(bound)
+        concrete_args = fx_concrete_args(bound)
         while call.path not in self.failures:
-            tracer = _Tracer(self, call)
+            tracer = RegionTracer(call, is_leaf=self.is_leaf, calls=self.calls)
             try:
-                with (
-                    _FX_PATCHES,
-                    model_lock(self.model),
-                    attributes_restored(self.model),
-                    warnings.catch_warnings(),
-                ):
-                    # fx warns for each fixed input it cannot guard with an assert; fixing them is the point.
-                    warnings.filterwarnings("ignore", message="Was not able to add assertion")
-                    graph = tracer.trace(call.module, concrete_args)
-                    # Still inside attributes_restored: constants fx parks on the traced module must reach
-                    # the graph module.
-                    graph_module = fx.GraphModule(tracer.root, graph, class_name=type(call.module).__name__)
+                graph_module = tracer.graph_module(concrete_args, model=self.model)
             except Exception as error:  # noqa: BLE001 - user code may raise anything while fx traces it
                 culprit = tracer.raised_in(error)
                 # A leaf cannot raise again; should it seem to, blame the region so that the loop ends.
@@ -384,12 +350,12 @@ class _Session:
             return Region(call.path, graph_module)
         return None
 
-    def capture_calls(self, opened: _Call) -> dict[str, _Call]:
+    def capture_calls(self, opened: ModuleCall) -> dict[str, ModuleCall]:
         """Run an opened module alone; return the first call of every module it calls, at any depth."""
         stack = list(opened.stack[:-1])
         callers: list[nn.Module] = []
         calls: Counter[str] = Counter()
-        captured: dict[str, _Call] = {}
+        captured: dict[str, ModuleCall] = {}
 
         def before(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
             if module is opened.module and not callers:
@@ -403,7 +369,7 @@ class _Session:
             if path not in captured:
                 # Fresh containers: the callee may overwrite items of its input list (YOLO's Detect does).
                 args, kwargs = pytree.tree_map(lambda value: value, (args, kwargs))
-                captured[path] = _Call(path, module, args, kwargs, (*stack, frame))
+                captured[path] = ModuleCall(path, module, args, kwargs, (*stack, frame))
             stack.append(frame)
             callers.append(module)
 
@@ -425,177 +391,6 @@ class _Session:
         return captured
 
 
-class _Tracer(fx.Tracer):
-    """An fx tracer for one region that tracks module calls: for node metadata and to blame failures."""
-
-    def __init__(self, session: _Session, call: _Call) -> None:
-        super().__init__()
-        self.session = session
-        self.region_path = call.path
-        self.stack = list(call.stack)
-        self.callers = [call.module]  # the module objects of the calls on the stack, from the region's own
-        self.calls = Counter(session.calls)  # handed back to the session only when this trace succeeds
-        self._raised_in: dict[int, tuple[BaseException, str]] = {}
-        self._calling: tuple[nn.Module, str] | None = None  # the module being called, and its call path
-        self.thread = threading.get_ident()
-
-    def raised_in(self, error: BaseException) -> str:
-        """Path of the innermost traced-through module whose own code raised ``error`` (else the region)."""
-        raised, path = self._raised_in.get(id(error), (None, self.region_path))
-        return path if raised is error else self.region_path
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return self.session.is_leaf(m, join_path(self.region_path, module_qualified_name))
-
-    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
-        if threading.get_ident() != self.thread:  # fx's patch of nn.Module is global: other threads pass by
-            return attr_val
-        return super().getattr(attr, attr_val, parameter_proxy_cache)
-
-    def path_of_module(self, mod: nn.Module) -> str:
-        # fx names a module by the first path it was registered under; a call is named by its caller.
-        if self._calling is not None and self._calling[0] is mod:
-            return self._calling[1]
-        return super().path_of_module(mod)
-
-    def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
-        if threading.get_ident() != self.thread:
-            return forward(*args, **kwargs)
-        caller_path = relative_path(self.stack[-1].path, self.region_path)
-        held = held_path(self.callers[-1], m)
-        qualified_name = join_path(caller_path, held) if held is not None else super().path_of_module(m)
-        path = join_path(self.region_path, qualified_name)
-        self.stack.append(Frame(CallId(path, self.calls[path]), type(m).__name__))
-        self.callers.append(m)
-        self.calls[path] += 1
-        self._calling = (m, qualified_name)
-        try:
-            return super().call_module(m, forward, args, kwargs)
-        except Exception as error:
-            # The innermost frame sees the error first; a leaf's code never ran, so blame its caller.
-            if not self.is_leaf_module(m, qualified_name):
-                self._raised_in.setdefault(id(error), (error, path))
-            raise
-        finally:
-            self.stack.pop()
-            self.callers.pop()
-
-    def create_node(self, *args: Any, **kwargs: Any) -> fx.Node:
-        node = super().create_node(*args, **kwargs)
-        _annotate(node, self.stack)
-        return node
-
-
-def held_path(holder: nn.Module, module: nn.Module) -> str | None:
-    """The path under which ``holder`` holds ``module``: a direct child's name if it is one, else the first path
-    below ``holder`` (a module held in a ``ModuleList`` and called by the list's owner); None when it is not
-    held at all.
-
-    A call is credited to this path joined to its caller's: a module shared by many parents (an activation kept
-    as a class attribute) is ``model.10.act`` when ``model.10`` calls it, not the path it was first registered
-    under.
-
-    >>> act = nn.SiLU()
-    >>> block = nn.Module(); block.conv = nn.Conv2d(1, 1, 1); block.act = act
-    >>> other = nn.Module(); other.body = nn.ModuleList([nn.Identity(), act])
-    >>> held_path(block, act), held_path(other, act), held_path(block, nn.ReLU())
-    ('act', 'body.1', None)
-    """
-    for name, child in holder._modules.items():
-        if child is module:
-            return name
-    for path, descendant in holder.named_modules():
-        if descendant is module and path:
-            return path
-    return None
-
-
-def _annotate(node: fx.Node, stack: list[Frame] | tuple[Frame, ...]) -> None:
-    node.meta[FACTS_KEY] = NodeFacts(tuple(stack))
-
-
-def _one_node_region(call: _Call, bound: inspect.BoundArguments) -> Region:
-    """A region whose graph calls a leaf module once: ``output(module(*inputs))``, keeping its defaults."""
-    name = split_path(call.path)[1] or "module"
-    graph = fx.Graph()
-    parameters = bound.signature.parameters
-    named = [p for p in parameters.values() if p.kind not in _VARIADIC]
-    variadic_values = any(bound.arguments[p.name] for p in parameters.values() if p.kind in _VARIADIC)
-    # Generated code cannot give a default to an argument followed by one without; keep the trailing run.
-    without_default = [i for i, p in enumerate(named) if p.default is inspect.Parameter.empty]
-    first_default = len(named) if variadic_values else without_default[-1] + 1 if without_default else 0
-    args, kwargs = [], {}
-    for i, parameter in enumerate(named):
-        default = parameter.default if i >= first_default else inspect.Parameter.empty
-        placeholder = graph.placeholder(parameter.name, default_value=default)
-        if parameter.kind == inspect.Parameter.KEYWORD_ONLY:
-            kwargs[parameter.name] = placeholder
-        else:
-            args.append(placeholder)
-    # Variadic inputs get one placeholder per value of the recorded call, in the order _positional lists them.
-    for parameter in parameters.values():
-        value = bound.arguments[parameter.name]
-        if parameter.kind == inspect.Parameter.VAR_POSITIONAL:
-            args += [graph.placeholder(f"{parameter.name}_{i}") for i in range(len(value))]
-        elif parameter.kind == inspect.Parameter.VAR_KEYWORD:
-            kwargs.update({key: graph.placeholder(key) for key in value})
-    graph.output(graph.call_module(name, tuple(args), kwargs))
-    for node in graph.nodes:
-        _annotate(node, call.stack)
-    return Region(
-        call.path, fx.GraphModule({name: call.module}, graph, class_name=type(call.module).__name__)
-    )
-
-
-class _RegionRun(nn.Module):
-    """Runs a region's graph node by node (an fx Interpreter, wrapped as a module for ``functional_call``).
-
-    Writes each node's output shapes and dtypes into its meta when ``record_shapes``, and keeps the first call
-    (inputs and call stack) of each leaf whose path is in ``keep_calls_of``, for opening it.
-    """
-
-    def __init__(self, graph_module: fx.GraphModule, *, record_shapes: bool, keep_calls_of: set[str]) -> None:
-        super().__init__()
-        self.graph_module = graph_module
-        self.record_shapes = record_shapes
-        self.keep_calls_of = keep_calls_of
-        self.kept_calls: dict[str, _Call] = {}
-
-    def forward(self, *args: Any) -> Any:
-        return _RecordingInterpreter(self).run(*args)
-
-
-class _RecordingInterpreter(fx.Interpreter):
-    def __init__(self, run: _RegionRun) -> None:
-        super().__init__(run.graph_module)
-        self.region_run = run
-
-    def fetch_args_kwargs_from_env(self, n: fx.Node) -> tuple[tuple, dict[str, Any]]:
-        # fx hands over immutable lists; modules writing into their input list (YOLO's Detect) need lists.
-        args, kwargs = super().fetch_args_kwargs_from_env(n)
-        args, kwargs = _mutable(args), _mutable(kwargs)
-        node_facts, kept = facts(n), self.region_run.kept_calls
-        path = node_facts.path
-        if n.op == "call_module" and path in self.region_run.keep_calls_of and path not in kept:
-            kept[path] = _Call(path, self.fetch_attr(n.target), *_mutable((args, kwargs)), node_facts.frames)
-        return args, kwargs
-
-    def run_node(self, n: fx.Node) -> Any:
-        value = super().run_node(n)
-        if self.region_run.record_shapes:
-            record_tensor_meta(n, value)
-        return value
-
-
-def _mutable(value: Any) -> Any:
-    if isinstance(value, (list, tuple)):
-        items = [_mutable(item) for item in value]
-        return tuple(items) if isinstance(value, tuple) else items
-    if isinstance(value, dict):
-        return {key: _mutable(item) for key, item in value.items()}
-    return value
-
-
 def _bind(
     module: nn.Module, args: tuple, kwargs: dict[str, Any], *, model: nn.Module
 ) -> inspect.BoundArguments:
@@ -608,33 +403,6 @@ def _bind(
         ) from error
     bound.apply_defaults()
     return bound
-
-
-def _concrete_args(bound: inspect.BoundArguments) -> dict[str, Any]:
-    """fx ``concrete_args``: tensors nested in containers become ``fx.PH``; non-tensor values stay fixed.
-
-    Top-level tensors are left out, so that fx gives their placeholders the parameter's own name.
-    """
-    concrete = {}
-    for name, value in bound.arguments.items():
-        if bound.signature.parameters[name].kind in _VARIADIC or isinstance(value, torch.Tensor):
-            continue
-        concrete[name] = pytree.tree_map_only(torch.Tensor, lambda _: fx.PH, value)
-    return concrete
-
-
-def _positional(bound: inspect.BoundArguments) -> list[Any]:
-    """The inputs in the order of a region graph's placeholders: named ones, then ``*args``, ``**kwargs``."""
-    named, star, double_star = [], [], []
-    for name, value in bound.arguments.items():
-        kind = bound.signature.parameters[name].kind
-        if kind == inspect.Parameter.VAR_POSITIONAL:
-            star = list(value)
-        elif kind == inspect.Parameter.VAR_KEYWORD:
-            double_star = list(value.values())
-        else:
-            named.append(value)
-    return named + star + double_star
 
 
 def _split_leaf_modules(
