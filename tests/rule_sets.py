@@ -18,16 +18,16 @@ CONV_NORM_ACT = ("conv", "norm", "activation?")
 GSCONV_FITS = {"groups": 1, "same_size": True, "out_channels": {"multiple_of": 2}}
 
 
-def toml_value(value: object) -> str:
+def _toml(value: object) -> str:
     """``value`` as TOML: a string, boolean, number, array or inline table."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
         return json.dumps(value)  # a TOML basic string escapes as JSON does
     if isinstance(value, Mapping):
-        return "{ " + ", ".join(f"{key} = {toml_value(item)}" for key, item in value.items()) + " }"
+        return "{ " + ", ".join(f"{key} = {_toml(item)}" for key, item in value.items()) + " }"
     if isinstance(value, Sequence):
-        return "[" + ", ".join(toml_value(item) for item in value) + "]"
+        return "[" + ", ".join(_toml(item) for item in value) + "]"
     return str(value)
 
 
@@ -44,16 +44,14 @@ def chain_rule_toml(
 ) -> str:
     """The TOML of rule set ``name``, scoped to ``scope``, with one rule: ``chain`` (outside ``not_inside``)
     replaced by ``builder`` with ``options``, where each of ``where``'s facts holds."""
-    lines = ["[ruleset]", f"name = {toml_value(name)}"]
+    lines = ["[ruleset]", f"name = {_toml(name)}"]
     if scope is not None:
-        lines.append(f"scope = {toml_value(scope)}")
-    lines += ["[[rule]]", f"name = {toml_value(rule)}", f"match.chain = {toml_value(chain)}"]
+        lines.append(f"scope = {_toml(scope)}")
+    lines += ["[[rule]]", f"name = {_toml(rule)}", f"match.chain = {_toml(chain)}"]
     if not_inside:
-        lines.append(f"match.not_inside = {toml_value(not_inside)}")
-    lines += [f"where.{fact} = {toml_value(value)}" for fact, value in (where or {}).items()]
-    lines += [
-        f"replace.{key} = {toml_value(value)}" for key, value in {"builder": builder, **options}.items()
-    ]
+        lines.append(f"match.not_inside = {_toml(not_inside)}")
+    lines += [f"where.{fact} = {_toml(value)}" for fact, value in (where or {}).items()]
+    lines += [f"replace.{key} = {_toml(value)}" for key, value in {"builder": builder, **options}.items()]
     return "\n".join(lines) + "\n"
 
 
