@@ -17,22 +17,13 @@ import pytest
 import torch
 from html_page import parse_html
 from reference import BASE, GSCONV_ONLY, SLIM_NECK, SLIM_NECK_STATE_DICTS
+from rule_sets import chain_rule_toml
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = "--input 1,3,64,64 --device meta"
-GOOD_RULES = """\
-[ruleset]
-name = "neck-convs"
-description = "Neck convs to GSConv."
-scope = "neck"
-
-[[rule]]
-name = "conv-to-gsconv"
-match.chain = ["Conv2d", "BatchNorm2d?", "activation?"]
-match.not_inside = ["C3"]
-where.out_channels = { multiple_of = 2 }
-replace.builder = "GSConv"
-"""
+GOOD_RULES = chain_rule_toml(
+    name="neck-convs", scope="neck", not_inside=["C3"], where={"out_channels": {"multiple_of": 2}}
+)
 BAD_RULES = GOOD_RULES.replace("match.chain", "mach.chain")
 
 

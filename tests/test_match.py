@@ -7,6 +7,7 @@ import json
 
 import torch
 import torch.nn.functional as F
+from rule_sets import chain_rule_toml
 from torch import fx, nn
 
 import rewrite
@@ -14,14 +15,7 @@ from rewrite.facts import facts
 from rewrite.match import Kind, Match, MatchResult, Rejection, find_matches
 from rewrite.tracer import Traced
 
-CHAIN = """
-[ruleset]
-name = "chain"
-[[rule]]
-name = "conv-chain"
-match.chain = ["Conv2d", "BatchNorm2d?", "activation?"]
-replace.builder = "GSConv"
-"""
+CHAIN = chain_rule_toml(rule="conv-chain")
 
 BLOCK = """
 [ruleset]
@@ -148,7 +142,7 @@ def test_one_module_called_twice_alike_is_one_match_serving_both_calls() -> None
 
 
 def test_rejections_say_why() -> None:
-    strict = CHAIN + "where.out_channels = { multiple_of = 3 }\n"
+    strict = chain_rule_toml(rule="conv-chain", where={"out_channels": {"multiple_of": 3}})
     _, result = find(Inline().eval(), strict, torch.randn(1, 3, 8, 8))
     assert result.matches == [] and result.unmatched_rules == []
     assert result.rejected == [Rejection("conv", "conv-chain", "out_channels 8 is not a multiple of 3")]

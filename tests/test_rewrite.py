@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from models import TinyYolo
+from rule_sets import GSCONV_FITS, chain_rule_toml, chain_rules
 from torch import nn
 
 import rewrite
@@ -10,19 +12,8 @@ from rewrite.errors import BuildError, NoMatchError, NoMatchWarning, ScopeError
 from rewrite.execution import run
 from rewrite.rewriter import build_sites, rewrite_model
 from rewrite.rules import parse_rules
-from tests.models import TinyYolo
 
-CONV_RULE = """
-[ruleset]
-name = "convs"
-[[rule]]
-name = "conv-to-gsconv"
-match.chain = ["Conv2d", "BatchNorm2d?", "activation?"]
-where.groups = 1
-where.same_size = true
-where.out_channels = { multiple_of = 2 }
-replace.builder = "GSConv"
-"""
+CONV_RULES = chain_rules(where=GSCONV_FITS)  # rule "conv-to-gsconv"
 
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -56,7 +47,7 @@ def test_chain_in_a_users_forward_is_rewritten_on_its_modules():
     model = ThreeAttributes().eval()
     x = torch.rand(2, 3, 16, 16)
     before = snapshot(model)
-    plan = rewrite.plan(model, parse_rules(CONV_RULE), x, scope="conv,bn,act")
+    plan = rewrite.plan(model, CONV_RULES, x, scope="conv,bn,act")
 
     assert [(s.path, s.kind, s.before, s.after) for s in plan.sites] == [
         ("conv", "modules", "Conv2d(3→16, k3, s1)", "GSConv(3→16, k3, s1)")
@@ -81,17 +72,17 @@ def test_back_to_back_matches_and_the_scope():
         nn.SiLU(),
         nn.Conv2d(8, 6, 1),
     ).eval()
-    plan = rewrite.plan(model, parse_rules(CONV_RULE), torch.rand(1, 3, 12, 12))
+    plan = rewrite.plan(model, CONV_RULES, torch.rand(1, 3, 12, 12))
     # The second chain starts right where the first ends; the last conv has no norm or activation.
     assert [s.path for s in plan.sites] == ["0", "3", "6"]
-    scoped = rewrite.plan(model, parse_rules(CONV_RULE), torch.rand(1, 3, 12, 12), scope="3,4,5")
+    scoped = rewrite.plan(model, CONV_RULES, torch.rand(1, 3, 12, 12), scope="3,4,5")
     assert [s.path for s in scoped.sites] == ["3"]
 
 
 def test_where_rejections_are_kept_with_their_reason():
     model = TinyYolo().eval()
     # Detect's 1x1 output convs give 3 anchors x (nc + 5) = 24 channels, which a multiple of 16 turns down.
-    strict_rules = parse_rules(CONV_RULE.replace("multiple_of = 2", "multiple_of = 16"))
+    strict_rules = chain_rules(where={**GSCONV_FITS, "out_channels": {"multiple_of": 16}})
     plan = rewrite.plan(model, strict_rules, torch.rand(1, 3, 64, 64), scope="head")
     rejected = {r.path: r.reason for r in plan.rejected}
     assert rejected["model.15.m.0"] == "out_channels 24 is not a multiple of 16"
@@ -100,7 +91,7 @@ def test_where_rejections_are_kept_with_their_reason():
 
 def test_a_rule_that_matches_nothing_warns_or_fails_when_strict():
     rules = parse_rules(
-        CONV_RULE
+        chain_rule_toml(where=GSCONV_FITS)
         + """
 [[rule]]
 name = "no-such-block"
@@ -119,7 +110,7 @@ replace.builder = "VoVGSCSP"
 def test_a_scope_that_matches_nothing_is_an_error():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()).eval()
     with pytest.raises(ScopeError):
-        rewrite.plan(model, parse_rules(CONV_RULE), torch.rand(1, 3, 8, 8), scope="model.99")
+        rewrite.plan(model, CONV_RULES, torch.rand(1, 3, 8, 8), scope="model.99")
 
 
 def test_a_failing_build_leaves_the_model_untouched():
@@ -132,7 +123,7 @@ def test_a_failing_build_leaves_the_model_untouched():
             raise ValueError("no more")
         return nn.Conv2d(site.in_channels, site.out_channels, 1, site.stride)
 
-    rules = parse_rules(CONV_RULE.replace('"GSConv"', '"FailsSecondTime"'))
+    rules = chain_rules(builder="FailsSecondTime", where=GSCONV_FITS)
     model = TinyYolo().eval()
     before = snapshot(model)
     layer_types = [type(m) for m in model.modules()]
@@ -148,7 +139,7 @@ def test_a_block_of_the_wrong_shape_is_named_by_its_site():
     def wrong_channels(site):
         return nn.Conv2d(site.in_channels, site.out_channels + 2, 1, site.stride)
 
-    rules = parse_rules(CONV_RULE.replace('"GSConv"', '"WrongChannels"'))
+    rules = chain_rules(builder="WrongChannels", where=GSCONV_FITS)
     model = TinyYolo().eval()
     # a block that cannot stand in for its site is a rejected candidate, and the plan goes on without it
     plan = rewrite.plan(model, rules, torch.rand(1, 3, 64, 64), scope="neck")
@@ -211,7 +202,7 @@ def test_a_weight_free_copy_moves_tensors_a_forward_cached_to_meta_too():
     model = CachesABias().eval()
     x = torch.rand(1, 3, 8, 8)
     model(x)  # the cache now holds a CPU tensor, which a weight-free copy must not keep on the CPU
-    plan = rewrite.plan(model, parse_rules(CONV_RULE), x)
+    plan = rewrite.plan(model, CONV_RULES, x)
     assert plan.device == "meta" and [s.path for s in plan.sites] == ["conv"]
     assert model.cache[0].device.type == "cpu"  # the meta runs put the cached tensor back
     assert plan.apply()(x).shape == (1, 8, 8, 8)

@@ -9,11 +9,11 @@ and timm's norm-with-activation and padded-conv classes.
 import functools
 
 import pytest
-import test_keep_forward
 import timm
 import torch
 import torch.nn.functional as F
 import torchvision
+from rule_sets import CONV_NORM_ACT, GSCONV_FITS, chain_rules
 from timm.layers import BatchNormAct2d, Conv2dSame, ConvNormAct, LayerNorm2d
 from torch import fx, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
@@ -35,7 +35,7 @@ from rewrite.vocabulary import (
 )
 
 # conv → norm → activation? → GSConv (activation "inherit", the default), where GSConv can take the conv's place.
-GENERIC = rewrite.parse_rules(test_keep_forward.GENERIC)
+GENERIC = chain_rules(CONV_NORM_ACT, where=GSCONV_FITS, name="generic")
 
 
 class ConvThen(nn.Module):

@@ -11,6 +11,7 @@ import re
 
 import pytest
 import torch
+from rule_sets import CONV_NORM_ACT, GSCONV_FITS, chain_rule_toml
 from torch import nn
 
 import rewrite
@@ -141,21 +142,7 @@ def test_changed_modules_lists_the_new_blocks_and_not_what_they_absorbed(setup):
     assert changed_modules(original, copy.deepcopy(original)) == []
 
 
-GENERIC_RULE = """
-[ruleset]
-name = "conv-norm-act-to-gsconv"
-description = "every conv -> norm -> activation chain of even width becomes a GSConv"
-
-[[rule]]
-name = "conv-norm-act-to-gsconv"
-match.chain = ["conv", "norm", "activation?"]
-where.groups = 1
-where.dilation = 1
-where.same_size = true
-where.out_channels = { multiple_of = 2 }
-replace.builder = "GSConv"
-replace.activation = "inherit"
-"""
+GENERIC_RULE = chain_rule_toml(CONV_NORM_ACT, where={**GSCONV_FITS, "dilation": 1}, activation="inherit")
 
 
 @pytest.fixture(scope="module")

@@ -5,36 +5,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from rule_sets import CONV_NORM_ACT, GSCONV_FITS, chain_rules
 from torch import nn
 
 import rewrite
 from rewrite.blocks import GSConv
 from rewrite.facts import CallId, Frame, dtypes, facts, shapes
 
-CHAIN = """
-[ruleset]
-name = "chain"
-[[rule]]
-name = "conv-bn-act"
-match.chain = ["{first}", "BatchNorm2d", "activation"]
-where.in_channels = 8
-replace.builder = "GSConv"
-"""
-GENERIC = """
-[ruleset]
-name = "generic"
-[[rule]]
-name = "conv-norm-act"
-match.chain = ["conv", "norm", "activation?"]
-where.groups = 1
-where.same_size = true
-where.out_channels = { multiple_of = 2 }
-replace.builder = "GSConv"
-"""
+
+def rules(builder: str = "GSConv") -> rewrite.RuleSet:
+    """The issue's rule: a Conv2d → BatchNorm2d → activation chain of 8 inputs, to ``builder``."""
+    return chain_rules(("Conv2d", "BatchNorm2d", "activation"), builder, where={"in_channels": 8})
 
 
-def rules(text: str = CHAIN, first: str = "Conv2d") -> rewrite.RuleSet:
-    return rewrite.parse_rules(text.replace("{first}", first))
+GENERIC = chain_rules(CONV_NORM_ACT, where=GSCONV_FITS, name="generic")
 
 
 class TrainingBranch(nn.Module):
@@ -131,7 +115,7 @@ def test_a_site_only_a_frozen_graph_can_express_is_refused_with_why():
 
 def test_resnet18_keeps_its_classes_where_module_edits_express_the_rewrite():
     model, x = torchvision.models.resnet18(weights=None).eval(), torch.randn(1, 3, 64, 64)
-    plan = rewrite.plan(model, rules(GENERIC), x)
+    plan = rewrite.plan(model, GENERIC, x)
     kinds = {s.kind for s in plan.sites}
     assert len(plan.sites) == 20 and kinds <= {"module", "modules"}
     # each BasicBlock calls one relu twice: it stays in place, since the new block already ends in a ReLU
@@ -147,7 +131,7 @@ def test_resnet18_keeps_its_classes_where_module_edits_express_the_rewrite():
 def test_a_segmentation_model_keeps_its_class_and_its_ordered_dict_output():
     model = torchvision.models.segmentation.deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None)
     x = torch.randn(1, 3, 64, 64)
-    generic = rules(GENERIC.replace("where.groups = 1", "where.groups = 1\nwhere.dilation = 1"))
+    generic = chain_rules(CONV_NORM_ACT, where={**GSCONV_FITS, "dilation": 1}, name="generic")
     plan = rewrite.plan(model.eval(), generic, x)
     assert plan.sites and {s.kind for s in plan.sites} <= {"module", "modules"} and plan.shape_check.passed
     new = plan.apply()
@@ -161,7 +145,7 @@ def test_timm_models_keep_their_class_and_methods(name):
     import timm
 
     model = timm.create_model(name, pretrained=False).eval()
-    plan = rewrite.plan(model, rules(GENERIC), torch.randn(1, 3, 64, 64))
+    plan = rewrite.plan(model, GENERIC, torch.randn(1, 3, 64, 64))
     assert plan.sites and {s.kind for s in plan.sites} <= {"module", "modules"}
     new = plan.apply()
     assert type(new) is type(model) and new.pretrained_cfg == model.pretrained_cfg
@@ -192,7 +176,7 @@ def test_the_shape_check_runs_in_the_other_mode_too():
     model, x = TrainingBranch().eval(), torch.randn(2, 3, 8, 8)
     good = rewrite.plan(model, rules(), x)
     assert good.shape_check.detail == "1 output(s): structure and shapes unchanged, in eval and training mode"
-    bad = rewrite.plan(model, rules(CHAIN.replace('"GSConv"', '"HalvesInTraining"')), x)
+    bad = rewrite.plan(model, rules("HalvesInTraining"), x)
     assert not bad.shape_check.passed
     assert bad.shape_check.detail.startswith("in training mode: output 0 has shape (2, 4, 8, 8)")
     with pytest.raises(rewrite.ShapeCheckError, match="in training mode"):
@@ -219,7 +203,7 @@ class ObservedStem(nn.Module):
 
 def test_a_graph_rewrite_erases_only_the_sites_nodes():
     model = ObservedStem()
-    slim = rewrite.plan(model, rules(GENERIC), torch.randn(2, 8, 8, 8)).apply()
+    slim = rewrite.plan(model, GENERIC, torch.randn(2, 8, 8, 8)).apply()
 
     assert isinstance(slim, torch.fx.GraphModule)
     calls = [node.target for node in slim.graph.nodes if node.op == "call_module"]
@@ -232,7 +216,7 @@ def test_a_graph_rewrite_erases_only_the_sites_nodes():
 def test_the_node_calling_a_new_block_carries_the_tracers_facts():
     model = ObservedStem().eval()
     x = torch.randn(2, 8, 8, 8)
-    slim = rewrite.plan(model, rules(GENERIC), x).apply()
+    slim = rewrite.plan(model, GENERIC, x).apply()
 
     (new,) = [
         n

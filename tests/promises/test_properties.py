@@ -27,25 +27,14 @@ import pytest
 import torch
 from hypothesis import given
 from netgen import INPUT_SHAPE, Net, build, nets
+from rule_sets import chain_rules
 from torch import nn
 
 import rewrite
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-GENERIC_RULES = rewrite.parse_rules(
-    """
-[ruleset]
-name = "generic"
-description = "Every conv chain, anywhere, to GSConv."
-
-[[rule]]
-name = "any-conv"
-match.chain = ["Conv2d", "BatchNorm2d?", "activation?"]
-replace.builder = "GSConv"
-""",
-    "generic.toml",
-)
+GENERIC_RULES = chain_rules(name="generic")  # every conv chain, anywhere, to GSConv
 # gsconv-only's own scope is the neck, which these nets lack: its rules look at the whole model instead.
 RULE_SETS = (dataclasses.replace(rewrite.load_rules("gsconv-only"), scope=None), GENERIC_RULES)
 

@@ -5,6 +5,7 @@ import gc
 import pytest
 import torch
 from models import CBA
+from rule_sets import chain_rules
 from torch import nn
 
 import rewrite
@@ -12,19 +13,10 @@ from rewrite.builders import register_builder
 from rewrite.execution import full_collections_deferred
 from rewrite.zoo import create_model
 
-CONV_RULE = """
-[ruleset]
-name = "conv"
-[[rule]]
-name = "conv"
-match.chain = ["Conv2d", "BatchNorm2d?", "activation?"]
-where.in_channels = 8
-replace.builder = "{builder}"
-"""
-
 
 def conv_rules(builder: str = "GSConv") -> rewrite.RuleSet:
-    return rewrite.parse_rules(CONV_RULE.format(builder=builder))
+    """Chains from a conv of 8 inputs, to ``builder``: rule ``conv``, which the errors name."""
+    return chain_rules(builder=builder, where={"in_channels": 8}, rule="conv")
 
 
 class CountsCalls(nn.Module):
