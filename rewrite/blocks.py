@@ -41,7 +41,7 @@ SHUFFLE_VARIANTS: tuple[str, ...] = get_args(ShuffleVariant)
 # ``True`` means the reference SiLU, ``False``/``None`` no activation, a module: that activation.
 Activation = bool | None | nn.Module
 
-Init = TypeVar("Init", bound=Callable[..., None])
+_Init = TypeVar("_Init", bound=Callable[..., None])
 
 # The reference YOLOv5 values; with PyTorch's defaults (1e-5, 0.1) reference weights give different outputs.
 BN_EPS = 1e-3
@@ -324,7 +324,7 @@ class _StageOptions:
         return {"dw_kernel": self.dw_kernel, "shuffle": self.shuffle, **self.norm()}
 
 
-def _takes_stage_options(init: Init) -> Init:
+def _takes_stage_options(init: _Init) -> _Init:
     """Give ``init(self, ..., **options)`` the signature it would have with _StageOptions' fields written out
     as keyword-only parameters, types and defaults included: what ``help()`` and ``inspect.signature`` show."""
     signature = inspect.signature(init)
