@@ -263,10 +263,23 @@ def _gs_settings(site: Site, activation: str, dw_kernel: int, shuffle: str) -> d
     }
 
 
-def _same_size(site: Site, block: str) -> None:
+def _same_size_block(
+    block: type[nn.Module],
+    site: Site,
+    shape: int,
+    expansion: float,
+    activation: ActivationName,
+    dw_kernel: int,
+    shuffle: str,
+) -> nn.Module:
+    """GSBottleneck (``shape`` its kernel size) or VoVGSCSP (``shape`` its number of bottlenecks) for ``site``:
+    the two blocks whose builders take the same options, and keep the spatial size."""
     # These blocks have no stride: a strided site would change the output size.
     if site.stride not in (None, 1):
-        raise ValueError(f"{block} keeps the spatial size, but the site has stride {site.stride}")
+        raise ValueError(f"{block.__name__} keeps the spatial size, but the site has stride {site.stride}")
+    in_channels, out_channels = _known(site, "in_channels"), _known(site, "out_channels")
+    settings = _gs_settings(site, activation, dw_kernel, shuffle)
+    return block(in_channels, out_channels, shape, expansion=expansion, **settings)
 
 
 # The ranges of the built-in blocks' options. The GS blocks pad their convs by kernel // 2, which keeps the
@@ -310,14 +323,7 @@ def _gs_bottleneck(
     activation: ActivationName = "inherit",
 ) -> nn.Module:
     """GSBottleneck(in_channels, out_channels, kernel_size, expansion) for a bottleneck-like site."""
-    _same_size(site, "GSBottleneck")
-    return GSBottleneck(
-        _known(site, "in_channels"),
-        _known(site, "out_channels"),
-        kernel_size,
-        expansion=expansion,
-        **_gs_settings(site, activation, dw_kernel, shuffle),
-    )
+    return _same_size_block(GSBottleneck, site, kernel_size, expansion, activation, dw_kernel, shuffle)
 
 
 @register_builder("VoVGSCSP")
@@ -331,11 +337,4 @@ def _vovgscsp(
     activation: ActivationName = "inherit",
 ) -> nn.Module:
     """VoVGSCSP(in_channels, out_channels, n, expansion) for a CSP-like site of stride 1."""
-    _same_size(site, "VoVGSCSP")
-    return VoVGSCSP(
-        _known(site, "in_channels"),
-        _known(site, "out_channels"),
-        n,
-        expansion=expansion,
-        **_gs_settings(site, activation, dw_kernel, shuffle),
-    )
+    return _same_size_block(VoVGSCSP, site, n, expansion, activation, dw_kernel, shuffle)

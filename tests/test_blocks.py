@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 import torch.fx
@@ -239,6 +241,32 @@ def test_activation_options() -> None:
     assert {type(m.act) for m in places} == {nn.ReLU}
     with pytest.raises(TypeError, match="act must be"):
         GSConv(4, 8, act="relu")
+
+
+@pytest.mark.parametrize(("block", "shape"), [(GSBottleneck, ("kernel_size", 3)), (VoVGSCSP, ("n", 1))])
+def test_gs_stage_blocks_show_their_keywords_as_written_out(block: type[nn.Module], shape: tuple) -> None:
+    # The two blocks' keyword-only parameters are written once (a dataclass): help() and inspect must still
+    # list them, and a misspelt one must fail in the block's name, as with parameters written out.
+    parameters = inspect.signature(block).parameters
+    keywords = {
+        "expansion": 0.5,
+        "act": True,
+        "dw_kernel": 5,
+        "shuffle": "split",
+        "bn_eps": 1e-3,
+        "bn_momentum": 0.03,
+    }
+    assert [(name, p.default) for name, p in parameters.items()] == [
+        ("in_channels", inspect.Parameter.empty),
+        ("out_channels", inspect.Parameter.empty),
+        shape,
+        *keywords.items(),
+    ]
+    assert {parameters[name].kind for name in keywords} == {inspect.Parameter.KEYWORD_ONLY}
+    with pytest.raises(
+        TypeError, match=rf"^{block.__name__}.__init__\(\) got an unexpected keyword argument 'expand'"
+    ):
+        block(8, 8, expand=0.5)
 
 
 def test_batchnorm_defaults_are_the_reference_ones_and_configurable() -> None:

@@ -6,30 +6,26 @@ import html
 
 from tabulate import tabulate
 
-from rewrite.report.document import Document
-from rewrite.report.text import alignments, plain_cells
+from rewrite.report.document import Document, Table
+from rewrite.report.text import alignments, plain_cells, section_lines
 
 
 def render_markdown(doc: Document) -> str:
     lines = [f"## {_md(doc.title)}", ""] + [f"- **{fact.label}:** {_md(fact.value)}" for fact in doc.facts]
     for section in doc.sections:
         lines += ["", f"### {_md(section.title)}", ""]
-        if section.items:
-            lines += [f"- {_md(item)}" for item in section.items]
-        elif section.table and section.table.rows:
-            table = section.table
-            lines.append(
-                tabulate(
-                    [[_md(cell) for cell in row] for row in plain_cells(table)],
-                    [_md(column.header) for column in table.columns],
-                    tablefmt="pipe",  # GitHub's pipe table, with the ":" alignment markers GitHub honours
-                    disable_numparse=True,
-                    colalign=alignments(table),
-                )
-            )
-        else:
-            lines.append("_none_")
+        lines += section_lines(section, _table, none="_none_", item=_md)
     return "\n".join(lines) + "\n"
+
+
+def _table(table: Table) -> str:
+    return tabulate(
+        [[_md(cell) for cell in row] for row in plain_cells(table)],
+        [_md(column.header) for column in table.columns],
+        tablefmt="pipe",  # GitHub's pipe table, with the ":" alignment markers GitHub honours
+        disable_numparse=True,
+        colalign=alignments(table),
+    )
 
 
 _MD_SPECIALS = str.maketrans({c: f"\\{c}" for c in "\\`*_[]|#"})

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -337,31 +337,25 @@ def _check_count(name: str, value: object, meaning: str) -> None:
         raise ModelSpecError(f"argument {name} must be a positive integer ({meaning}), got {value!r}")
 
 
-@register_model
-def yolov5n(nc: int = 80, ch: int = 3) -> DetectionModel:
-    """YOLOv5-N (depth 0.33, width 0.25): 1.87 M params, 4.47 GFLOPs at 640x640 with nc=80."""
-    return _yolov5(0.33, 0.25, nc, ch)
+def _register_size(
+    letter: str, depth_multiple: float, width_multiple: float, figures: str
+) -> Callable[..., DetectionModel]:
+    """The builder of one size of the network, registered as ``yolov5<letter>``; the sizes differ only in how
+    deep and how wide the one config is scaled (the multiples of the public YAML files)."""
+
+    def build(nc: int = 80, ch: int = 3) -> DetectionModel:
+        return _yolov5(depth_multiple, width_multiple, nc, ch)
+
+    build.__name__ = build.__qualname__ = f"yolov5{letter}"
+    build.__doc__ = (
+        f"YOLOv5-{letter.upper()} (depth {depth_multiple:.2f}, width {width_multiple:.2f}): {figures} at 640x640"
+        " with nc=80."
+    )
+    return register_model(build)
 
 
-@register_model
-def yolov5s(nc: int = 80, ch: int = 3) -> DetectionModel:
-    """YOLOv5-S (depth 0.33, width 0.50): 7.24 M params, 16.4 GFLOPs at 640x640 with nc=80."""
-    return _yolov5(0.33, 0.50, nc, ch)
-
-
-@register_model
-def yolov5m(nc: int = 80, ch: int = 3) -> DetectionModel:
-    """YOLOv5-M (depth 0.67, width 0.75): 21.2 M params, 48.9 GFLOPs at 640x640 with nc=80."""
-    return _yolov5(0.67, 0.75, nc, ch)
-
-
-@register_model
-def yolov5l(nc: int = 80, ch: int = 3) -> DetectionModel:
-    """YOLOv5-L (depth 1.00, width 1.00): 46.6 M params, 109.0 GFLOPs at 640x640 with nc=80."""
-    return _yolov5(1.0, 1.0, nc, ch)
-
-
-@register_model
-def yolov5x(nc: int = 80, ch: int = 3) -> DetectionModel:
-    """YOLOv5-X (depth 1.33, width 1.25): 86.7 M params, 205.4 GFLOPs at 640x640 with nc=80."""
-    return _yolov5(1.33, 1.25, nc, ch)
+yolov5n = _register_size("n", 0.33, 0.25, "1.87 M params, 4.47 GFLOPs")
+yolov5s = _register_size("s", 0.33, 0.50, "7.24 M params, 16.4 GFLOPs")
+yolov5m = _register_size("m", 0.67, 0.75, "21.2 M params, 48.9 GFLOPs")
+yolov5l = _register_size("l", 1.00, 1.00, "46.6 M params, 109.0 GFLOPs")
+yolov5x = _register_size("x", 1.33, 1.25, "86.7 M params, 205.4 GFLOPs")
