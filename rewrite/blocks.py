@@ -14,11 +14,7 @@ each method). :func:`rewrite.warm_start` calls it, when a new block has it, befo
 from __future__ import annotations
 
 import copy
-import dataclasses
-import inspect
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Literal, TypeVar, get_args
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor, fx, nn
@@ -40,8 +36,6 @@ SHUFFLE_VARIANTS: tuple[str, ...] = get_args(ShuffleVariant)
 
 # ``True`` means the reference SiLU, ``False``/``None`` no activation, a module: that activation.
 Activation = bool | None | nn.Module
-
-_Init = TypeVar("_Init", bound=Callable[..., None])
 
 # The reference YOLOv5 values; with PyTorch's defaults (1e-5, 0.1) reference weights give different outputs.
 BN_EPS = 1e-3
@@ -288,57 +282,6 @@ def _copy_rows(target: ConvBNAct, unit: _Unit, rows: Tensor | slice) -> None:
             bn.running_mean.sub_(conv.bias[rows])
 
 
-@dataclass(frozen=True, kw_only=True)
-class _StageOptions:
-    """The keyword-only parameters of GSBottleneck and VoVGSCSP, written once for both: the hidden width, and how
-    the GSConvs and ConvBNActs inside the block are made."""
-
-    expansion: float = 0.5
-    act: Activation = True
-    dw_kernel: int = 5
-    shuffle: ShuffleVariant = "split"
-    bn_eps: float = BN_EPS
-    bn_momentum: float = BN_MOMENTUM
-
-    @classmethod
-    def given_to(cls, block: nn.Module, options: dict[str, Any]) -> _StageOptions:
-        """The ``**options`` that ``block``'s constructor got; a name it does not take is refused as Python
-        refuses it in a signature written out."""
-        names = {field.name for field in dataclasses.fields(cls)}
-        for name in options:
-            if name not in names:
-                raise TypeError(
-                    f"{type(block).__name__}.__init__() got an unexpected keyword argument {name!r}"
-                )
-        return cls(**options)
-
-    def hidden(self, out_channels: int) -> int:
-        return int(out_channels * self.expansion)
-
-    def norm(self) -> dict[str, float]:
-        """A ConvBNAct's keywords: its BatchNorm's settings."""
-        return {"bn_eps": self.bn_eps, "bn_momentum": self.bn_momentum}
-
-    def gsconv(self) -> dict[str, Any]:
-        """A GSConv's keywords but its activation, which depends on the GSConv's place in the block."""
-        return {"dw_kernel": self.dw_kernel, "shuffle": self.shuffle, **self.norm()}
-
-
-def _takes_stage_options(init: _Init) -> _Init:
-    """Give ``init(self, ..., **options)`` the signature it would have with _StageOptions' fields written out
-    as keyword-only parameters, types and defaults included: what ``help()`` and ``inspect.signature`` show."""
-    signature = inspect.signature(init)
-    *written, _ = signature.parameters.values()
-    keywords = [
-        inspect.Parameter(
-            field.name, inspect.Parameter.KEYWORD_ONLY, default=field.default, annotation=field.type
-        )
-        for field in dataclasses.fields(_StageOptions)
-    ]
-    init.__signature__ = signature.replace(parameters=[*written, *keywords])
-    return init
-
-
 class GSBottleneck(nn.Module):
     """Two GSConvs (1x1, then ``kernel_size`` without activation) plus a 1x1 conv shortcut, added.
 
@@ -352,16 +295,29 @@ class GSBottleneck(nn.Module):
     ['conv_lighting', 'shortcut']
     """
 
-    @_takes_stage_options
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, **options: Any) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        *,
+        expansion: float = 0.5,
+        act: Activation = True,
+        dw_kernel: int = 5,
+        shuffle: ShuffleVariant = "split",
+        bn_eps: float = BN_EPS,
+        bn_momentum: float = BN_MOMENTUM,
+    ) -> None:
         super().__init__()
-        stage = _StageOptions.given_to(self, options)
-        hidden = stage.hidden(out_channels)
+        hidden = int(out_channels * expansion)
+        common = {"dw_kernel": dw_kernel, "shuffle": shuffle, "bn_eps": bn_eps, "bn_momentum": bn_momentum}
         self.conv_lighting = nn.Sequential(
-            GSConv(in_channels, hidden, 1, 1, act=stage.act, **stage.gsconv()),
-            GSConv(hidden, out_channels, kernel_size, 1, act=False, **stage.gsconv()),
+            GSConv(in_channels, hidden, 1, 1, act=act, **common),
+            GSConv(hidden, out_channels, kernel_size, 1, act=False, **common),
         )
-        self.shortcut = ConvBNAct(in_channels, out_channels, 1, 1, act=False, **stage.norm())
+        self.shortcut = ConvBNAct(
+            in_channels, out_channels, 1, 1, act=False, bn_eps=bn_eps, bn_momentum=bn_momentum
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv_lighting(x) + self.shortcut(x)
@@ -381,17 +337,33 @@ class VoVGSCSP(nn.Module):
     ['cv1', 'cv2', 'gsb', 'cv3']
     """
 
-    @_takes_stage_options
-    def __init__(self, in_channels: int, out_channels: int, n: int = 1, **options: Any) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        n: int = 1,
+        *,
+        expansion: float = 0.5,
+        act: Activation = True,
+        dw_kernel: int = 5,
+        shuffle: ShuffleVariant = "split",
+        bn_eps: float = BN_EPS,
+        bn_momentum: float = BN_MOMENTUM,
+    ) -> None:
         super().__init__()
-        stage = _StageOptions.given_to(self, options)
-        hidden, act, norm = stage.hidden(out_channels), stage.act, stage.norm()
-        self.cv1 = ConvBNAct(in_channels, hidden, 1, 1, act=act, **norm)
-        self.cv2 = ConvBNAct(in_channels, hidden, 1, 1, act=act, **norm)
+        hidden = int(out_channels * expansion)
+        bn = {"bn_eps": bn_eps, "bn_momentum": bn_momentum}
+        self.cv1 = ConvBNAct(in_channels, hidden, 1, 1, act=act, **bn)
+        self.cv2 = ConvBNAct(in_channels, hidden, 1, 1, act=act, **bn)
         self.gsb = nn.Sequential(
-            *(GSBottleneck(hidden, hidden, expansion=1.0, act=act, **stage.gsconv()) for _ in range(n))
+            *(
+                GSBottleneck(
+                    hidden, hidden, expansion=1.0, act=act, dw_kernel=dw_kernel, shuffle=shuffle, **bn
+                )
+                for _ in range(n)
+            )
         )
-        self.cv3 = ConvBNAct(2 * hidden, out_channels, 1, act=act, **norm)
+        self.cv3 = ConvBNAct(2 * hidden, out_channels, 1, act=act, **bn)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.cv3(torch.cat((self.cv2(x), self.gsb(self.cv1(x))), 1))
