@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 from html.parser import HTMLParser
@@ -10,11 +9,10 @@ from html.parser import HTMLParser
 import pytest
 import torch
 from html_page import Element, parse_html
+from plans import slim_neck_l
 from reference import BASE, SLIM_NECK
 
-import rewrite
-import rewrite.report
-from rewrite.gates import GateResult, check_gates
+from rewrite.gates import check_gates
 from rewrite.planner import BlockSummary, Delta, Plan, Rejection, ShapeCheck, SiteChange, StageChange, plan
 from rewrite.profiler import Cost, Profile
 from rewrite.report import FORMATS, JSON_SCHEMA_VERSION, render, render_profile
@@ -99,54 +97,6 @@ def follows(value, schema, where="report"):
             follows(item, schema[0], f"{where}[{i}]")
     else:
         assert isinstance(value, schema) and not (schema is int and isinstance(value, bool)), where
-
-
-# A hand-built plan with slim-neck YOLOv5-L's totals (tests/reference.py) and one of everything.
-SLIM_NECK_L = Plan(
-    model_name="yolov5l",
-    rule_set="slim-neck",
-    scope="neck",
-    input_shapes=[(1, 3, 640, 640)],
-    device="meta",
-    sites=[
-        SiteChange(
-            "model.10",
-            "conv-to-gsconv",
-            "neck",
-            "module",
-            BlockSummary("Conv", 1024, 512, stride=1, kernel_size=1),
-            BlockSummary("GSConv", 1024, 512, stride=1, kernel_size=1),
-            Delta(525_312, 269_568),
-            Delta(859_832_320, 441_548_800),
-        ),
-        SiteChange(
-            "model.13",
-            "csp-to-vovgscsp",
-            "neck",
-            "module",
-            BlockSummary("C3", 1024, 512, stride=1),
-            BlockSummary("VoVGSCSP", 1024, 512, stride=1, n=3),
-            Delta(2_757_632, 1_600_000),
-            Delta(9_000_000_000, 6_000_000_000),
-        ),
-    ],
-    rejected=[Rejection("model.24.m.0", "conv-to-gsconv", "out_channels 255 is not a multiple of 2")],
-    leaves=[Leaf("model.24", "Detect", "symbolically traced variables cannot be used in control flow")],
-    warnings=["slim-neck.toml: rule 'c2f-to-vovgscsp' matched nothing in stage 'neck'"],
-    params=Delta(BASE["yolov5l"][0], SLIM_NECK["yolov5l"][0]),
-    flops=Delta(BASE["yolov5l"][1], SLIM_NECK["yolov5l"][1]),
-    stages={
-        "backbone": StageChange(Delta(27_000_000, 27_000_000), Delta(60_000_000_000, 60_000_000_000)),
-        "neck": StageChange(Delta(19_000_000, 12_395_072), Delta(48_000_000_000, 35_934_003_200)),
-        "head": StageChange(Delta(563_709, 563_709), Delta(993_740_800, 993_740_800)),
-        "other": StageChange(Delta(0, 0), Delta(0, 0)),
-    },
-    shape_check=ShapeCheck(True, "2 outputs, shapes unchanged"),
-)
-
-
-def slim_neck_l(**changes) -> Plan:
-    return dataclasses.replace(SLIM_NECK_L, **changes)
 
 
 def markdown_tables(text: str) -> list[list[str]]:
@@ -260,7 +210,7 @@ def test_json_follows_the_schema_and_carries_the_figures():
     assert render(slim_neck_l(), "json") == render(slim_neck_l(), "json")  # stable for CI diffs
 
 
-def test_gates_say_which_missed_and_by_how_much():
+def test_gates_render_with_their_margins():
     gates = check_gates(
         slim_neck_l(),
         fail_on_no_match=True,
@@ -269,21 +219,6 @@ def test_gates_say_which_missed_and_by_how_much():
         min_params_reduction=10,
         min_flops_reduction=12.0,
     )
-    assert [(g.gate, g.passed) for g in gates] == [
-        ("fail-on-no-match", True),
-        ("max-params", True),
-        ("max-flops", False),
-        ("min-params-reduction", True),
-        ("min-flops-reduction", False),
-    ]
-    assert (
-        gates[2].measured == SLIM_NECK["yolov5l"][1]
-        and gates[2].margin == 90_000_000_000 - SLIM_NECK["yolov5l"][1]
-    )
-    assert gates[2].detail == "missed by 6,927,744,000 FLOPs"
-    assert gates[4].detail == "missed by 0.93 percentage points"
-    assert gates[1].detail == "41,219 params to spare"
-
     data = json.loads(render(slim_neck_l(), "json", gates=gates))
     follows(data["gates"], [GATE])
     assert data["gates_passed"] is False
@@ -302,17 +237,6 @@ def test_gates_say_which_missed_and_by_how_much():
     assert re.search(
         r"(?m)^max-flops\s+≤ 90,000,000,000 \(90.00 G\)\s+96,927,744,000 \(96.93 G\)\s+FAIL", text
     )
-
-    nothing = slim_neck_l(sites=[], unmatched_rules=["csp-to-vovgscsp", "conv-to-gsconv"])
-    no_match = GateResult("fail-on-no-match", "max", 0, 2, "rules")
-    assert check_gates(nothing, fail_on_no_match=True) == [no_match]
-    assert check_gates(nothing, fail_on_no_match=True)[0].detail == "2 rules matched nothing"
-    assert check_gates(nothing) == []
-
-
-def test_gate_policy_lives_in_its_own_module_and_keeps_its_old_names():
-    assert rewrite.report.check_gates is rewrite.check_gates is check_gates
-    assert rewrite.report.GateResult is rewrite.GateResult is GateResult
 
 
 def test_text_has_every_section_and_the_totals():
