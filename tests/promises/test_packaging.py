@@ -1,6 +1,7 @@
 """The repository's promises about itself: README commands, CI, shipped rule sets."""
 
 import re
+import tomllib
 from importlib import resources
 from pathlib import Path
 
@@ -31,3 +32,11 @@ def test_both_commands_pin_torch_through_the_constraints_file():
 def test_rule_sets_ship_inside_the_package():
     shipped = {entry.name for entry in resources.files("rewrite.rulesets").iterdir()}
     assert {"slim-neck.toml", "gsconv-only.toml"} <= shipped
+
+
+def test_every_package_of_the_library_ships():
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {
+        ".".join(init.parent.relative_to(ROOT).parts) for init in (ROOT / "rewrite").rglob("__init__.py")
+    }
+    assert folders <= listed, f"add to pyproject.toml's packages: {sorted(folders - listed)}"
