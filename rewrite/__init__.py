@@ -18,6 +18,14 @@ To deploy: :func:`fold` (an inference copy with BatchNorms and channel shuffles 
 :func:`load` (a recipe and safetensors weights, no pickles) and :func:`export_onnx`.
 """
 
+import warnings
+
+# Importing torch.fx sets up a tensor subclass through torch's NumPy bridge, which warns when NumPy is missing;
+# this library never converts to NumPy, and its core install does not bring it: the warning would only alarm.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
+    import torch.fx  # noqa: F401
+
 from rewrite.blocks import GSBottleneck, GSConv, VoVGSCSP
 from rewrite.builders import register_builder
 from rewrite.errors import (

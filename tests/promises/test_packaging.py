@@ -1,6 +1,8 @@
 """The repository's promises about itself: README commands, CI, shipped rule sets."""
 
 import re
+import subprocess
+import sys
 import tomllib
 from importlib import resources
 from pathlib import Path
@@ -40,3 +42,12 @@ def test_every_package_of_the_library_ships():
         ".".join(init.parent.relative_to(ROOT).parts) for init in (ROOT / "rewrite").rglob("__init__.py")
     }
     assert folders <= listed, f"add to pyproject.toml's packages: {sorted(folders - listed)}"
+
+
+def test_the_core_install_imports_without_numpy_and_warns_nothing():
+    # The core dependencies do not bring NumPy; torch.fx's import warns without it (rewrite/__init__.py).
+    code = "import sys; sys.modules['numpy'] = None; import rewrite"
+    result = subprocess.run(
+        [sys.executable, "-W", "error", "-c", code], check=False, cwd=ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
