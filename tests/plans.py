@@ -53,3 +53,13 @@ SLIM_NECK_L = Plan(
 
 def slim_neck_l(**changes) -> Plan:
     return dataclasses.replace(SLIM_NECK_L, **changes)
+
+
+# Five gates on that plan: three pass, max-flops and min-flops-reduction miss.
+FIVE_GATES = {
+    "fail_on_no_match": True,
+    "max_params": 40_000_000,
+    "max_flops": 90_000_000_000,
+    "min_params_reduction": 10,
+    "min_flops_reduction": 12.0,
+}

@@ -1,6 +1,6 @@
 """rewrite.gates: which CI gates a plan passes, and by how much it missed or had to spare."""
 
-from plans import slim_neck_l
+from plans import FIVE_GATES, slim_neck_l
 from reference import SLIM_NECK
 
 import rewrite
@@ -9,14 +9,7 @@ from rewrite.gates import GateResult, check_gates
 
 
 def test_gates_say_which_missed_and_by_how_much():
-    gates = check_gates(
-        slim_neck_l(),
-        fail_on_no_match=True,
-        max_params=40_000_000,
-        max_flops=90_000_000_000,
-        min_params_reduction=10,
-        min_flops_reduction=12.0,
-    )
+    gates = check_gates(slim_neck_l(), **FIVE_GATES)
     assert [(g.gate, g.passed) for g in gates] == [
         ("fail-on-no-match", True),
         ("max-params", True),

@@ -9,7 +9,7 @@ from html.parser import HTMLParser
 import pytest
 import torch
 from html_page import Element, parse_html
-from plans import slim_neck_l
+from plans import FIVE_GATES, slim_neck_l
 from reference import BASE, SLIM_NECK
 
 from rewrite.gates import check_gates
@@ -211,14 +211,7 @@ def test_json_follows_the_schema_and_carries_the_figures():
 
 
 def test_gates_render_with_their_margins():
-    gates = check_gates(
-        slim_neck_l(),
-        fail_on_no_match=True,
-        max_params=40_000_000,
-        max_flops=90_000_000_000,
-        min_params_reduction=10,
-        min_flops_reduction=12.0,
-    )
+    gates = check_gates(slim_neck_l(), **FIVE_GATES)
     data = json.loads(render(slim_neck_l(), "json", gates=gates))
     follows(data["gates"], [GATE])
     assert data["gates_passed"] is False
